@@ -1,0 +1,26 @@
+"""Hydra entry point: one pruning experiment per composed config.
+
+    python -m experiments.run                                   # defaults (conf/config.yaml)
+    python -m experiments.run patch=diag prune.n=7
+    python -m experiments.run -m patch=none,diag,linearpatch prune.n=3,5,7
+"""
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lp.pipeline import run
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    record = run(OmegaConf.to_container(cfg, resolve=True), group=group)
+    return record["ppl"]["pruned"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""One forward pass over the calibration samples, collecting what every metric and patch needs.
+
+Boundary ``i`` (0 <= i <= L) is the residual stream entering decoder layer ``i``; boundary ``L`` enters the
+final norm.  Removing layers [s, e) joins boundary ``s`` to the layers that expected boundary ``e``.
+
+Statistics are streamed: per batch, the hidden states of all L+1 boundaries are held at once (one batch,
+so memory is bounded by ``batch_size``, never by the number of samples) and folded into running sums.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .hadamard import hadamard
+from .models import Layout
+
+
+@dataclass
+class BoundaryStats:
+    """Calibration statistics of the L+1 layer boundaries of a dense model."""
+
+    abs_mean: torch.Tensor  # (L+1, d) mean |x| per channel
+    abs_mean_rot: torch.Tensor  # (L+1, d) mean |x H| per channel (H orthonormal Hadamard)
+    cos: torch.Tensor  # (L+1, L+1) mean token-wise cosine similarity between boundaries
+    angular: torch.Tensor  # (L+1, L+1) mean token-wise angular distance arccos(cos)/pi
+    norm_mean: torch.Tensor  # (L+1,) mean token L2 norm
+    tokens: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.cos.shape[0] - 1
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(asdict(self), tmp)
+        tmp.replace(path)  # atomic: a half-written file is never read as whole
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BoundaryStats":
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _capture_boundaries(layout: Layout):
+    """Pre-hooks that record the hidden state entering every layer and the final norm."""
+    captured: list[torch.Tensor | None] = [None] * (layout.num_layers + 1)
+
+    def make(i):
+        def hook(module, args, kwargs):
+            captured[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    modules = list(layout.layers) + [layout.norm]
+    handles = [m.register_forward_pre_hook(make(i), with_kwargs=True) for i, m in enumerate(modules)]
+    return captured, handles
+
+
+@torch.no_grad()
+def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str | None = None,
+                  progress: bool = True) -> BoundaryStats:
+    """Stream calibration statistics of every boundary over ``samples`` (n, seqlen)."""
+    layout = Layout(model)
+    L, d = layout.num_layers, layout.hidden_size
+    device = device or next(model.parameters()).device
+    H = hadamard(d, torch.float32, "cpu")
+    sums = {
+        "abs": torch.zeros(L + 1, d, dtype=torch.float64),
+        "abs_rot": torch.zeros(L + 1, d, dtype=torch.float64),
+        "cos": torch.zeros(L + 1, L + 1, dtype=torch.float64),
+        "ang": torch.zeros(L + 1, L + 1, dtype=torch.float64),
+        "norm": torch.zeros(L + 1, dtype=torch.float64),
+    }
+    tokens = 0
+    captured, handles = _capture_boundaries(layout)
+    try:
+        for start in tqdm(range(0, len(samples), batch_size), desc="calibration", disable=not progress):
+            batch = samples[start : start + batch_size].to(device)
+            layout.base(input_ids=batch, use_cache=False)
+            # each boundary on its own device (split models): reduce there, move only the small sums
+            for i, x in enumerate(captured):
+                x = x.reshape(-1, d).float()
+                h = H.to(x.device)
+                sums["abs"][i] += x.abs().sum(0).double().cpu()
+                sums["abs_rot"][i] += (x @ h).abs().sum(0).double().cpu()
+                sums["norm"][i] += x.norm(dim=-1).sum().double().cpu()
+            dev0 = captured[0].device
+            unit = torch.stack([torch.nn.functional.normalize(x.reshape(-1, d).float().to(dev0), dim=-1)
+                                for x in captured])  # (L+1, tokens, d)
+            cos = torch.einsum("itd,jtd->tij", unit, unit).clamp_(-1, 1)  # (tokens, L+1, L+1)
+            sums["cos"] += cos.sum(0).double().cpu()
+            sums["ang"] += (torch.arccos(cos) / torch.pi).sum(0).double().cpu()
+            tokens += unit.shape[1]
+            captured[:] = [None] * len(captured)
+    finally:
+        for h in handles:
+            h.remove()
+    return BoundaryStats(
+        abs_mean=(sums["abs"] / tokens).float(),
+        abs_mean_rot=(sums["abs_rot"] / tokens).float(),
+        cos=(sums["cos"] / tokens).float(),
+        angular=(sums["ang"] / tokens).float(),
+        norm_mean=(sums["norm"] / tokens).float(),
+        tokens=tokens,
+    )

