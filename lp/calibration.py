@@ -60,12 +60,28 @@ def _capture_boundaries(layout: Layout):
 
 
 @torch.no_grad()
+def stream_boundaries(model, samples: torch.Tensor, batch_size: int = 1, device=None, progress: bool = True,
+                      desc: str = "calibration"):
+    """Yield, per batch of ``samples``, the list of the L+1 boundary hidden states (each (B, T, d))."""
+    layout = Layout(model)
+    device = device or next(model.parameters()).device
+    captured, handles = _capture_boundaries(layout)
+    try:
+        for start in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress):
+            layout.base(input_ids=samples[start : start + batch_size].to(device), use_cache=False)
+            yield list(captured)
+            captured[:] = [None] * len(captured)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str | None = None,
                   progress: bool = True) -> BoundaryStats:
     """Stream calibration statistics of every boundary over ``samples`` (n, seqlen)."""
     layout = Layout(model)
     L, d = layout.num_layers, layout.hidden_size
-    device = device or next(model.parameters()).device
     H = hadamard(d, torch.float32, "cpu")
     sums = {
         "abs": torch.zeros(L + 1, d, dtype=torch.float64),
@@ -75,29 +91,21 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         "norm": torch.zeros(L + 1, dtype=torch.float64),
     }
     tokens = 0
-    captured, handles = _capture_boundaries(layout)
-    try:
-        for start in tqdm(range(0, len(samples), batch_size), desc="calibration", disable=not progress):
-            batch = samples[start : start + batch_size].to(device)
-            layout.base(input_ids=batch, use_cache=False)
-            # each boundary on its own device (split models): reduce there, move only the small sums
-            for i, x in enumerate(captured):
-                x = x.reshape(-1, d).float()
-                h = H.to(x.device)
-                sums["abs"][i] += x.abs().sum(0).double().cpu()
-                sums["abs_rot"][i] += (x @ h).abs().sum(0).double().cpu()
-                sums["norm"][i] += x.norm(dim=-1).sum().double().cpu()
-            dev0 = captured[0].device
-            unit = torch.stack([torch.nn.functional.normalize(x.reshape(-1, d).float().to(dev0), dim=-1)
-                                for x in captured])  # (L+1, tokens, d)
-            cos = torch.einsum("itd,jtd->tij", unit, unit).clamp_(-1, 1)  # (tokens, L+1, L+1)
-            sums["cos"] += cos.sum(0).double().cpu()
-            sums["ang"] += (torch.arccos(cos) / torch.pi).sum(0).double().cpu()
-            tokens += unit.shape[1]
-            captured[:] = [None] * len(captured)
-    finally:
-        for h in handles:
-            h.remove()
+    for captured in stream_boundaries(model, samples, batch_size, device, progress):
+        # each boundary on its own device (split models): reduce there, move only the small sums
+        for i, x in enumerate(captured):
+            x = x.reshape(-1, d).float()
+            h = H.to(x.device)
+            sums["abs"][i] += x.abs().sum(0).double().cpu()
+            sums["abs_rot"][i] += (x @ h).abs().sum(0).double().cpu()
+            sums["norm"][i] += x.norm(dim=-1).sum().double().cpu()
+        dev0 = captured[0].device
+        unit = torch.stack([torch.nn.functional.normalize(x.reshape(-1, d).float().to(dev0), dim=-1)
+                            for x in captured])  # (L+1, tokens, d)
+        cos = torch.einsum("itd,jtd->tij", unit, unit).clamp_(-1, 1)  # (tokens, L+1, L+1)
+        sums["cos"] += cos.sum(0).double().cpu()
+        sums["ang"] += (torch.arccos(cos) / torch.pi).sum(0).double().cpu()
+        tokens += unit.shape[1]
     return BoundaryStats(
         abs_mean=(sums["abs"] / tokens).float(),
         abs_mean_rot=(sums["abs_rot"] / tokens).float(),

@@ -15,11 +15,12 @@ from . import data as data_lib
 from .calibration import BoundaryStats, collect_stats
 from .evaluation import perplexity
 from .models import Layout, count_parameters, load_model
-from .patches import PATCHES, build_patch
-from .pruning import pruned, save_pruned
+from .patches import NEEDS_HIDDEN_STATES, PATCHES, PatchContext, build_patch
+from .pruning import interfaces, patches_of, pruned, save_pruned
 from .records import RECORD_VERSION, is_complete, key_of, read_json, write_json
-from .selection import METRICS, SelectionContext, interfaces, select_layers
+from .selection import METRICS, MODEL_METRICS, SelectionContext, select_layers
 from .tracking import make_tracker
+from .zeroshot import evaluate_tasks, local_task_dir, retention
 
 _LOADED: dict = {}  # one dense model kept in memory, so the runs of a sweep load it once
 
@@ -88,35 +89,55 @@ def run(cfg: dict, group: str | None = None) -> dict:
     d, m = cfg["data"], cfg["model"]
     model_key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype")}
     calib_path = cache / "calib" / f"{key_of(model_key, d, cfg['seed'])}.pt"
+    _samples: list = []
+
+    def samples() -> torch.Tensor:  # tokenised only when needed (not when the statistics are cached)
+        if not _samples:
+            stream = data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "calib"))
+            _samples.append(data_lib.calibration_samples(stream, d["calib_samples"], d["seqlen"], cfg["seed"]))
+        return _samples[0]
+
     with _timed(timings, "calibration"):
         if calib_path.is_file():
             stats = BoundaryStats.load(calib_path)
         else:
-            stream = data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "calib"))
-            samples = data_lib.calibration_samples(stream, d["calib_samples"], d["seqlen"], cfg["seed"])
-            stats = collect_stats(model, samples, d.get("calib_batch_size", 1), progress=progress)
+            stats = collect_stats(model, samples(), d.get("calib_batch_size", 1), progress=progress)
             stats.save(calib_path)
 
     e = cfg["eval"]
     windows = data_lib.eval_windows(data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "eval")),
                                     d["seqlen"], e.get("max_windows"))
     dense_path = cache / "dense" / f"{key_of(model_key, d, e)}.json"
+    tasks = list(e.get("tasks") or [])
+    zs = dict(limit=e.get("limit"), num_fewshot=e.get("num_fewshot"), batch_size=e.get("batch_size", 1),
+              include_path=local_task_dir(cache) if tasks else None, seed=cfg["seed"])
     with _timed(timings, "dense_eval"):
         dense = read_json(dense_path)
         if dense is None:
-            dense = {"ppl": perplexity(model, windows, e.get("batch_size", 1), progress, "dense perplexity")}
+            dense = {"ppl": perplexity(model, windows, e.get("batch_size", 1), progress, "dense perplexity"),
+                     "zeroshot": evaluate_tasks(model, tokenizer, tasks, **zs)}
             write_json(dense_path, dense)
 
-    ctx = SelectionContext(stats=stats, n=n, start=cfg["prune"].get("start"),
-                           indices=cfg["prune"].get("indices"), seed=cfg["seed"])
+    p = cfg["prune"]
+    scored = p["metric"] in MODEL_METRICS
+    ctx = SelectionContext(stats=stats, n=n, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
+                           model=model if scored else None,
+                           samples=samples()[: p.get("score_samples")] if scored else None,
+                           batch_size=d.get("calib_batch_size", 1))
     with _timed(timings, "selection"):
         removed = select_layers(cfg["prune"]["metric"], ctx)
     variant = cfg["patch"]["variant"]
+    fits = variant in NEEDS_HIDDEN_STATES
+    pctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, model=model if fits else None,
+                        samples=samples()[: cfg["patch"].get("fit_samples")] if fits else None,
+                        batch_size=d.get("calib_batch_size", 1))
     params_dense = count_parameters(model)
-    with pruned(model, removed, lambda s, e_: build_patch(variant, stats, s, e_)) as spec:
+    with _timed(timings, "patch"), pruned(model, removed, lambda s, e_: build_patch(variant, pctx, s, e_)) as spec:
         params_pruned = count_parameters(model)
+        patch_params = sum(count_parameters(m) for m in patches_of(model).values())
         with _timed(timings, "pruned_eval"):
             ppl_pruned = perplexity(model, windows, e.get("batch_size", 1), progress, "pruned perplexity")
+            acc_pruned = evaluate_tasks(model, tokenizer, tasks, **zs)
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], spec)
 
@@ -135,8 +156,11 @@ def run(cfg: dict, group: str | None = None) -> dict:
         "similarity": [round(stats.cos[s, t].item(), 6) for s, t in joins],
         "params_dense": params_dense,
         "params_pruned": params_pruned,
+        "patch_params": patch_params,
         "prune_ratio": round(1 - params_pruned / params_dense, 6),
         "ppl": {"dense": dense["ppl"], "pruned": ppl_pruned},
+        "zeroshot": {"dense": dense["zeroshot"], "pruned": acc_pruned},
+        "retention": retention(dense["zeroshot"], acc_pruned),
         "eval_tokens": windows.numel(),
         "calib_tokens": stats.tokens,
         "timings": timings,
@@ -145,11 +169,25 @@ def run(cfg: dict, group: str | None = None) -> dict:
     write_json(record_path, record)
 
     tracker = make_tracker(cfg["logger"], cfg, rid, group)
+    rp = record["retention"]
     flat = {"ppl/dense": dense["ppl"], "ppl/pruned": ppl_pruned, "params/dense": params_dense,
+            **{f"acc/dense/{t}": v for t, v in dense["zeroshot"].items()},
+            **{f"acc/pruned/{t}": v for t, v in acc_pruned.items()},
+            **({f"rp/{t}": v for t, v in rp["per_task"].items()} | {"rp/avg": rp["rp"]} if rp else {}),
             "params/pruned": params_pruned, "prune_ratio": record["prune_ratio"],
             **{f"time/{k}": v for k, v in timings.items()}}
     tracker.summary({**flat, "removed": removed, "similarity": record["similarity"]})
     tracker.finish()
     print(f"[lp] {rid}\n     removed {removed}  ppl dense {dense['ppl']:.3f}  pruned {ppl_pruned:.3f}  "
-          f"params {params_dense:,} -> {params_pruned:,}\n     record: {record_path}")
+          f"params {params_dense:,} -> {params_pruned:,}")
+    if rp:
+        print(format_table(dense["zeroshot"], acc_pruned, rp))
+    print(f"     record: {record_path}")
     return record
+
+
+def format_table(dense: dict, pruned: dict, rp: dict) -> str:
+    rows = [f"     {'task':<16}{'dense':>8}{'pruned':>8}{'RP %':>8}"]
+    rows += [f"     {t:<16}{dense[t]:>8.4f}{pruned[t]:>8.4f}{rp['per_task'][t]:>8.2f}" for t in dense]
+    rows.append(f"     {'average':<16}{rp['avg_dense']:>8.4f}{rp['avg_pruned']:>8.4f}{rp['rp']:>8.2f}")
+    return "\n".join(rows)

@@ -1,6 +1,7 @@
 """Removing decoder layers, inserting patches at the interfaces, saving and loading the result."""
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -10,8 +11,7 @@ import torch
 from torch import nn
 
 from .models import Layout
-from .patches import PATCH_MODULES, Patched, unwrap
-from .selection import interfaces
+from .patches import PATCH_MODULES, Patched, ResidualFFN, unwrap
 
 SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
 
@@ -72,10 +72,12 @@ def attach_patch(model: nn.Module, position: int, patch: nn.Module) -> None:
 
 
 def prune_and_patch(model: nn.Module, removed: list[int], make_patch) -> PruneSpec:
-    """Remove layers, then for each interface (s, e) attach ``make_patch(s, e)`` (skipped if it is None)."""
+    """Remove layers, then for each interface (s, e) attach ``make_patch(s, e)`` (skipped if it is None).
+
+    Patches are built first, on the dense model, so builders that run it see the dense hidden states."""
+    made = {(s, e): make_patch(s, e) for s, e in interfaces(removed)}
     spec = remove_layers(model, removed)
-    for s, e in interfaces(spec.removed):
-        patch = make_patch(s, e)
+    for (s, e), patch in made.items():
         if patch is not None:
             pos = interface_position(spec.removed, e)
             attach_patch(model, pos, patch)
@@ -129,8 +131,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec) 
         layout.layers, layout.norm = layers, norm
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    save_file({f"{pos}.weight": p.weight.detach().cpu().contiguous() for pos, p in patches.items()},
-              str(path / PATCH_FILE))
+    save_file({f"{pos}.{k}": v.detach().cpu().contiguous() for pos, p in patches.items()
+               for k, v in p.state_dict().items()}, str(path / PATCH_FILE))
     (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
 
@@ -147,10 +149,28 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     spec = PruneSpec(**json.loads((path / SPEC_FILE).read_text()))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     weights = load_file(str(path / PATCH_FILE))
+    layers = Layout(model).layers
     for pos, kind in spec.patches.items():
-        patch = PATCH_MODULES[kind](weights[f"{pos}.weight"])
+        state = {k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == pos}
+        if kind == ResidualFFN.kind:  # same shapes as a decoder layer's MLP; weights loaded below
+            donor = unwrap(layers[min(int(pos), len(layers) - 1)])
+            patch = ResidualFFN(copy.deepcopy(donor.post_attention_layernorm), copy.deepcopy(donor.mlp))
+            patch.load_state_dict(state)
+        else:
+            patch = PATCH_MODULES[kind](state["weight"])
         patch.requires_grad_(False)
         attach_patch(model, int(pos), patch)
     return model, tokenizer, spec
+
+
+def interfaces(removed: list[int]) -> list[tuple[int, int]]:
+    """Contiguous removed runs as (s, e) pairs: layers [s, e) removed, boundary s joined to boundary e."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(removed):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs

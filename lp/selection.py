@@ -5,12 +5,14 @@ Each metric is a function registered in ``METRICS`` under its config name.  It g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .calibration import BoundaryStats
+from .evaluation import perplexity
+from .pruning import pruned
 
 
 @dataclass
@@ -20,7 +22,9 @@ class SelectionContext:
     start: int | None = None  # force a contiguous block [start, start + n)
     indices: list[int] | None = None  # for `manual`
     seed: int = 0
-    extra: dict = field(default_factory=dict)  # metric-specific inputs (model, samples, ...)
+    model: torch.nn.Module | None = None  # for metrics that run the model (ppl, sleb, taylor)
+    samples: torch.Tensor | None = None  # calibration token windows those metrics score on
+    batch_size: int = 1
 
     @property
     def num_layers(self) -> int:
@@ -28,6 +32,7 @@ class SelectionContext:
 
 
 METRICS: dict[str, Callable[[SelectionContext], list[int]]] = {}
+MODEL_METRICS = {"ppl", "sleb", "taylor"}  # these score layers by running the model on calibration samples
 
 
 def register(name: str):
@@ -117,12 +122,81 @@ def select_layers(metric: str, ctx: SelectionContext) -> list[int]:
     return METRICS[metric](ctx)
 
 
-def interfaces(removed: list[int]) -> list[tuple[int, int]]:
-    """Contiguous removed runs as (s, e) pairs: layers [s, e) removed, boundary s joined to boundary e."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(removed):
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+def _needs_model(ctx: SelectionContext, metric: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    if ctx.model is None or ctx.samples is None:
+        raise ValueError(f"prune.metric={metric!r} scores layers by running the model: pass model and samples")
+    return ctx.model, ctx.samples
+
+
+def _ppl_without(ctx: SelectionContext, removed: list[int]) -> float:
+    with pruned(ctx.model, removed, lambda s, e: None):
+        return perplexity(ctx.model, ctx.samples, ctx.batch_size, progress=False)
+
+
+@register("ppl")
+def ppl(ctx: SelectionContext) -> list[int]:
+    """Shortened LLaMA (PPL criterion), one-shot: the n layers whose single removal raises calibration
+    perplexity least."""
+    _needs_model(ctx, "ppl")
+    from tqdm.auto import tqdm
+
+    scores = [_ppl_without(ctx, [i]) for i in tqdm(range(ctx.num_layers), desc="ppl metric")]
+    return sorted(sorted(range(ctx.num_layers), key=scores.__getitem__)[: ctx.n])
+
+
+def sleb_steps(ctx: SelectionContext) -> list[tuple[int, float]]:
+    """SLEB's greedy steps: (layer removed, calibration perplexity after removing it) for n steps."""
+    _needs_model(ctx, "sleb")
+    from tqdm.auto import tqdm
+
+    removed: list[int] = []
+    steps = []
+    for _ in tqdm(range(ctx.n), desc="sleb"):
+        candidates = [i for i in range(ctx.num_layers) if i not in removed]
+        scores = {i: _ppl_without(ctx, removed + [i]) for i in candidates}
+        best = min(candidates, key=scores.__getitem__)
+        removed.append(best)
+        steps.append((best, scores[best]))
+    return steps
+
+
+@register("sleb")
+def sleb(ctx: SelectionContext) -> list[int]:
+    """SLEB: iteratively remove the layer whose removal gives the lowest calibration perplexity, given the
+    layers already removed."""
+    return sorted(i for i, _ in sleb_steps(ctx))
+
+
+def taylor_scores(ctx: SelectionContext) -> torch.Tensor:
+    """Shortened LLaMA's Taylor+ importance per layer: sum over its weights of |w * dL/dw| (first order),
+    L the calibration language-modelling loss."""
+    from .models import Layout
+
+    model, samples = _needs_model(ctx, "taylor")
+    layers = Layout(model).layers
+    params = [list(layer.parameters()) for layer in layers]
+    flags = [p.requires_grad for ps in params for p in ps]
+    for ps in params:
+        for p in ps:
+            p.requires_grad_(True)
+            p.grad = None
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(samples), ctx.batch_size):
+            batch = samples[start : start + ctx.batch_size].to(device)
+            with torch.enable_grad():
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        scores = torch.tensor([sum((p * p.grad).abs().sum().item() for p in ps if p.grad is not None)
+                               for ps in params])
+    finally:
+        for (p, flag) in zip((p for ps in params for p in ps), flags):
+            p.grad = None
+            p.requires_grad_(flag)
+    return scores
+
+
+@register("taylor")
+def taylor(ctx: SelectionContext) -> list[int]:
+    """Taylor+: remove the n layers of lowest first-order importance."""
+    scores = taylor_scores(ctx)
+    return sorted(torch.argsort(scores, stable=True)[: ctx.n].tolist())

