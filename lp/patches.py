@@ -41,7 +41,8 @@ class ChannelScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        return (x.to(w.device, torch.float32) * w).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # float32 math under mixed precision
+            return (x.to(w.device, torch.float32) * w).to(x.dtype)
 
 
 class LinearPatch(nn.Module):
@@ -55,7 +56,8 @@ class LinearPatch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        return (x.to(w.device, torch.float32) @ w).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return (x.to(w.device, torch.float32) @ w).to(x.dtype)
 
 
 class ScalarScale(nn.Module):
@@ -69,7 +71,8 @@ class ScalarScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        return (x.to(w.device, torch.float32) * w).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return (x.to(w.device, torch.float32) * w).to(x.dtype)
 
 
 class ResidualFFN(nn.Module):

@@ -5,7 +5,7 @@ Takes a plain nested dict (what conf/ composes; no Hydra in here), returns the r
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,15 +13,17 @@ import torch
 
 from . import data as data_lib
 from .calibration import BoundaryStats, collect_stats
+from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import perplexity
 from .models import Layout, count_parameters, load_model
 from .patches import NEEDS_HIDDEN_STATES, PATCHES, PatchContext, build_patch
-from .pruning import interfaces, patches_of, pruned, save_pruned
+from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
 from .records import RECORD_VERSION, is_complete, key_of, read_json, write_json
 from .selection import METRICS, MODEL_METRICS, SelectionContext, select_layers
 from .tracking import make_tracker
 from .zeroshot import evaluate_tasks, local_task_dir, retention
 
+DISTILL_METHODS = ["none", "offline_kl", "mse"]
 _LOADED: dict = {}  # one dense model kept in memory, so the runs of a sweep load it once
 
 
@@ -34,8 +36,8 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"prune.metric={cfg['prune']['metric']!r} is not one of {sorted(METRICS)}")
     if cfg["patch"]["variant"] not in PATCHES:
         raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
-    if cfg["distill"]["method"] != "none":
-        raise ValueError(f"distill.method={cfg['distill']['method']!r} is not one of ['none']")
+    if cfg["distill"]["method"] not in DISTILL_METHODS:
+        raise ValueError(f"distill.method={cfg['distill']['method']!r} is not one of {DISTILL_METHODS}")
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
 
@@ -89,13 +91,15 @@ def run(cfg: dict, group: str | None = None) -> dict:
     d, m = cfg["data"], cfg["model"]
     model_key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype")}
     calib_path = cache / "calib" / f"{key_of(model_key, d, cfg['seed'])}.pt"
-    _samples: list = []
+    _stream: list = []
 
-    def samples() -> torch.Tensor:  # tokenised only when needed (not when the statistics are cached)
-        if not _samples:
-            stream = data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "calib"))
-            _samples.append(data_lib.calibration_samples(stream, d["calib_samples"], d["seqlen"], cfg["seed"]))
-        return _samples[0]
+    def stream() -> torch.Tensor:  # tokenised only when needed (not when the statistics are cached)
+        if not _stream:
+            _stream.append(data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "calib")))
+        return _stream[0]
+
+    def samples() -> torch.Tensor:
+        return data_lib.calibration_samples(stream(), d["calib_samples"], d["seqlen"], cfg["seed"])
 
     with _timed(timings, "calibration"):
         if calib_path.is_file():
@@ -113,7 +117,7 @@ def run(cfg: dict, group: str | None = None) -> dict:
               include_path=local_task_dir(cache) if tasks else None, seed=cfg["seed"])
     with _timed(timings, "dense_eval"):
         dense = read_json(dense_path)
-        if dense is None:
+        if dense is None or set(dense) != {"ppl", "zeroshot"}:  # absent, or written by an older lp
             dense = {"ppl": perplexity(model, windows, e.get("batch_size", 1), progress, "dense perplexity"),
                      "zeroshot": evaluate_tasks(model, tokenizer, tasks, **zs)}
             write_json(dense_path, dense)
@@ -132,9 +136,23 @@ def run(cfg: dict, group: str | None = None) -> dict:
                         samples=samples()[: cfg["patch"].get("fit_samples")] if fits else None,
                         batch_size=d.get("calib_batch_size", 1))
     params_dense = count_parameters(model)
-    with _timed(timings, "patch"), pruned(model, removed, lambda s, e_: build_patch(variant, pctx, s, e_)) as spec:
+    tracker = make_tracker(cfg["logger"], cfg, rid, group)
+    dist = cfg["distill"]
+    with _timed(timings, "teacher"):
+        prepared = _prepare_distill(dist, model, stream, removed, cache / "teacher",
+                                    key_of(model_key, d, dist, cfg["seed"]), cfg["seed"], progress)
+    distilled = None
+    with ExitStack() as stack:
+        with _timed(timings, "patch"):
+            spec = stack.enter_context(pruned(model, removed, lambda s, e_: build_patch(variant, pctx, s, e_)))
         params_pruned = count_parameters(model)
         patch_params = sum(count_parameters(m) for m in patches_of(model).values())
+        if prepared is not None:
+            ppl_free = perplexity(model, windows, e.get("batch_size", 1), progress, "training-free perplexity")
+            stack.enter_context(_restored(trainable_parameters(model, dist.get("train", "patch"))))
+            with _timed(timings, "distill"):
+                distilled = _distill(dist, model, removed, prepared, progress,
+                                     lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
         with _timed(timings, "pruned_eval"):
             ppl_pruned = perplexity(model, windows, e.get("batch_size", 1), progress, "pruned perplexity")
             acc_pruned = evaluate_tasks(model, tokenizer, tasks, **zs)
@@ -158,7 +176,10 @@ def run(cfg: dict, group: str | None = None) -> dict:
         "params_pruned": params_pruned,
         "patch_params": patch_params,
         "prune_ratio": round(1 - params_pruned / params_dense, 6),
-        "ppl": {"dense": dense["ppl"], "pruned": ppl_pruned},
+        "ppl": {"dense": dense["ppl"], "pruned": ppl_pruned,
+                **({"training_free": ppl_free} if distilled else {})},
+        "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
+                           "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
         "zeroshot": {"dense": dense["zeroshot"], "pruned": acc_pruned},
         "retention": retention(dense["zeroshot"], acc_pruned),
         "eval_tokens": windows.numel(),
@@ -168,7 +189,6 @@ def run(cfg: dict, group: str | None = None) -> dict:
     }
     write_json(record_path, record)
 
-    tracker = make_tracker(cfg["logger"], cfg, rid, group)
     rp = record["retention"]
     flat = {"ppl/dense": dense["ppl"], "ppl/pruned": ppl_pruned, "params/dense": params_dense,
             **{f"acc/dense/{t}": v for t, v in dense["zeroshot"].items()},
@@ -184,6 +204,50 @@ def run(cfg: dict, group: str | None = None) -> dict:
         print(format_table(dense["zeroshot"], acc_pruned, rp))
     print(f"     record: {record_path}")
     return record
+
+
+@contextmanager
+def _restored(params):
+    """Put ``params`` back to their current values on exit (distillation may train shared norm weights)."""
+    saved = [(p, p.detach().clone()) for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+
+
+def _prepare_distill(dist: dict, model, stream, removed, root: Path, key: str, seed: int, progress: bool):
+    """On the dense model, before pruning: the teacher cache (offline_kl) or the dense hidden-state pairs
+    (mse). Distillation samples are drawn from the calibration split with their own seed."""
+    method = dist["method"]
+    if method == "none":
+        return None
+    n_train, n_val = dist["samples"], dist.get("val_samples") or 0
+    drawn = data_lib.calibration_samples(stream(), n_train + n_val, dist["seqlen"], seed + 1)
+    train, val = drawn[:n_train], drawn[n_train:]
+    if method == "mse":
+        ctx = PatchContext(None, model=model, samples=train, batch_size=dist["batch_size"])
+        return {interface_position(removed, e): list(ctx.pairs(s, e)) for s, e in interfaces(removed)}
+    caches = {}
+    for name, x in (("train", train), ("val", val)):
+        if len(x):
+            caches[name] = (TeacherCache(root / key / name, len(x), dist["seqlen"], dist["topk"],
+                                         dist["batch_size"]).build(model, x, progress), x)
+    return caches
+
+
+def _distill(dist: dict, model, removed, prepared, progress: bool, on_step):
+    common = dict(lr=float(dist["lr"]), weight_decay=float(dist["weight_decay"]), epochs=dist["epochs"],
+                  progress=progress)
+    if dist["method"] == "mse":
+        return distill_mse(model, prepared.__getitem__, **common)
+    train_cache, train = prepared["train"]
+    val_cache, val = prepared.get("val", (None, None))
+    return distill_kl(model, train_cache, train, val_cache, val, min_lr_factor=dist["min_lr_factor"],
+                      train=dist.get("train", "patch"), early_stop=dist.get("early_stop"),
+                      autocast_dtype=dist.get("autocast"), on_step=on_step, **common)
 
 
 def format_table(dense: dict, pruned: dict, rp: dict) -> str:

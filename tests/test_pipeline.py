@@ -153,3 +153,25 @@ def test_hub_tasks_without_hub_name_the_dataset(tiny_dir, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
     assert "eval.tasks=['arc_challenge'" in out.stderr and "ai2_arc" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["offline_kl", "mse"])
+def test_distillation_in_the_pipeline_records_both_perplexities(tiny_dir, tmp_path, method):
+    small = ["distill.samples=4", "distill.seqlen=16", "distill.batch_size=2", "distill.lr=1e-2"]
+    if method == "offline_kl":
+        small += ["distill.val_samples=2", "distill.topk=5"]
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", f"distill={method}", *small))
+    assert rec["distill"] == method and rec["distill_result"]["steps"] == 2
+    assert rec["ppl"]["training_free"] != rec["ppl"]["pruned"]  # the patch was trained
+    assert all(torch_isfinite(x) for x in rec["distill_result"]["loss"])
+    if method == "offline_kl":
+        assert len(list((tmp_path / "cache" / "teacher").rglob("shard_*.pt"))) == 3  # 2 train + 1 val
+    # the dense model in memory is untouched by distillation: a plain run gives the cached dense numbers
+    plain = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=linearpatch"))
+    assert plain["ppl"]["pruned"] == pytest.approx(rec["ppl"]["training_free"], rel=1e-6)
+
+
+def torch_isfinite(x):
+    import math
+
+    return math.isfinite(x)

@@ -1,0 +1,216 @@
+"""Memory-efficient offline distillation of the patch (LinearPatch, Sec. 3.3).
+
+Offline: the dense teacher's top-k next-token distribution is computed once per (model, data, samples,
+seqlen, k) and cached on disk in shards; training then needs only the pruned student.  Only the patch (and,
+as an ablation, the RMSNorm weights after it) is trained, with KL(teacher top-k || student top-k) where the
+student's log-probabilities are renormalised over the teacher's top-k tokens.
+
+What a step costs: every model weight is frozen (``requires_grad=False``) and the student's input ids need no
+gradient, so autograd records nothing for the layers before the first patch: they run as a plain forward
+pass, their activations are freed at once, and the backward pass starts at the patch.  The layers after the
+patch run forward and backward (activations kept for backward; no weight gradients are formed for them).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .models import Layout
+from .pruning import patches_of
+
+
+# ------------------------------------------------------------------ teacher cache
+class TeacherCache:
+    """Top-k teacher probabilities (fp16) and token indices (int32), one shard file per batch.
+
+    A shard is written to ``*.tmp`` and renamed, so a half-written shard is never read; an interrupted build
+    resumes at the first missing shard; ``meta.json`` is written last and marks the cache complete.
+    """
+
+    def __init__(self, root: str | Path, num_samples: int, seqlen: int, k: int, shard_size: int):
+        self.root = Path(root)
+        self.num_samples, self.seqlen, self.k, self.shard_size = num_samples, seqlen, k, shard_size
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.shard_size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_samples * self.seqlen * self.k * (2 + 4)
+
+    def shard_path(self, i: int) -> Path:
+        return self.root / f"shard_{i:05d}.pt"
+
+    @property
+    def complete(self) -> bool:
+        return (self.root / "meta.json").is_file() and all(self.shard_path(i).is_file() for i in range(self.num_shards))
+
+    @torch.no_grad()
+    def build(self, teacher, samples: torch.Tensor, progress: bool = True) -> "TeacherCache":
+        if self.complete:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        missing = [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
+        print(f"[lp] teacher cache: {self.num_samples} x {self.seqlen} tokens, top-{self.k} -> "
+              f"{self.nbytes / 2**20:.1f} MiB (fp16 probs + int32 indices) in {self.root}; "
+              f"{len(missing)} of {self.num_shards} shards to write")
+        device = next(teacher.parameters()).device
+        for i in tqdm(missing, desc="teacher top-k", disable=not progress):
+            batch = samples[i * self.shard_size : (i + 1) * self.shard_size].to(device)
+            logits = teacher(input_ids=batch, use_cache=False).logits.float()
+            top = logits.topk(self.k, dim=-1)
+            shard = {"probs": top.values.softmax(-1).half().cpu(), "indices": top.indices.int().cpu()}
+            tmp = self.shard_path(i).with_suffix(".tmp")
+            torch.save(shard, tmp)
+            tmp.replace(self.shard_path(i))
+        (self.root / "meta.json").write_text(json.dumps(
+            {"num_samples": self.num_samples, "seqlen": self.seqlen, "k": self.k, "shard_size": self.shard_size}))
+        return self
+
+    def shard(self, i: int) -> dict:
+        return torch.load(self.shard_path(i), map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------ loss
+def topk_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher || q_student), q renormalised over the teacher's top-k tokens."""
+    log_q = F.log_softmax(student_logits.float().gather(-1, indices.long()), dim=-1)
+    p = teacher_probs.float()
+    return (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
+
+
+# ------------------------------------------------------------------ training
+def trainable_parameters(model, train: str) -> list[torch.nn.Parameter]:
+    """``patch``: the patch weights; ``patch+norms``: also every norm weight from the first patch on."""
+    if train not in ("patch", "patch+norms"):
+        raise ValueError(f"distill.train={train!r} is not one of ['patch', 'patch+norms']")
+    patches = patches_of(model)
+    if not patches:
+        raise ValueError("distill: the pruned model has no patch to train (patch=none?)")
+    params = [p for m in patches.values() for p in m.parameters()]
+    if train == "patch+norms":
+        layout = Layout(model)
+        first = min(patches)
+        mods = list(layout.layers)[first:] + [layout.norm]
+        params += [p for m in mods for name, sub in m.named_modules() if "norm" in name.split(".")[-1]
+                   for p in sub.parameters(recurse=False)]
+    return params
+
+
+@dataclass
+class DistillResult:
+    steps: int = 0
+    history: list[dict] = field(default_factory=list)  # per step: loss, lr
+    val: list[float] = field(default_factory=list)  # per epoch
+    stopped: str | None = None  # why training stopped early, if it did
+
+
+def _val_loss(model, cache: TeacherCache, samples, device, autocast) -> float:
+    losses = []
+    with torch.no_grad(), autocast():
+        for i in range(cache.num_shards):
+            sh = cache.shard(i)
+            batch = samples[i * cache.shard_size : (i + 1) * cache.shard_size].to(device)
+            losses.append(topk_kl(model(input_ids=batch, use_cache=False).logits, sh["probs"].to(device),
+                                  sh["indices"].to(device)).item())
+    return sum(losses) / len(losses)
+
+
+def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, val_cache: TeacherCache | None = None,
+               val_samples: torch.Tensor | None = None, lr: float = 1e-4, weight_decay: float = 1e-4,
+               min_lr_factor: float = 20.0, epochs: int = 1, train: str = "patch", early_stop: int | None = None,
+               autocast_dtype: str | None = None, progress: bool = True, on_step=None) -> DistillResult:
+    """Train the pruned model's patches against the cached teacher. Non-finite loss stops training and
+    restores the last good parameters."""
+    params = trainable_parameters(model, train)
+    for p in params:
+        p.requires_grad_(True)
+    device = next(model.parameters()).device
+    use_amp = autocast_dtype is not None and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=getattr(torch, autocast_dtype or "bfloat16"), enabled=use_amp)
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = epochs * train_cache.num_shards
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=lr / min_lr_factor)
+    result = DistillResult()
+    good = [p.detach().clone() for p in params]
+    best_val, bad_epochs = float("inf"), 0
+    model.train(False)
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(train_cache.num_shards, generator=torch.Generator().manual_seed(epoch))
+            for i in tqdm(order.tolist(), desc=f"distill epoch {epoch}", disable=not progress):
+                sh = train_cache.shard(i)
+                batch = train_samples[i * train_cache.shard_size : (i + 1) * train_cache.shard_size].to(device)
+                with autocast():
+                    logits = model(input_ids=batch, use_cache=False).logits
+                loss = topk_kl(logits, sh["probs"].to(device), sh["indices"].to(device))
+                if not torch.isfinite(loss):
+                    with torch.no_grad():
+                        for p, g in zip(params, good):
+                            p.copy_(g)
+                    result.stopped = (f"loss became {loss.item()} at step {result.steps}; training stopped and the "
+                                      f"patch restored to the last finite step")
+                    print(f"[lp] distill: {result.stopped}")
+                    return result
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for p, g in zip(params, good):
+                        g.copy_(p)
+                result.steps += 1
+                result.history.append({"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+                if on_step:
+                    on_step(result.steps, result.history[-1])
+            if val_cache is not None:
+                v = _val_loss(model, val_cache, val_samples, device, autocast)
+                result.val.append(v)
+                if v < best_val:
+                    best_val, bad_epochs = v, 0
+                else:
+                    bad_epochs += 1
+                    if early_stop and bad_epochs >= early_stop:
+                        result.stopped = f"validation loss did not improve for {early_stop} epochs"
+                        break
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return result
+
+
+def distill_mse(model, pairs_of, lr: float = 1e-4, weight_decay: float = 1e-4, epochs: int = 1,
+                progress: bool = True) -> DistillResult:
+    """Cheaper variant, no logits: each patch is trained so that patch(x_s) matches the dense x_e, on the
+    dense model's calibration hidden states (``pairs_of(position) -> [(x_s, x_e), ...]`` batches)."""
+    result = DistillResult()
+    for pos, patch in patches_of(model).items():
+        pairs = pairs_of(pos)
+        params = list(patch.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        try:
+            for _ in range(epochs):
+                for xs, xe in tqdm(pairs, desc=f"distill mse @{pos}", disable=not progress):
+                    w = next(iter(params))
+                    loss = F.mse_loss(patch(xs.to(w.device)), xe.to(w.device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    result.steps += 1
+                    result.history.append({"loss": loss.item(), "lr": lr, "position": pos})
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+    return result

@@ -1,0 +1,121 @@
+import contextlib
+
+import pytest
+import torch
+
+import lp.distill as distill
+from lp.calibration import collect_stats
+from lp.distill import TeacherCache, distill_kl, topk_kl, trainable_parameters
+from lp.patches import build_patch
+from lp.pruning import prune_and_patch
+from tests.conftest import tiny_model
+
+
+@pytest.fixture
+def samples():
+    return torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(2))
+
+
+def test_topk_kl_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 20, generator=g)
+    teacher = torch.randn(2, 3, 20, generator=g)
+    top = teacher.topk(5, dim=-1)
+    p = top.values.softmax(-1)
+    got = topk_kl(student, p, top.indices)
+    total = 0.0
+    for b in range(2):
+        for t in range(3):
+            q = student[b, t, top.indices[b, t]].softmax(-1)  # renormalised over the teacher's top-k
+            total += sum(p[b, t, j] * (p[b, t, j].log() - q[j].log()) for j in range(5))
+    assert torch.isclose(got, total / 6, atol=1e-6)
+    assert topk_kl(teacher, p, top.indices).abs() < 1e-6  # zero when the student is the teacher
+
+
+def test_teacher_cache_round_trip(tmp_path, samples):
+    teacher = tiny_model()
+    cache = TeacherCache(tmp_path, len(samples), 12, 7, shard_size=4).build(teacher, samples, progress=False)
+    assert cache.complete and cache.num_shards == 2 and cache.nbytes == 6 * 12 * 7 * 6
+    with torch.no_grad():
+        top = teacher(input_ids=samples).logits.topk(7, dim=-1)
+    got_p = torch.cat([cache.shard(i)["probs"] for i in range(2)])
+    got_i = torch.cat([cache.shard(i)["indices"] for i in range(2)])
+    assert got_p.dtype == torch.float16 and got_i.dtype == torch.int32
+    assert torch.equal(got_i.long(), top.indices)
+    torch.testing.assert_close(got_p.float(), top.values.softmax(-1), atol=1e-3, rtol=1e-3)
+
+
+def test_teacher_cache_resumes_after_interruption(tmp_path, samples, capsys):
+    teacher = tiny_model()
+    TeacherCache(tmp_path, 6, 12, 7, 2).build(teacher, samples, progress=False)
+    whole = {p.name: p.read_bytes() for p in tmp_path.glob("shard_*.pt")}
+    # interrupted: one shard never renamed into place (only its .tmp is there), no meta.json yet
+    (tmp_path / "meta.json").unlink()
+    (tmp_path / "shard_00001.pt").rename(tmp_path / "shard_00001.tmp")
+    calls = []
+    orig = teacher.forward
+    teacher.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    cache = TeacherCache(tmp_path, 6, 12, 7, 2)
+    assert not cache.complete
+    cache.build(teacher, samples, progress=False)
+    assert len(calls) == 1 and cache.complete  # only the missing shard was computed
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("shard_*.pt")}.keys() == whole.keys()
+    assert "1 of 3 shards to write" in capsys.readouterr().out
+
+
+def _pruned_student(samples):
+    model = tiny_model()
+    stats = collect_stats(model, samples, progress=False)
+    prune_and_patch(model, [2, 3], lambda s, e: build_patch("linearpatch", stats, s, e))
+    return model
+
+
+@pytest.mark.parametrize("train", ["patch", "patch+norms"])
+def test_only_trainable_parameters_change(tmp_path, samples, train):
+    cache = TeacherCache(tmp_path, 6, 12, 7, 2).build(tiny_model(), samples, progress=False)
+    student = _pruned_student(samples)
+    trained = {id(p) for p in trainable_parameters(student, train)}
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    res = distill_kl(student, cache, samples, lr=1e-2, train=train, progress=False)
+    assert res.steps == 3 and res.stopped is None
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    by_id = {n: id(p) for n, p in student.named_parameters()}
+    assert changed and all(by_id[n] in trained for n in changed)  # frozen weights are bit-identical
+    assert "model.layers.2.patch.weight" in changed
+    assert any("norm" in n for n in changed) == (train == "patch+norms")
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_distillation_lowers_the_kl(tmp_path, samples):
+    cache = TeacherCache(tmp_path, 6, 12, 7, 2).build(tiny_model(), samples, progress=False)
+    student = _pruned_student(samples)
+    before = distill._val_loss(student, cache, samples, torch.device("cpu"), contextlib.nullcontext)
+    res = distill_kl(student, cache, samples, cache, samples, lr=3e-3, epochs=8, progress=False)
+    assert res.val[-1] < before and len(res.val) == 8
+
+
+def test_non_finite_loss_stops_with_last_good_patch(tmp_path, samples, monkeypatch):
+    cache = TeacherCache(tmp_path, 6, 12, 7, 2).build(tiny_model(), samples, progress=False)
+    student = _pruned_student(samples)
+    real, seen = distill.topk_kl, []
+
+    def flaky(*a):
+        seen.append(1)
+        return real(*a) * (float("nan") if len(seen) == 2 else 1.0)
+
+    monkeypatch.setattr(distill, "topk_kl", flaky)
+    snapshots = []
+    res = distill_kl(student, cache, samples, lr=1e-2, progress=False,
+                     on_step=lambda step, h: snapshots.append(student.model.layers[2].patch.weight.detach().clone()))
+    assert res.steps == 1 and "nan" in res.stopped
+    assert torch.equal(student.model.layers[2].patch.weight, snapshots[0])  # the last good patch
+    assert torch.isfinite(student.model.layers[2].patch.weight).all()
+
+
+def test_patch_none_has_nothing_to_train(samples):
+    model = tiny_model()
+    prune_and_patch(model, [1], lambda s, e: None)
+    with pytest.raises(ValueError, match="no patch to train"):
+        trainable_parameters(model, "patch")
+    with pytest.raises(ValueError, match="distill.train='all'"):
+        trainable_parameters(model, "all")
