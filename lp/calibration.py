@@ -83,29 +83,35 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
     layout = Layout(model)
     L, d = layout.num_layers, layout.hidden_size
     H = hadamard(d, torch.float32, "cpu")
-    sums = {
-        "abs": torch.zeros(L + 1, d, dtype=torch.float64),
-        "abs_rot": torch.zeros(L + 1, d, dtype=torch.float64),
-        "cos": torch.zeros(L + 1, L + 1, dtype=torch.float64),
-        "ang": torch.zeros(L + 1, L + 1, dtype=torch.float64),
-        "norm": torch.zeros(L + 1, dtype=torch.float64),
-    }
+    sums: dict[str, torch.Tensor] = {}
     tokens = 0
+
+    def add(name: str, value: torch.Tensor) -> None:  # accumulate on the value's device, float64
+        value = value.double()
+        sums[name] = value if name not in sums else sums[name] + value.to(sums[name].device)
+
+    rotations: dict = {}
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        """x H in x's own dtype (bf16 on a GPU: tensor cores, float32 accumulation)."""
+        key = (x.device, x.dtype)
+        if key not in rotations:
+            rotations[key] = H.to(*key)
+        return x @ rotations[key]
+
     for captured in stream_boundaries(model, samples, batch_size, device, progress):
-        # each boundary on its own device (split models): reduce there, move only the small sums
-        for i, x in enumerate(captured):
-            x = x.reshape(-1, d).float()
-            h = H.to(x.device)
-            sums["abs"][i] += x.abs().sum(0).double().cpu()
-            sums["abs_rot"][i] += (x @ h).abs().sum(0).double().cpu()
-            sums["norm"][i] += x.norm(dim=-1).sum().double().cpu()
+        # reductions in float32 or wider; boundaries on other devices (split models) join on dev0
         dev0 = captured[0].device
-        unit = torch.stack([torch.nn.functional.normalize(x.reshape(-1, d).float().to(dev0), dim=-1)
-                            for x in captured])  # (L+1, tokens, d)
+        xs = [x.reshape(-1, d) for x in captured]
+        add("abs", torch.stack([x.float().abs().sum(0).to(dev0) for x in xs]))
+        add("abs_rot", torch.stack([rotate(x).float().abs().sum(0).to(dev0) for x in xs]))
+        add("norm", torch.stack([x.float().norm(dim=-1).sum().to(dev0) for x in xs]))
+        unit = torch.stack([torch.nn.functional.normalize(x.float().to(dev0), dim=-1) for x in xs])  # (L+1, t, d)
         cos = torch.einsum("itd,jtd->tij", unit, unit).clamp_(-1, 1)  # (tokens, L+1, L+1)
-        sums["cos"] += cos.sum(0).double().cpu()
-        sums["ang"] += (torch.arccos(cos) / torch.pi).sum(0).double().cpu()
+        add("cos", cos.sum(0))
+        add("ang", (torch.arccos(cos) / torch.pi).sum(0))
         tokens += unit.shape[1]
+    sums = {k: v.cpu() for k, v in sums.items()}
     return BoundaryStats(
         abs_mean=(sums["abs"] / tokens).float(),
         abs_mean_rot=(sums["abs_rot"] / tokens).float(),
