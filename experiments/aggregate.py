@@ -34,15 +34,17 @@ def frame(records: list[dict]) -> pd.DataFrame:
 
 def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
     """Pruned perplexity: rows (model, data, metric, patch, distill), columns n; mean over seeds."""
-    return df.pivot_table(index=["model", "data", "metric", "patch", "distill"], columns="n",
-                          values="ppl_pruned", aggfunc="mean").round(2)
+    table = df.pivot_table(index=["model", "data", "metric", "patch", "distill"], columns="n",
+                           values="ppl_pruned", aggfunc="mean").round(2)
+    table.columns = [f"n={c}" for c in table.columns]
+    return table.reset_index()
 
 
 def write(table: pd.DataFrame, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / f"{name}.csv")
-    (out / f"{name}.md").write_text(table.to_markdown() + "\n")
-    (out / f"{name}.tex").write_text(table.to_latex() + "\n")
+    table.to_csv(out / f"{name}.csv", index=False)
+    (out / f"{name}.md").write_text(table.to_markdown(index=False) + "\n")
+    (out / f"{name}.tex").write_text(table.to_latex(index=False) + "\n")
 
 
 def main(argv=None) -> None:
@@ -56,7 +58,7 @@ def main(argv=None) -> None:
     table = ppl_table(df)
     write(table, Path(args.out), "ppl")
     dense = df.groupby(["model", "data"])["ppl_dense"].first().round(2)
-    print(f"dense perplexity:\n{dense.to_string()}\n\npruned perplexity (columns: layers removed):\n{table.to_markdown()}")
+    print(f"dense perplexity:\n{dense.to_string()}\n\npruned perplexity (columns: layers removed):\n{table.to_markdown(index=False)}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-batch", type=int, default=4)
     ap.add_argument("--topk", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=30, help="timed prefill passes per variant")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -93,13 +94,15 @@ def main(argv=None) -> None:
     s = a.layers - a.remove - 1  # a block near the end, as cosine selection picks on LLaMA-3-8B
     removed = list(range(s, s + a.remove))
     with torch.no_grad():
-        dense_t = timed(fwd)
+        dense_t = timed(fwd, repeat=a.repeat)
         dense_mem = peak(fwd)
         with pruned(model, removed, lambda *_: None):
-            pruned_t = timed(fwd)
+            pruned_t = timed(fwd, repeat=a.repeat)
         with pruned(model, removed, lambda s_, e_: build_patch("linearpatch", stats, s_, e_)):
-            patched_t = timed(fwd)
+            patched_t = timed(fwd, repeat=a.repeat)
             patched_mem = peak(fwd)
+        with pruned(model, removed, lambda *_: None):  # again, to see the run-to-run spread
+            pruned_t2 = timed(fwd, repeat=a.repeat)
     ideal = a.layers / (a.layers - a.remove)
     out["prefill"] = {
         "dense_ms": round(1e3 * dense_t, 2), "pruned_ms": round(1e3 * pruned_t, 2), "patched_ms": round(1e3 * patched_t, 2),
@@ -108,6 +111,7 @@ def main(argv=None) -> None:
         "speedup_pruned": round(dense_t / pruned_t, 4), "speedup_ideal": round(ideal, 4),
         "speedup_patched": round(dense_t / patched_t, 4),
         "patch_overhead_pct": round(100 * (patched_t - pruned_t) / pruned_t, 3),
+        "pruned_ms_repeat": round(1e3 * pruned_t2, 2), "repeats": a.repeat,
         "peak_gib_dense": round(dense_mem, 2), "peak_gib_patched": round(patched_mem, 2),
     }
 

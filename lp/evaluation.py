@@ -9,14 +9,77 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over ``windows`` (w, seqlen); every window predicts its tokens 1..seqlen-1."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "perplexity",
+               prefix: "Prefix | None" = None) -> float:
+    """exp(mean next-token NLL) over ``windows`` (w, seqlen); every window predicts its tokens 1..seqlen-1.
+
+    With ``prefix`` (the dense hidden states entering layer ``prefix.layer`` for these windows), the first
+    ``prefix.layer`` layers are not run: they are unchanged by pruning that starts at or after that layer.
+    """
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        if prefix is None:
+            logits = model(input_ids=batch, use_cache=False).logits
+        else:
+            logits = prefix.forward(model, start, start + batch_size)
+        logits = logits[:, :-1].float()
         target = batch[:, 1:].to(logits.device)
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
         count += target.numel()
     return math.exp(nll / count)
+
+
+PREFIX_REUSE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}  # inputs_embeds enter layer 0 unscaled
+
+
+class _Skip(torch.nn.Module):
+    """A decoder layer that returns its input (stands in for the layers a prefix cache replaces)."""
+
+    def __init__(self, tuple_output: bool):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
+class Prefix:
+    """Dense hidden states entering decoder layer ``layer`` for a fixed set of evaluation windows.
+
+    Pruning that removes only layers >= ``layer`` leaves layers [0, layer) and their output unchanged, so
+    a sweep computes that output once and every pruned variant runs only the layers after it.
+    """
+
+    def __init__(self, model, windows: torch.Tensor, layer: int, batch_size: int = 1):
+        from .calibration import stream_boundaries
+        from .models import Layout
+
+        lay = Layout(model)
+        types = getattr(model.config, "layer_types", None) or []
+        if model.config.model_type not in PREFIX_REUSE_TYPES or len(set(types)) > 1:
+            raise ValueError(f"prefix reuse is not supported for {type(model).__name__}")
+        self.layer = layer
+        kept = lay.layers
+        try:  # run only layers [0, layer): the boundary ``layer`` is then the final norm's input
+            lay.layers = torch.nn.ModuleList(list(kept)[:layer])
+            self.hidden = torch.cat([b[layer].cpu() for b in stream_boundaries(model, windows, batch_size, progress=False)])
+        finally:
+            lay.layers = kept
+        import transformers
+
+        self._tuple = int(transformers.__version__.split(".")[0]) < 5
+
+    def forward(self, model, start: int, stop: int) -> torch.Tensor:
+        """Logits of the (pruned) model for windows[start:stop], its first ``layer`` layers skipped."""
+        from .models import Layout
+
+        lay = Layout(model)
+        kept = lay.layers
+        device = next(model.parameters()).device
+        try:
+            lay.layers = torch.nn.ModuleList([_Skip(self._tuple)] * self.layer + list(kept)[self.layer :])
+            return model(inputs_embeds=self.hidden[start:stop].to(device), use_cache=False).logits
+        finally:
+            lay.layers = kept

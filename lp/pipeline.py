@@ -14,7 +14,7 @@ import torch
 from . import data as data_lib
 from .calibration import BoundaryStats, collect_stats
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
-from .evaluation import perplexity
+from .evaluation import Prefix, perplexity
 from .models import Layout, count_parameters, load_model
 from .patches import NEEDS_HIDDEN_STATES, PATCHES, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
@@ -25,6 +25,8 @@ from .zeroshot import evaluate_tasks, local_task_dir, retention
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
 _LOADED: dict = {}  # one dense model kept in memory, so the runs of a sweep load it once
+_PREFIXES: dict = {}  # dense hidden states entering layer s of the eval windows, per (eval key, s)
+MAX_PREFIXES = 4
 
 
 def validate(cfg: dict) -> None:
@@ -42,18 +44,25 @@ def validate(cfg: dict) -> None:
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
 
 
+def _settings(cfg: dict, group: str) -> dict:
+    """A config group's settings that can change results (what keys records and caches)."""
+    return {k: v for k, v in cfg[group].items() if k not in ("prefix_reuse",)}
+
+
 def run_id(cfg: dict) -> str:
     p = cfg["prune"]
     block = f"-s{p['start']}" if p.get("start") is not None else ""
     readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
                 f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
-    return f"{readable}__{key_of(*(cfg[k] for k in ('model', 'data', 'prune', 'patch', 'distill', 'eval')), cfg['seed'])}"
+    groups = ("model", "data", "prune", "patch", "distill", "eval")
+    return f"{readable}__{key_of(*(_settings(cfg, g) for g in groups), cfg['seed'])}"
 
 
 def _model(cfg_model: dict):
     key = key_of(cfg_model)
     if key not in _LOADED:
         _LOADED.clear()
+        _PREFIXES.clear()
         m = cfg_model
         _LOADED[key] = load_model(m["name_or_path"], m.get("gguf_file"), m.get("dtype", "auto"),
                                   m.get("device", "cpu"), m.get("device_map"))
@@ -109,9 +118,10 @@ def run(cfg: dict, group: str | None = None) -> dict:
             stats.save(calib_path)
 
     e = cfg["eval"]
+    eval_key = key_of(model_key, d, _settings(cfg, "eval"))
     windows = data_lib.eval_windows(data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "eval")),
                                     d["seqlen"], e.get("max_windows"))
-    dense_path = cache / "dense" / f"{key_of(model_key, d, e)}.json"
+    dense_path = cache / "dense" / f"{eval_key}.json"
     tasks = list(e.get("tasks") or [])
     zs = dict(limit=e.get("limit"), num_fewshot=e.get("num_fewshot"), batch_size=e.get("batch_size", 1),
               include_path=local_task_dir(cache) if tasks else None, seed=cfg["seed"])
@@ -130,6 +140,7 @@ def run(cfg: dict, group: str | None = None) -> dict:
                            batch_size=d.get("calib_batch_size", 1))
     with _timed(timings, "selection"):
         removed = select_layers(cfg["prune"]["metric"], ctx)
+    prefix = _prefix(model, windows, min(removed, default=0), e, eval_key) if e.get("prefix_reuse", True) else None
     variant = cfg["patch"]["variant"]
     fits = variant in NEEDS_HIDDEN_STATES
     pctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, model=model if fits else None,
@@ -148,13 +159,13 @@ def run(cfg: dict, group: str | None = None) -> dict:
         params_pruned = count_parameters(model)
         patch_params = sum(count_parameters(m) for m in patches_of(model).values())
         if prepared is not None:
-            ppl_free = perplexity(model, windows, e.get("batch_size", 1), progress, "training-free perplexity")
+            ppl_free = perplexity(model, windows, e.get("batch_size", 1), progress, "training-free perplexity", prefix)
             stack.enter_context(_restored(trainable_parameters(model, dist.get("train", "patch"))))
             with _timed(timings, "distill"):
                 distilled = _distill(dist, model, removed, prepared, progress,
                                      lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
         with _timed(timings, "pruned_eval"):
-            ppl_pruned = perplexity(model, windows, e.get("batch_size", 1), progress, "pruned perplexity")
+            ppl_pruned = perplexity(model, windows, e.get("batch_size", 1), progress, "pruned perplexity", prefix)
             acc_pruned = evaluate_tasks(model, tokenizer, tasks, **zs)
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], spec)
@@ -204,6 +215,21 @@ def run(cfg: dict, group: str | None = None) -> dict:
         print(format_table(dense["zeroshot"], acc_pruned, rp))
     print(f"     record: {record_path}")
     return record
+
+
+def _prefix(model, windows, layer: int, e: dict, key: str) -> Prefix | None:
+    """The dense model's hidden states entering ``layer`` for the eval windows, computed once per sweep."""
+    if layer == 0:
+        return None
+    if (key, layer) not in _PREFIXES:
+        try:
+            prefix = Prefix(model, windows, layer, e.get("batch_size", 1))
+        except ValueError:  # a model family whose embeddings enter layer 0 transformed: plain path
+            return None
+        if len(_PREFIXES) >= MAX_PREFIXES:
+            _PREFIXES.pop(next(iter(_PREFIXES)))
+        _PREFIXES[(key, layer)] = prefix
+    return _PREFIXES[(key, layer)]
 
 
 @contextmanager

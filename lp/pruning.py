@@ -35,6 +35,16 @@ def interface_position(removed: list[int], e: int) -> int:
     return sum(1 for i in range(e) if i not in gone)
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """Where ``module`` computes: the execution device of an accelerate hook (split or offloaded models,
+    whose weights may sit on 'meta' until used), else the device of its first parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    ref = next(module.parameters(), None)
+    return None if ref is None else ref.device
+
+
 def remove_layers(model: nn.Module, removed: list[int]) -> PruneSpec:
     """Drop ``removed`` decoder layers in place; renumber the kept ones and update the config."""
     layout = Layout(model)
@@ -61,9 +71,9 @@ def attach_patch(model: nn.Module, position: int, patch: nn.Module) -> None:
     target = layout.norm if position == layout.num_layers else layout.layers[position]
     if isinstance(target, Patched):
         raise ValueError(f"position {position} already has a patch")
-    ref = next(target.parameters(), None)
-    if ref is not None:
-        patch.to(ref.device)
+    device = module_device(target)
+    if device is not None:
+        patch.to(device)
     wrapped = Patched(patch, target)
     if position == layout.num_layers:
         layout.norm = wrapped

@@ -175,3 +175,34 @@ def torch_isfinite(x):
     import math
 
     return math.isfinite(x)
+
+
+@pytest.mark.parametrize("launcher,target", [
+    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+])
+def test_launcher_configs_compose(launcher, target):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+
+
+def test_paper_table_preset_sweeps_every_method_with_and_without_linearpatch():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=paper_table", "model=llama3_8b"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params["prune"].split(",")) == {"cosine", "block_influence", "angular", "taylor", "ppl", "sleb"}
+    assert params["patch"] == "none,linearpatch"
+    assert cfg.data.name == "wikitext2" and cfg.eval.name == "paper" and cfg.model.name == "llama3-8b"
+
+
+def test_prefix_reuse_in_a_sweep_gives_the_plain_numbers(tiny_dir, tmp_path):
+    pipeline._PREFIXES.clear()
+    plain = pipeline.run(cfg_for(tiny_dir, tmp_path / "a", "prune.n=2", "eval.prefix_reuse=false"))
+    assert not pipeline._PREFIXES
+    reused = pipeline.run(cfg_for(tiny_dir, tmp_path / "b", "prune.n=2", "eval.prefix_reuse=true"))
+    start = min(reused["removed"])
+    if start > 0:
+        assert [k[1] for k in pipeline._PREFIXES] == [start]
+    assert reused["ppl"]["pruned"] == pytest.approx(plain["ppl"]["pruned"], rel=1e-6)
+    assert reused["run_id"] == plain["run_id"]  # an execution setting, not part of the run's identity

@@ -172,3 +172,49 @@ def test_prunecomp_is_the_norm_ratio(llama, ids):
     stats = collect_stats(llama, ids, progress=False)
     a = build_patch("prunecomp", stats, 1, 3).weight
     assert torch.allclose(a, stats.norm_mean[3:4] / stats.norm_mean[1:2])
+
+
+def test_split_offloaded_model_gives_the_same_patched_outputs(ids, tmp_path):
+    """accelerate's CPU + disk offload stands in for a multi-GPU device map here."""
+    from accelerate import dispatch_model
+
+    stats = collect_stats(tiny_model(), ids, progress=False)
+    make = lambda s, e: build_patch("linearpatch", stats, s, e)  # noqa: E731
+    plain = tiny_model()
+    prune_and_patch(plain, [2, 3], make)
+    expected = logits(plain, ids)
+
+    split = tiny_model()
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "cpu", "model.layers.2": "disk", "model.layers.3": "disk",
+                  "model.layers.4": "disk", "model.layers.5": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    split = dispatch_model(split, device_map=device_map, offload_dir=str(tmp_path), main_device="cpu")
+    assert Layout(split).layers[4].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
+    prune_and_patch(split, [2, 3], make)
+    patched = Layout(split).layers[2]
+    assert isinstance(patched, Patched) and patched.patch.weight.device.type == "cpu"
+    torch.testing.assert_close(logits(split, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("removed", [[2, 3], [3, 5]])
+def test_prefix_reuse_matches_the_plain_path(ids, model_type, removed):
+    from lp.evaluation import Prefix, perplexity
+
+    model = tiny_model(model_type)
+    stats = collect_stats(model, ids, progress=False)
+    prefix = Prefix(model, ids, layer=min(removed), batch_size=1)
+    with pruned(model, removed, lambda s, e: build_patch("linearpatch", stats, s, e)):
+        plain = perplexity(model, ids, batch_size=1, progress=False)
+        reused = perplexity(model, ids, batch_size=1, progress=False, prefix=prefix)
+        logits_reused = prefix.forward(model, 0, 2)
+        torch.testing.assert_close(logits_reused, logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert reused == pytest.approx(plain, rel=1e-6)
+    assert model.config.num_hidden_layers == 6 and len(Layout(model).layers) == 6
+
+
+def test_prefix_reuse_refuses_unsupported_models(ids):
+    from lp.evaluation import Prefix
+
+    with pytest.raises(ValueError, match="not supported for Gemma"):
+        Prefix(tiny_model("gemma"), ids, layer=1)
