@@ -49,6 +49,13 @@ def _settings(cfg: dict, group: str) -> dict:
     return {k: v for k, v in cfg[group].items() if k not in ("prefix_reuse",)}
 
 
+def calib_stats_path(cfg: dict) -> Path:
+    """Calibration statistics of (model, data, seed): small (a few (L+1) x d tensors), kept beside the
+    records so that figures never need the model again."""
+    model_key = {k: cfg["model"].get(k) for k in ("name_or_path", "gguf_file", "dtype")}
+    return Path(cfg["results_dir"]) / "stats" / f"calib_{key_of(model_key, cfg['data'], cfg['seed'])}.pt"
+
+
 def run_id(cfg: dict) -> str:
     p = cfg["prune"]
     block = f"-s{p['start']}" if p.get("start") is not None else ""
@@ -99,7 +106,7 @@ def run(cfg: dict, group: str | None = None) -> dict:
 
     d, m = cfg["data"], cfg["model"]
     model_key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype")}
-    calib_path = cache / "calib" / f"{key_of(model_key, d, cfg['seed'])}.pt"
+    calib_path = calib_stats_path(cfg)
     _stream: list = []
 
     def stream() -> torch.Tensor:  # tokenised only when needed (not when the statistics are cached)
@@ -195,6 +202,7 @@ def run(cfg: dict, group: str | None = None) -> dict:
         "retention": retention(dense["zeroshot"], acc_pruned),
         "eval_tokens": windows.numel(),
         "calib_tokens": stats.tokens,
+        "calib_stats": str(calib_path),
         "timings": timings,
         "config": cfg,
     }

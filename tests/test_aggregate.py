@@ -32,3 +32,27 @@ def test_no_records_is_a_clear_error(tmp_path):
 
     with pytest.raises(SystemExit, match="no complete records"):
         aggregate.main(["--records", str(tmp_path)])
+
+
+def test_figures_render_without_a_display(tmp_path):
+    import torch
+
+    from experiments import figures
+    from lp.calibration import BoundaryStats
+
+    L, d = 6, 12
+    g = torch.Generator().manual_seed(0)
+    stats_path = tmp_path / "stats.pt"
+    BoundaryStats(abs_mean=torch.rand(L + 1, d, generator=g) + 0.1, abs_mean_rot=torch.rand(L + 1, d, generator=g) + 0.1,
+                  cos=torch.rand(L + 1, L + 1, generator=g), angular=torch.rand(L + 1, L + 1, generator=g),
+                  norm_mean=torch.arange(1.0, L + 2), tokens=10).save(stats_path)
+    recs = tmp_path / "records"
+    for i, (n, patch) in enumerate([(2, "none"), (2, "linearpatch"), (3, "linearpatch"), (3, "diag")]):
+        r = record(n, patch, 10.0 + n + i, f"2026-01-0{i + 1}")
+        r.update(interfaces=[[1, 1 + n]], calib_stats=str(stats_path))
+        write_json(recs / f"{i}.json", r)
+    written = figures.main(["--records", str(recs), "--out", str(tmp_path / "fig")])
+    names = sorted(p.name for p in written)
+    assert names == sorted(f"{f}.{e}" for f in ("magnitude", "cosine", "ppl_vs_n", "patches") for e in ("png", "pdf"))
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert (tmp_path / "fig" / "magnitude.png").read_bytes()[:4] == b"\x89PNG"
