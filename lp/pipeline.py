@@ -154,11 +154,12 @@ def run(cfg: dict, group: str | None = None) -> dict:
                         samples=samples()[: cfg["patch"].get("fit_samples")] if fits else None,
                         batch_size=d.get("calib_batch_size", 1))
     params_dense = count_parameters(model)
-    tracker = make_tracker(cfg["logger"], cfg, rid, group)
     dist = cfg["distill"]
     with _timed(timings, "teacher"):
-        prepared = _prepare_distill(dist, model, stream, removed, cache / "teacher",
-                                    key_of(model_key, d, dist, cfg["seed"]), cfg["seed"], progress)
+        teacher_key = key_of(model_key, d, {k: dist.get(k) for k in ("samples", "val_samples", "seqlen", "topk",
+                                                                     "batch_size")}, cfg["seed"])
+        prepared = _prepare_distill(dist, model, stream, removed, cache / "teacher", teacher_key, cfg["seed"],
+                                    progress)
     distilled = None
     with ExitStack() as stack:
         with _timed(timings, "patch"):
@@ -169,8 +170,7 @@ def run(cfg: dict, group: str | None = None) -> dict:
             ppl_free = perplexity(model, windows, e.get("batch_size", 1), progress, "training-free perplexity", prefix)
             stack.enter_context(_restored(trainable_parameters(model, dist.get("train", "patch"))))
             with _timed(timings, "distill"):
-                distilled = _distill(dist, model, removed, prepared, progress,
-                                     lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
+                distilled = _distill(dist, model, removed, prepared, progress)
         with _timed(timings, "pruned_eval"):
             ppl_pruned = perplexity(model, windows, e.get("batch_size", 1), progress, "pruned perplexity", prefix)
             acc_pruned = evaluate_tasks(model, tokenizer, tasks, **zs)
@@ -208,6 +208,9 @@ def run(cfg: dict, group: str | None = None) -> dict:
     }
     write_json(record_path, record)
 
+    tracker = make_tracker(cfg["logger"], cfg, rid, group)
+    for step, h in enumerate(distilled.history if distilled else [], start=1):  # the loss curve
+        tracker.log({f"distill/{k}": v for k, v in h.items()}, step)
     rp = record["retention"]
     flat = {"ppl/dense": dense["ppl"], "ppl/pruned": ppl_pruned, "params/dense": params_dense,
             **{f"acc/dense/{t}": v for t, v in dense["zeroshot"].items()},
@@ -272,7 +275,7 @@ def _prepare_distill(dist: dict, model, stream, removed, root: Path, key: str, s
     return caches
 
 
-def _distill(dist: dict, model, removed, prepared, progress: bool, on_step):
+def _distill(dist: dict, model, removed, prepared, progress: bool):
     common = dict(lr=float(dist["lr"]), weight_decay=float(dist["weight_decay"]), epochs=dist["epochs"],
                   progress=progress)
     if dist["method"] == "mse":
@@ -281,7 +284,7 @@ def _distill(dist: dict, model, removed, prepared, progress: bool, on_step):
     val_cache, val = prepared.get("val", (None, None))
     return distill_kl(model, train_cache, train, val_cache, val, min_lr_factor=dist["min_lr_factor"],
                       train=dist.get("train", "patch"), early_stop=dist.get("early_stop"),
-                      autocast_dtype=dist.get("autocast"), on_step=on_step, **common)
+                      autocast_dtype=dist.get("autocast"), **common)
 
 
 def format_table(dense: dict, pruned: dict, rp: dict) -> str:
