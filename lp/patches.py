@@ -31,7 +31,7 @@ from .hadamard import hadamard
 
 
 class ChannelScale(nn.Module):
-    """x -> x * r (diagonal patch)."""
+    """x -> x * r (diagonal patch; a 1-element r is one scalar for all channels)."""
 
     kind = "diag"
 
@@ -60,21 +60,6 @@ class LinearPatch(nn.Module):
             return (x.to(w.device, torch.float32) @ w).to(x.dtype)
 
 
-class ScalarScale(nn.Module):
-    """x -> a x with one scalar a."""
-
-    kind = "prunecomp"
-
-    def __init__(self, scale: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(scale.detach().float().reshape(1).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        with torch.autocast(x.device.type, enabled=False):
-            return (x.to(w.device, torch.float32) * w).to(x.dtype)
-
-
 class ResidualFFN(nn.Module):
     """x -> x + mlp(norm(x)): a decoder layer without attention (LLM-Streamline's FFN replacement)."""
 
@@ -88,7 +73,7 @@ class ResidualFFN(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-PATCH_MODULES = {m.kind: m for m in (ChannelScale, LinearPatch, ScalarScale)}  # rebuilt from one weight
+PATCH_MODULES = {m.kind: m for m in (ChannelScale, LinearPatch)}  # rebuilt from their one weight
 
 
 class Patched(nn.Module):
@@ -151,8 +136,8 @@ def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     return LinearPatch(H @ torch.diag(r) @ H.T)
 
 
-def prunecomp_patch(ctx: PatchContext, s: int, e: int) -> ScalarScale:
-    return ScalarScale(_ratio(ctx.stats.norm_mean[e], ctx.stats.norm_mean[s]))
+def prunecomp_patch(ctx: PatchContext, s: int, e: int) -> ChannelScale:
+    return ChannelScale(_ratio(ctx.stats.norm_mean[e], ctx.stats.norm_mean[s]).reshape(1))
 
 
 def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
