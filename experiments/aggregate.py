@@ -40,10 +40,14 @@ def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def markdown(table: pd.DataFrame) -> str:
+    return table.astype(object).where(table.notna(), "").to_markdown(index=False)
+
+
 def write(table: pd.DataFrame, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(table.to_markdown(index=False, missingval="") + "\n")
+    (out / f"{name}.md").write_text(markdown(table) + "\n")
     (out / f"{name}.tex").write_text(table.to_latex(index=False) + "\n")
 
 
@@ -58,7 +62,7 @@ def main(argv=None) -> None:
     table = ppl_table(df)
     write(table, Path(args.out), "ppl")
     dense = df.groupby(["model", "data"])["ppl_dense"].first().round(2)
-    print(f"dense perplexity:\n{dense.to_string()}\n\npruned perplexity (columns: layers removed):\n{table.to_markdown(index=False, missingval='')}")
+    print(f"dense perplexity:\n{dense.to_string()}\n\npruned perplexity (columns: layers removed):\n{markdown(table)}")
 
 
 if __name__ == "__main__":
