@@ -33,8 +33,8 @@ def frame(records: list[dict]) -> pd.DataFrame:
 
 
 def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Pruned perplexity: rows (model, data, metric, patch, distill), columns n; mean over seeds."""
-    table = df.pivot_table(index=["model", "data", "metric", "patch", "distill"], columns="n",
+    """Pruned perplexity: rows (model, data, eval, metric, patch, distill), columns n; mean over seeds."""
+    table = df.pivot_table(index=["model", "data", "eval", "metric", "patch", "distill"], columns="n",
                            values="ppl_pruned", aggfunc="mean").round(2)
     table.columns = [f"n={c}" for c in table.columns]
     return table.reset_index()

@@ -92,7 +92,9 @@ def main(argv=None) -> list[Path]:
     if not records:
         raise SystemExit(f"--records {a.records}: no complete records found")
     out = Path(a.out)
-    written = ppl_vs_n(frame(records), out) + patches(frame(records), out)
+    df = frame(records)
+    df = df[df["eval"] == df["eval"].mode()[0]]  # one evaluation setting: the most common one
+    written = ppl_vs_n(df, out) + patches(df, out)
     path = Path(records[0].get("calib_stats") or calib_stats_path(records[0]["config"]))
     if path.is_file():
         stats = BoundaryStats.load(path)

@@ -19,10 +19,10 @@ def test_tables_from_synthetic_records(tmp_path, capsys):
     (recs / "e.json.tmp").write_text("{half a rec")  # an interrupted write is never read
     aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
     csv = (tmp_path / "tables" / "ppl.csv").read_text().splitlines()
-    assert csv[0] == "model,data,metric,patch,distill,n=3,n=5"
-    rows = {tuple(line.split(",")[:5]): line.split(",")[5:] for line in csv[1:] if line.startswith("m,")}
-    assert rows[("m", "d", "cosine", "none", "none")] == ["22.0", ""]
-    assert rows[("m", "d", "cosine", "linearpatch", "none")] == ["", "30.0"]
+    assert csv[0] == "model,data,eval,metric,patch,distill,n=3,n=5"
+    rows = {tuple(line.split(",")[:6]): line.split(",")[6:] for line in csv[1:] if line.startswith("m,")}
+    assert rows[("m", "d", "ppl", "cosine", "none", "none")] == ["22.0", ""]
+    assert rows[("m", "d", "ppl", "cosine", "linearpatch", "none")] == ["", "30.0"]
     assert (tmp_path / "tables" / "ppl.md").is_file() and (tmp_path / "tables" / "ppl.tex").is_file()
     assert "dense perplexity" in capsys.readouterr().out
 
