@@ -76,6 +76,53 @@ def stream_boundaries(model, samples: torch.Tensor, batch_size: int = 1, device=
             h.remove()
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what is needed has been seen."""
+
+
+def _to(obj, device, dtype=None):
+    """``obj`` (a tensor, or tuples/lists/dicts of them) on ``device``; floating tensors cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype if dtype is not None and obj.is_floating_point() else obj.dtype)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def stream_block_io(model, samples: torch.Tensor, s: int, e: int, batch_size: int = 1):
+    """Yield, per batch of ``samples``, (x_s, kwargs, x_e) on the CPU: the hidden state entering dense layer
+    ``s``, the keyword arguments the model passes its layers (attention mask, position embeddings, ...), and
+    the hidden state entering layer ``e`` (the final norm if e = L). The forward pass stops at ``e``."""
+    layout = Layout(model)
+    device = next(model.parameters()).device
+    stop = layout.layers[e] if e < layout.num_layers else layout.norm
+    got: dict = {}
+
+    def enter(module, args, kwargs):
+        got["x_s"] = args[0] if args else kwargs["hidden_states"]
+        got["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+    def leave(module, args, kwargs):
+        got["x_e"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handles = [layout.layers[s].register_forward_pre_hook(enter, with_kwargs=True),
+               stop.register_forward_pre_hook(leave, with_kwargs=True)]
+    try:
+        for start in range(0, len(samples), batch_size):
+            try:
+                layout.base(input_ids=samples[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+            yield got["x_s"].cpu(), _to(got["kwargs"], "cpu"), got["x_e"].cpu()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str | None = None,
                   progress: bool = True) -> BoundaryStats:

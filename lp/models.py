@@ -50,6 +50,11 @@ class Layout:
         setattr(self.base, self._layers, value)
 
     @property
+    def layers_prefix(self) -> str:
+        """The state-dict prefix of the decoder layers (``model.layers``)."""
+        return f"{self._base}.{self._layers}"
+
+    @property
     def norm(self) -> nn.Module:
         return getattr(self.base, self._norm)
 
@@ -131,3 +136,13 @@ def load_model(
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """Where ``module`` computes: the execution device of an accelerate hook (split or offloaded models,
+    whose weights may sit on 'meta' until used), else the device of its first parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    ref = next(module.parameters(), None)
+    return None if ref is None else ref.device

@@ -16,6 +16,9 @@ Variants (``PATCHES``, one config each in conf/patch/):
   over calibration tokens, closed form from streamed Gram matrices (ridge ``ridge`` · mean diagonal).
 * ``streamline_ffn`` (LLM-Streamline, arXiv 2403.19135): the block replaced by one residual SwiGLU FFN,
   initialised from the block's first layer's MLP and trained with MSE to map X_s to X_e.
+* ``streamline_layer`` (LLM-Streamline): the block replaced by one decoder layer, initialised from the block's
+  first layer and trained with MSE to map X_s to X_e. It is a :class:`ReplacementLayer` that takes a place
+  in the model's layer list (its own KV cache slot), not a patch on another layer's input.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .calibration import BoundaryStats, stream_boundaries
+from .calibration import BoundaryStats, _to, stream_block_io, stream_boundaries
 from .hadamard import hadamard
+from .models import Layout, module_device
 
 
 class ChannelScale(nn.Module):
@@ -76,7 +80,18 @@ class ResidualFFN(nn.Module):
 PATCH_MODULES = {m.kind: m for m in (ChannelScale, LinearPatch)}  # rebuilt from their one weight
 
 
-class Patched(nn.Module):
+class _Wrapper(nn.Module):
+    """Stands where a decoder layer (or the final norm) stood; model code reads attributes off layers
+    (``attention_type``, ...), so unknown attributes are looked up on ``inner``."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+class Patched(_Wrapper):
     """Applies ``patch`` to the hidden state entering ``inner`` (a decoder layer or the final norm)."""
 
     def __init__(self, patch: nn.Module, inner: nn.Module):
@@ -91,15 +106,22 @@ class Patched(nn.Module):
             kwargs["hidden_states"] = self.patch(kwargs["hidden_states"])
         return self.inner(*args, **kwargs)
 
-    def __getattr__(self, name):  # attributes that model code reads off a layer (attention_type, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
+
+class ReplacementLayer(_Wrapper):
+    """A trained decoder layer standing in for a removed block (LLM-Streamline's layer replacement)."""
+
+    kind = "streamline_layer"
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    return module.inner if isinstance(module, Patched) else module
+    return module.inner if isinstance(module, _Wrapper) else module
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -151,26 +173,51 @@ def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     return LinearPatch(M.float())
 
 
-def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
-    from .models import Layout
-
-    layer = Layout(ctx.model).layers[s]
-    net = ResidualFFN(copy.deepcopy(unwrap(layer).post_attention_layernorm), copy.deepcopy(unwrap(layer).mlp)).float()
-    net.requires_grad_(True)
-    xs, xe = map(torch.cat, zip(*ctx.pairs(s, e)))
-    opt = torch.optim.AdamW(net.parameters(), lr=float(ctx.settings.get("lr", 1e-4)), weight_decay=0.0)
-    g = torch.Generator().manual_seed(int(ctx.settings.get("seed", 0)))
-    bs = int(ctx.settings.get("token_batch", 1024))
+def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, settings: dict, desc: str) -> nn.Module:
+    """Train ``net`` (in float32) with AdamW for ``settings['epochs']`` passes over ``n_items`` items in
+    shuffled batches of ``batch``; ``loss_of(net, indices)`` is the MSE of one batch. Returns it frozen."""
     from tqdm.auto import tqdm
 
-    for _ in tqdm(range(int(ctx.settings.get("epochs", 1))), desc="streamline_ffn"):
-        for idx in torch.randperm(len(xs), generator=g).split(bs):
-            loss = torch.nn.functional.mse_loss(net(xs[idx]), xe[idx])
+    net.float().requires_grad_(True)
+    opt = torch.optim.AdamW(net.parameters(), lr=float(settings.get("lr", 1e-4)), weight_decay=0.0)
+    g = torch.Generator().manual_seed(int(settings.get("seed", 0)))
+    for _ in tqdm(range(int(settings.get("epochs", 1))), desc=desc):
+        for idx in torch.randperm(n_items, generator=g).split(batch):
+            loss = loss_of(net, idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    net.requires_grad_(False)
-    return net.to(next(layer.parameters()).dtype)
+    return net.requires_grad_(False)
+
+
+def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
+    layer = unwrap(Layout(ctx.model).layers[s])
+    dev, dtype = module_device(layer), next(layer.parameters()).dtype
+    net = ResidualFFN(copy.deepcopy(layer.post_attention_layernorm), copy.deepcopy(layer.mlp)).to(dev)
+    xs, xe = map(torch.cat, zip(*ctx.pairs(s, e)))
+
+    def loss_of(net, idx):
+        return nn.functional.mse_loss(net(xs[idx].to(dev)), xe[idx].to(dev))
+
+    return _fit_mse(net, len(xs), int(ctx.settings.get("token_batch", 1024)), loss_of, ctx.settings,
+                    "streamline_ffn").to(dtype)
+
+
+def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLayer:
+    if ctx.model is None or ctx.samples is None:
+        raise ValueError("patch=streamline_layer fits on hidden states: pass model and samples")
+    layer = unwrap(Layout(ctx.model).layers[s])
+    dev, dtype = module_device(layer), next(layer.parameters()).dtype
+    net = copy.deepcopy(layer).to(dev)
+    batches = list(stream_block_io(ctx.model, ctx.samples, s, e, ctx.batch_size))
+
+    def loss_of(net, idx):
+        xs, kwargs, xe = batches[int(idx[0])]
+        out = net(xs.to(dev, torch.float32), **_to(kwargs, dev, torch.float32))
+        out = out[0] if isinstance(out, tuple) else out
+        return nn.functional.mse_loss(out, xe.to(dev, torch.float32))
+
+    return ReplacementLayer(_fit_mse(net, len(batches), 1, loss_of, ctx.settings, "streamline_layer").to(dtype))
 
 
 PATCHES: dict[str, Callable[[PatchContext, int, int], nn.Module | None]] = {
@@ -180,8 +227,9 @@ PATCHES: dict[str, Callable[[PatchContext, int, int], nn.Module | None]] = {
     "prunecomp": prunecomp_patch,
     "lstsq": lstsq_patch,
     "streamline_ffn": streamline_ffn_patch,
+    "streamline_layer": streamline_layer_patch,
 }
-NEEDS_HIDDEN_STATES = {"lstsq", "streamline_ffn"}
+NEEDS_HIDDEN_STATES = {"lstsq", "streamline_ffn", "streamline_layer"}
 
 
 def build_patch(variant: str, ctx: PatchContext | BoundaryStats, s: int, e: int) -> nn.Module | None:

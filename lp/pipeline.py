@@ -40,6 +40,9 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
     if cfg["distill"]["method"] not in DISTILL_METHODS:
         raise ValueError(f"distill.method={cfg['distill']['method']!r} is not one of {DISTILL_METHODS}")
+    if cfg["distill"]["method"] == "mse" and cfg["patch"]["variant"] == "streamline_layer":
+        raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
+                         "layer already trained so: use distill=none or distill=offline_kl")
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
 

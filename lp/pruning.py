@@ -4,14 +4,15 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .models import Layout
-from .patches import PATCH_MODULES, Patched, ResidualFFN, unwrap
+from .models import Layout, module_device
+from .patches import PATCH_MODULES, ChannelScale, Patched, ReplacementLayer, ResidualFFN, unwrap
 
 SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
 
@@ -23,45 +24,39 @@ class PruneSpec:
     original_layers: int
     removed: list[int]
     patches: dict[str, str] = field(default_factory=dict)  # position in the pruned model -> patch kind
-
-    @property
-    def kept(self) -> list[int]:
-        return [i for i in range(self.original_layers) if i not in set(self.removed)]
+    replaced: list[int] = field(default_factory=list)  # removed layers whose place a ReplacementLayer took
+    folded: dict[str, float] = field(default_factory=dict)  # scalar patches folded into the saved weights
 
 
-def interface_position(removed: list[int], e: int) -> int:
-    """Index, in the pruned model, of the module that receives dense boundary ``e`` (= #kept layers < e)."""
-    gone = set(removed)
+def interface_position(removed: list[int], e: int, replaced=()) -> int:
+    """Index, in the pruned model, of the module that receives dense boundary ``e``: the number of layers
+    before ``e`` that are kept, or whose place a replacement layer took."""
+    gone = set(removed) - set(replaced)
     return sum(1 for i in range(e) if i not in gone)
 
 
-def module_device(module: nn.Module) -> torch.device | None:
-    """Where ``module`` computes: the execution device of an accelerate hook (split or offloaded models,
-    whose weights may sit on 'meta' until used), else the device of its first parameter."""
-    hook = getattr(module, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    ref = next(module.parameters(), None)
-    return None if ref is None else ref.device
-
-
-def remove_layers(model: nn.Module, removed: list[int]) -> PruneSpec:
-    """Drop ``removed`` decoder layers in place; renumber the kept ones and update the config."""
+def remove_layers(model: nn.Module, removed: list[int], replace: dict[int, nn.Module] | None = None) -> PruneSpec:
+    """Drop ``removed`` decoder layers in place, ``replace[i]`` (if given) taking the place of removed layer
+    ``i``; renumber the layers and update the config."""
     layout = Layout(model)
     L = layout.num_layers
+    replace = replace or {}
     bad = [i for i in removed if not 0 <= i < L]
-    if bad or len(set(removed)) != len(removed):
-        raise ValueError(f"layers to remove {removed} must be distinct indices in [0, {L - 1}]")
-    spec = PruneSpec(original_layers=L, removed=sorted(removed))
-    layout.layers = nn.ModuleList([layout.layers[i] for i in spec.kept])
+    if bad or len(set(removed)) != len(removed) or not set(replace) <= set(removed):
+        raise ValueError(f"layers to remove {removed} must be distinct indices in [0, {L - 1}]"
+                         f"{f' and include the replaced ones {sorted(replace)}' if replace else ''}")
+    spec = PruneSpec(original_layers=L, removed=sorted(removed), replaced=sorted(replace))
+    slots = [i for i in range(L) if i not in set(removed) or i in replace]  # dense index of each new layer
+    layout.layers = nn.ModuleList([replace.get(i, layout.layers[i]) for i in slots])
+    spec.patches.update({str(pos): replace[i].kind for pos, i in enumerate(slots) if i in replace})
     for new_idx, layer in enumerate(layout.layers):
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = new_idx
     cfg = model.config
-    cfg.num_hidden_layers = len(spec.kept)
+    cfg.num_hidden_layers = len(slots)
     if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == L:
-        cfg.layer_types = [cfg.layer_types[i] for i in spec.kept]
+        cfg.layer_types = [cfg.layer_types[i] for i in slots]
     return spec
 
 
@@ -82,14 +77,16 @@ def attach_patch(model: nn.Module, position: int, patch: nn.Module) -> None:
 
 
 def prune_and_patch(model: nn.Module, removed: list[int], make_patch) -> PruneSpec:
-    """Remove layers, then for each interface (s, e) attach ``make_patch(s, e)`` (skipped if it is None).
+    """Remove layers, then for each interface (s, e) attach ``make_patch(s, e)`` (skipped if it is None); a
+    :class:`ReplacementLayer` takes the place of layer s instead.
 
     Patches are built first, on the dense model, so builders that run it see the dense hidden states."""
     made = {(s, e): make_patch(s, e) for s, e in interfaces(removed)}
-    spec = remove_layers(model, removed)
+    replace = {s: p for (s, e), p in made.items() if isinstance(p, ReplacementLayer)}
+    spec = remove_layers(model, removed, replace)
     for (s, e), patch in made.items():
-        if patch is not None:
-            pos = interface_position(spec.removed, e)
+        if patch is not None and s not in replace:
+            pos = interface_position(spec.removed, e, spec.replaced)
             attach_patch(model, pos, patch)
             spec.patches[str(pos)] = patch.kind
     return spec
@@ -118,15 +115,51 @@ def pruned(model: nn.Module, removed: list[int], make_patch):
 
 
 def patches_of(model: nn.Module) -> dict[int, nn.Module]:
+    """Position in the pruned model -> what was added there: a patch, or a replacement layer."""
     layout = Layout(model)
-    found = {i: m.patch for i, m in enumerate(layout.layers) if isinstance(m, Patched)}
+    found = {i: m.patch if isinstance(m, Patched) else m for i, m in enumerate(layout.layers)
+             if isinstance(m, (Patched, ReplacementLayer))}
     if isinstance(layout.norm, Patched):
         found[layout.num_layers] = layout.norm.patch
     return found
 
 
-def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec) -> None:
-    """A Hugging Face folder of the pruned model, plus the patches and the spec beside it."""
+BRANCH_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")  # the linear maps that end a layer's two branches
+
+
+def foldable(layer: nn.Module) -> bool:
+    """Whether a scale ``a`` of the residual stream entering ``layer`` moves exactly into dividing its branch
+    outputs by ``a``: true for pre-norm layers whose branches end in a linear map added to the stream (the
+    norms in front are scale-invariant, up to their epsilon); false where a norm follows a branch (Gemma 2/3,
+    OLMo 2), which would undo the division."""
+    names = dict(unwrap(layer).named_modules())
+    return (all(isinstance(names.get(t), nn.Linear) for t in BRANCH_OUTPUTS)
+            and not any(n.endswith("post_feedforward_layernorm") for n in names))
+
+
+def _fold_scalars(model: nn.Module, state: dict, patches: dict[int, nn.Module]) -> dict[int, float]:
+    """Fold every scalar patch whose downstream layers are all :func:`foldable` into ``state`` (the saved
+    weights; the model is not touched): scaling the stream by ``a`` at position p equals dividing the
+    branch outputs of layers p, p+1, ... by ``a`` (the final norm is scale-invariant). Returns {p: a}."""
+    layout = Layout(model)
+    layers = list(layout.layers)
+    folded = {pos: p.weight.item() for pos, p in patches.items()
+              if isinstance(p, ChannelScale) and p.weight.numel() == 1 and all(map(foldable, layers[pos:]))}
+    for pos, a in folded.items():
+        for j in range(pos, len(layers)):
+            for t in BRANCH_OUTPUTS:
+                for kind in ("weight", "bias"):
+                    key = f"{layout.layers_prefix}.{j}.{t}.{kind}"
+                    if state.get(key) is not None:
+                        state[key] = state[key] / a
+    return folded
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, fold: bool = True) -> None:
+    """A Hugging Face folder of the pruned model, plus the patches and the spec beside it.
+
+    With ``fold``, scalar patches (prunecomp) are folded into the saved weights where that is exact (see
+    :func:`foldable`): the folder is then a plain model that ``from_pretrained`` loads without lp."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -136,13 +169,18 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec) 
     try:  # save the plain pruned model, then put the wrappers back
         layout.layers = nn.ModuleList([unwrap(m) for m in layers])
         layout.norm = unwrap(norm)
-        model.save_pretrained(path)
+        state = model.state_dict()
+        folded = _fold_scalars(model, state, patches) if fold else {}
+        model.save_pretrained(path, state_dict=state)
     finally:
         layout.layers, layout.norm = layers, norm
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    save_file({f"{pos}.{k}": v.detach().cpu().contiguous() for pos, p in patches.items()
+    kept = {pos: p for pos, p in patches.items() if pos not in folded and not isinstance(p, ReplacementLayer)}
+    save_file({f"{pos}.{k}": v.detach().cpu().contiguous() for pos, p in kept.items()
                for k, v in p.state_dict().items()}, str(path / PATCH_FILE))
+    spec = dataclasses.replace(spec, patches={k: v for k, v in spec.patches.items() if int(k) not in folded},
+                   folded={str(k): v for k, v in folded.items()})
     (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
 
@@ -164,6 +202,9 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     layers = Layout(model).layers
     for pos, kind in spec.patches.items():
         state = {k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == pos}
+        if kind == ReplacementLayer.kind:  # saved as a decoder layer of the model itself
+            layers[int(pos)] = ReplacementLayer(layers[int(pos)])
+            continue
         if kind == ResidualFFN.kind:  # same shapes as a decoder layer's MLP; weights loaded below
             donor = unwrap(layers[min(int(pos), len(layers) - 1)])
             patch = ResidualFFN(copy.deepcopy(donor.post_attention_layernorm), copy.deepcopy(donor.mlp))

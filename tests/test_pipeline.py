@@ -97,6 +97,15 @@ def test_saved_model_reloads_to_identical_outputs(tiny_dir, tmp_path):
         assert model(ids).logits.shape[-1] == len(tok)
 
 
+def test_streamline_layer_run_counts_the_replacement_layer(tiny_dir, tmp_path):
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=streamline_layer"))
+    layer = (rec["params_dense"] - rec["params_pruned"]) // 2  # 3 layers out, 1 in: 2 layers' worth
+    assert rec["patch_params"] == layer > 0
+    assert rec["ppl"]["pruned"] > 0
+    with pytest.raises(ValueError, match="distill=mse .* patch=streamline_layer"):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=streamline_layer", "distill=mse"))
+
+
 @pytest.mark.parametrize("override,match", [
     ("prune.n=-1", r"prune.n=-1 must be a non-negative integer"),
     ("prune.n=6", r"prune.n=6 must be smaller than the model's 6 layers \(valid: 0..5\)"),

@@ -4,7 +4,8 @@ import torch
 from lp.calibration import BoundaryStats, collect_stats
 from lp.models import Layout
 from lp.patches import LinearPatch, Patched, build_patch
-from lp.pruning import (interface_position, load_pruned, prune_and_patch, pruned, remove_layers, save_pruned)
+from lp.pruning import (interface_position, load_pruned, patches_of, prune_and_patch, pruned, remove_layers,
+                        save_pruned)
 from tests.conftest import tiny_model
 
 
@@ -153,7 +154,43 @@ def test_streamline_ffn_lowers_calibration_mse(llama, ids):
     assert sum(p.numel() for p in net.parameters()) > 0 and not any(p.requires_grad for p in net.parameters())
 
 
-@pytest.mark.parametrize("variant", ["prunecomp", "lstsq", "streamline_ffn"])
+def test_streamline_layer_lowers_calibration_mse_and_takes_a_layer_slot(llama, ids):
+    from lp.calibration import stream_block_io
+    from lp.patches import PatchContext, ReplacementLayer
+
+    stats = collect_stats(llama, ids, progress=False)
+    ctx = PatchContext(stats, {"lr": 3e-3, "epochs": 30}, llama, ids)
+    net = build_patch("streamline_layer", ctx, 2, 4)
+    (xs, kwargs, xe), *_ = stream_block_io(llama, ids, 2, 4, batch_size=len(ids))
+    out = net(xs, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    before = torch.nn.functional.mse_loss(xs, xe)  # patch=none
+    assert torch.nn.functional.mse_loss(out, xe) < 0.7 * before
+    assert isinstance(net, ReplacementLayer) and not any(p.requires_grad for p in net.parameters())
+    # removing [1, 2] and [4] with replacements: 6 - 3 + 2 layers, in the places of layers 1 and 4
+    spec = prune_and_patch(llama, [1, 2, 4], lambda s, e: build_patch("streamline_layer", ctx, s, e))
+    lay = Layout(llama)
+    assert spec.replaced == [1, 4] and spec.patches == {"1": "streamline_layer", "3": "streamline_layer"}
+    assert [isinstance(m, ReplacementLayer) for m in lay.layers] == [False, True, False, True, False]
+    assert llama.config.num_hidden_layers == 5
+    assert [m.self_attn.layer_idx for m in lay.layers] == list(range(5))  # own KV cache slot each
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(llama.generate(ids[:1, :5], use_cache=True, **kw),
+                       llama.generate(ids[:1, :5], use_cache=False, **kw))
+
+
+def test_patches_after_a_replacement_land_on_the_right_layer(llama, ids):
+    from lp.patches import ChannelScale, ReplacementLayer
+
+    layer = Layout(llama).layers[1]
+    make = lambda s, e: ReplacementLayer(layer) if s == 1 else ChannelScale(torch.full((1,), 2.0))  # noqa: E731
+    spec = prune_and_patch(llama, [1, 2, 4], make)
+    # slots: 0, [replacement of 1-2], 3, 5 -> the patch of interface (4, 5) wraps dense layer 5 at position 3
+    assert spec.patches == {"1": "streamline_layer", "3": "diag"}
+    assert interface_position([1, 2, 4], 5, replaced=[1]) == 3
+
+
+@pytest.mark.parametrize("variant", ["prunecomp", "lstsq", "streamline_ffn", "streamline_layer"])
 def test_fitted_patches_save_and_reload(llama, ids, tmp_path, variant):
     from lp.patches import PatchContext
 
@@ -163,8 +200,35 @@ def test_fitted_patches_save_and_reload(llama, ids, tmp_path, variant):
     module_kind = {"lstsq": "linearpatch", "prunecomp": "diag"}.get(variant, variant)  # the module that holds it
     assert spec.patches == {"2": module_kind}
     expected = logits(llama, ids)
+    save_pruned(llama, None, tmp_path, spec, fold=False)
+    model, _, spec2 = load_pruned(tmp_path)
+    assert spec2.patches == spec.patches
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("removed", [[1, 2, 4], [4, 5]])
+def test_prunecomp_folds_into_the_saved_weights(llama, ids, tmp_path, removed):
+    from transformers import AutoModelForCausalLM
+
+    stats = collect_stats(llama, ids, progress=False)
+    spec = prune_and_patch(llama, removed, lambda s, e: build_patch("prunecomp", stats, s, e))
+    expected = logits(llama, ids)
     save_pruned(llama, None, tmp_path, spec)
-    model, _, _ = load_pruned(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # no lp: a plain model
+    torch.testing.assert_close(logits(plain, ids), expected, rtol=1e-4, atol=1e-4)
+    model, _, spec2 = load_pruned(tmp_path)
+    scalars = {pos: p.weight.item() for pos, p in patches_of(llama).items()}
+    assert spec2.patches == {} and {int(k): v for k, v in spec2.folded.items()} == pytest.approx(scalars)
+
+
+def test_scalar_patches_stay_patches_where_folding_is_not_exact(ids, tmp_path):
+    stats_model = tiny_model("gemma2")  # a norm follows each branch: dividing the branch output is undone
+    stats = collect_stats(stats_model, ids, progress=False)
+    spec = prune_and_patch(stats_model, [2, 3], lambda s, e: build_patch("prunecomp", stats, s, e))
+    expected = logits(stats_model, ids)
+    save_pruned(stats_model, None, tmp_path, spec)
+    model, _, spec2 = load_pruned(tmp_path)
+    assert spec2.folded == {} and spec2.patches == {"2": "diag"}
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
 
 
