@@ -1,57 +1,192 @@
-"""Tables from run records (pandas): every complete record under results/records, any number of sweeps.
+"""The paper's tables from run records (pandas): every complete record under results/records, any number of
+sweeps. Several seeds of one setting give mean ± std; the best value of each column within each block (one
+model, data set, evaluation and depth) is in bold. Markdown, LaTeX and CSV (numbers only) for each table.
 
-    python -m experiments.aggregate                       # prints and writes results/tables/*.{md,csv,tex}
+    python -m experiments.aggregate                       # prints and writes results/tables/*.{md,tex,csv}
     python -m experiments.aggregate --records DIR --out DIR
+
+Tables:
+* ppl           ablation: pruned perplexity per (metric, patch, distill), one column per depth n
+* methods       baselines: pruned perplexity per selection metric, one column per patch (+ distill)
+* ppl_datasets  the paper's Table 1/2 layout: one column per evaluation data set (WIKI-2, C4, PTB, ...) + avg
+* accuracy      the paper's Table 3/4 layout: accuracy per zero-shot task, Avg and RP, per method and depth
+                (written when some record has zero-shot results)
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from lp.records import load_records
 
+KEY = ["model", "data", "metric", "n", "patch", "distill", "eval", "seed"]
+
+
+def method_name(metric: str, patch: str, distill: str) -> str:
+    return metric + ("" if patch == "none" else f" + {patch}") + ("" if distill == "none" else f" + {distill}")
+
 
 def frame(records: list[dict]) -> pd.DataFrame:
+    """One row per run; a run repeated with the same settings keeps its newest record."""
     rows = []
     for r in records:
-        row = {k: r[k] for k in ("model", "data", "metric", "n", "patch", "distill", "eval", "seed")}
-        row.update(ppl_dense=r["ppl"]["dense"], ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]),
-                   params_pruned=r["params_pruned"], created=r["created"])
+        row = {k: r[k] for k in KEY}
         rp = r.get("retention") or {}
-        row["rp"] = rp.get("rp")
-        for t, v in (r.get("zeroshot") or {}).get("pruned", {}).items():
-            row[f"acc_{t}"] = v
+        row.update(method=method_name(r["metric"], r["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
+                   ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
+                   created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
+                   avg_dense=rp.get("avg_dense"))
+        zs = r.get("zeroshot") or {}
+        row.update({f"acc_{t}": v for t, v in zs.get("pruned", {}).items()})
+        row.update({f"dense_{t}": v for t, v in zs.get("dense", {}).items()})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    # a run repeated with the same settings: keep the newest record
-    key = ["model", "data", "metric", "n", "patch", "distill", "eval", "seed"]
-    return df.sort_values("created").drop_duplicates(key, keep="last").reset_index(drop=True)
+    return df.sort_values("created").drop_duplicates(KEY, keep="last").reset_index(drop=True)
 
 
-def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Pruned perplexity: rows (model, data, eval, metric, patch, distill), columns n; mean over seeds."""
-    table = df.pivot_table(index=["model", "data", "eval", "metric", "patch", "distill"], columns="n",
-                           values="ppl_pruned", aggfunc="mean").round(2)
-    table.columns = [f"n={c}" for c in table.columns]
-    return table.reset_index()
+@dataclass
+class Table:
+    """Means and standard deviations over seeds (same shape; std NaN for one seed), the index columns that
+    make a block for the bold best, and whether lower is better."""
+
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    block: list[str]
+    lower_is_better: bool
+
+    def best(self) -> pd.DataFrame:
+        """True where a cell holds the best mean of its column within its block; the dense reference rows
+        and blocks of a single row have no best."""
+        pick = "min" if self.lower_is_better else "max"
+        blocks = self.mean.groupby(level=self.block)
+        best = self.mean.eq(blocks.transform(pick)) & blocks.transform("count").gt(1)
+        if "method" in self.mean.index.names:
+            best[self.mean.index.get_level_values("method") == "dense"] = False
+        return best
 
 
-def markdown(table: pd.DataFrame) -> str:
-    return table.astype(object).where(table.notna(), "").to_markdown(index=False)
+def _table(df: pd.DataFrame, index: list[str], column: str, value: str, block: list[str], lower: bool,
+           order: list | None = None) -> Table:
+    """Pivot ``value`` to rows ``index`` x columns ``column``, mean and std over seeds."""
+    over_seeds = df.groupby(index + [column])[value]
+    mean, std = over_seeds.mean().unstack(column), over_seeds.std().unstack(column)
+    if order is not None:
+        mean, std = mean.reindex(columns=order), std.reindex(columns=order)
+    return Table(mean, std, block, lower)
 
 
-def write(table: pd.DataFrame, out: Path, name: str) -> None:
+def ppl_by_depth(df: pd.DataFrame) -> Table:
+    t = _table(df, ["model", "data", "eval", "metric", "patch", "distill"], "n", "ppl_pruned",
+               ["model", "data", "eval"], lower=True)
+    t.mean.columns = t.std.columns = [f"n={c}" for c in t.mean.columns]
+    return t
+
+
+def methods(df: pd.DataFrame) -> Table:
+    df = df.assign(variant=[p if d == "none" else f"{p} + {d}" for p, d in zip(df["patch"], df["distill"])])
+    return _table(df, ["model", "data", "eval", "n", "metric"], "variant", "ppl_pruned",
+                  ["model", "data", "eval", "n"], lower=True)
+
+
+def _with_dense(df: pd.DataFrame, pruned: str, dense: str) -> pd.DataFrame:
+    """``df`` plus one 'dense' row per (model, data, eval, seed), n = 0, its ``pruned`` value from ``dense``."""
+    rows = df.groupby(["model", "data", "eval", "seed"], as_index=False).first().assign(n=0, method="dense")
+    for p, d in zip(pruned if isinstance(pruned, list) else [pruned], dense if isinstance(dense, list) else [dense]):
+        rows[p] = rows[d]
+    return pd.concat([rows, df], ignore_index=True)
+
+
+def ppl_by_dataset(df: pd.DataFrame) -> Table:
+    df = _with_dense(df, "ppl_pruned", "ppl_dense")
+    t = _table(df, ["model", "eval", "n", "method"], "data", "ppl_pruned", ["model", "eval", "n"], lower=True)
+    avg = df.groupby(["model", "eval", "n", "method", "seed"])["ppl_pruned"].mean()  # over data sets, per seed
+    complete = t.mean.notna().all(axis=1)  # an average over fewer data sets would not compare
+    t.mean["avg"] = avg.groupby(level=[0, 1, 2, 3]).mean().where(complete)
+    t.std["avg"] = avg.groupby(level=[0, 1, 2, 3]).std().where(complete)
+    return t
+
+
+def accuracy(df: pd.DataFrame) -> Table | None:
+    tasks = sorted(c[4:] for c in df.columns if c.startswith("acc_"))
+    df = df[df["rp"].notna()]
+    if df.empty or not tasks:
+        return None
+    acc = [f"acc_{t}" for t in tasks]
+    df = _with_dense(df, acc + ["avg_pruned", "rp"], [f"dense_{t}" for t in tasks] + ["avg_dense", "avg_dense"])
+    df.loc[df["method"] == "dense", "rp"] = 100.0
+    long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"], value_vars=acc + ["avg_pruned", "rp"],
+                   var_name="column", value_name="value").dropna(subset=["value"])
+    long["column"] = long["column"].map(lambda c: {"avg_pruned": "Avg", "rp": "RP"}.get(c, c[4:]))
+    long.loc[long["column"] != "RP", "value"] *= 100  # accuracies in %, as in the paper
+    return _table(long, ["model", "data", "eval", "n", "method"], "column", "value",
+                  ["model", "data", "eval", "n"], lower=False, order=tasks + ["Avg", "RP"])
+
+
+# ------------------------------------------------------------------ output
+def cells(t: Table, bold: tuple[str, str] = ("", "")) -> pd.DataFrame:
+    """Formatted cells: 'mean' or 'mean ± std', the best of each column per block wrapped in ``bold``."""
+    best = t.best()
+    out = pd.DataFrame(index=t.mean.index, columns=t.mean.columns, dtype=object)
+    for c in t.mean.columns:
+        for i in t.mean.index:
+            m, s = t.mean.at[i, c], t.std.at[i, c]
+            if pd.isna(m):
+                out.at[i, c] = ""
+                continue
+            text = f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
+            out.at[i, c] = f"{bold[0]}{text}{bold[1]}" if best.at[i, c] else text
+    return out.reset_index()
+
+
+def markdown(t: Table) -> str:
+    return cells(t, ("**", "**")).to_markdown(index=False, disable_numparse=True)
+
+
+def latex(t: Table) -> str:
+    table = cells(t, ("\\textbf{", "}"))
+    esc = lambda v: str(v).replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")  # noqa: E731
+    table = table.map(esc)
+    table.columns = [esc(c) for c in table.columns]
+    return table.to_latex(index=False, escape=False)
+
+
+def numbers(t: Table) -> pd.DataFrame:
+    """CSV: the means, and a '<column> std' column where some cell has several seeds."""
+    out = t.mean.copy()
+    for c in t.std.columns:
+        if t.std[c].notna().any():
+            out[f"{c} std"] = t.std[c]
+    return out.reset_index()
+
+
+def write(t: Table, out: Path, name: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(markdown(table) + "\n")
-    (out / f"{name}.tex").write_text(table.to_latex(index=False) + "\n")
+    md = markdown(t)
+    numbers(t).to_csv(out / f"{name}.csv", index=False)
+    (out / f"{name}.md").write_text(md + "\n")
+    (out / f"{name}.tex").write_text(latex(t))
+    return md
 
 
-def main(argv=None) -> None:
+def tables(df: pd.DataFrame) -> dict[str, Table]:
+    found = {"ppl": ppl_by_depth(df), "methods": methods(df), "ppl_datasets": ppl_by_dataset(df)}
+    acc = accuracy(df)
+    if acc is not None:
+        found["accuracy"] = acc
+    return found
+
+
+TITLES = {"ppl": "pruned perplexity by layers removed", "methods": "pruned perplexity by selection metric "
+          "and patch", "ppl_datasets": "perplexity by evaluation data (n=0: dense)",
+          "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)"}
+
+
+def main(argv=None) -> dict[str, Table]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", default="results/records")
     ap.add_argument("--out", default="results/tables")
@@ -59,10 +194,10 @@ def main(argv=None) -> None:
     df = frame(load_records(args.records))
     if df.empty:
         raise SystemExit(f"--records {args.records}: no complete records found")
-    table = ppl_table(df)
-    write(table, Path(args.out), "ppl")
-    dense = df.groupby(["model", "data"])["ppl_dense"].first().round(2)
-    print(f"dense perplexity:\n{dense.to_string()}\n\npruned perplexity (columns: layers removed):\n{markdown(table)}")
+    found = tables(df)
+    for name, t in found.items():
+        print(f"{TITLES[name]} ({args.out}/{name}.{{md,tex,csv}}):\n{write(t, Path(args.out), name)}\n")
+    return found
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ class BoundaryStats:
     angular: torch.Tensor  # (L+1, L+1) mean token-wise angular distance arccos(cos)/pi
     norm_mean: torch.Tensor  # (L+1,) mean token L2 norm
     tokens: int
+    # the first calibration sample, per token: max over channels of |x| and of |x H| (the massive
+    # outliers on a few tokens, and what the rotation leaves of them); None in files of older lp versions
+    token_absmax: torch.Tensor | None = None  # (L+1, seqlen)
+    token_absmax_rot: torch.Tensor | None = None  # (L+1, seqlen)
 
     @property
     def num_layers(self) -> int:
@@ -146,9 +150,13 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
             rotations[key] = H.to(*key)
         return x @ rotations[key]
 
+    first: dict = {}
     for captured in stream_boundaries(model, samples, batch_size, device, progress):
         # reductions in float32 or wider; boundaries on other devices (split models) join on dev0
         dev0 = captured[0].device
+        if not first:
+            first["plain"] = torch.stack([x[0].float().abs().amax(-1).cpu() for x in captured])
+            first["rot"] = torch.stack([rotate(x[0]).float().abs().amax(-1).cpu() for x in captured])
         xs = [x.reshape(-1, d) for x in captured]
         add("abs", torch.stack([x.float().abs().sum(0).to(dev0) for x in xs]))
         add("abs_rot", torch.stack([rotate(x).float().abs().sum(0).to(dev0) for x in xs]))
@@ -166,4 +174,6 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         angular=(sums["ang"] / tokens).float(),
         norm_mean=(sums["norm"] / tokens).float(),
         tokens=tokens,
+        token_absmax=first["plain"],
+        token_absmax_rot=first["rot"],
     )

@@ -121,9 +121,8 @@ def run(cfg: dict, group: str | None = None) -> dict:
         return data_lib.calibration_samples(stream(), d["calib_samples"], d["seqlen"], cfg["seed"])
 
     with _timed(timings, "calibration"):
-        if calib_path.is_file():
-            stats = BoundaryStats.load(calib_path)
-        else:
+        stats = BoundaryStats.load(calib_path) if calib_path.is_file() else None
+        if stats is None or stats.token_absmax is None:  # absent, or written by an older lp
             stats = collect_stats(model, samples(), d.get("calib_batch_size", 1), progress=progress)
             stats.save(calib_path)
 

@@ -1,58 +1,90 @@
-import json
+import pytest
 
 from experiments import aggregate
 from lp.records import RECORD_VERSION, write_json
 
 
-def record(n, patch, ppl, created, status="complete"):
-    return {"version": RECORD_VERSION, "status": status, "model": "m", "data": "d", "metric": "cosine", "n": n,
-            "patch": patch, "distill": "none", "eval": "ppl", "seed": 0, "removed": list(range(n)),
-            "params_pruned": 1, "created": created, "ppl": {"dense": 10.0, "pruned": ppl}}
+def record(n, patch, ppl, created, status="complete", seed=0, data="d", metric="cosine", acc=None, dense_acc=None):
+    r = {"version": RECORD_VERSION, "status": status, "model": "m", "data": data, "metric": metric, "n": n,
+         "patch": patch, "distill": "none", "eval": "ppl", "seed": seed, "removed": list(range(n)),
+         "params_pruned": 1, "created": created, "ppl": {"dense": 10.0, "pruned": ppl}}
+    if acc is not None:
+        from lp.zeroshot import retention
+
+        r.update(zeroshot={"dense": dense_acc, "pruned": acc}, retention=retention(dense_acc, acc))
+    return r
 
 
-def test_tables_from_synthetic_records(tmp_path, capsys):
+def csv_rows(path, key_width):
+    lines = path.read_text().splitlines()
+    return lines[0].split(","), {tuple(x.split(",")[:key_width]): x.split(",")[key_width:] for x in lines[1:]}
+
+
+def test_ppl_table_from_synthetic_records(tmp_path, capsys):
     recs = tmp_path / "records"
     write_json(recs / "a.json", record(3, "none", 20.0, "2026-01-01"))
     write_json(recs / "b.json", record(3, "none", 22.0, "2026-01-02"))  # duplicate run: newest wins
     write_json(recs / "c.json", record(5, "linearpatch", 30.0, "2026-01-01"))
-    write_json(recs / "sweep2" / "d.json", record(5, "none", 99.0, "2026-01-01", status="failed"))
+    write_json(recs / "c2.json", record(5, "none", 35.0, "2026-01-01"))
+    write_json(recs / "sweep2" / "d.json", record(5, "none", 9.0, "2026-01-03", status="failed"))  # never read
     (recs / "e.json.tmp").write_text("{half a rec")  # an interrupted write is never read
     aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
-    csv = (tmp_path / "tables" / "ppl.csv").read_text().splitlines()
-    assert csv[0] == "model,data,eval,metric,patch,distill,n=3,n=5"
-    rows = {tuple(line.split(",")[:6]): line.split(",")[6:] for line in csv[1:] if line.startswith("m,")}
-    assert rows[("m", "d", "ppl", "cosine", "none", "none")] == ["22.0", ""]
+    header, rows = csv_rows(tmp_path / "tables" / "ppl.csv", 6)
+    assert header == ["model", "data", "eval", "metric", "patch", "distill", "n=3", "n=5"]
+    assert rows[("m", "d", "ppl", "cosine", "none", "none")] == ["22.0", "35.0"]
     assert rows[("m", "d", "ppl", "cosine", "linearpatch", "none")] == ["", "30.0"]
-    assert (tmp_path / "tables" / "ppl.md").is_file() and (tmp_path / "tables" / "ppl.tex").is_file()
-    assert "dense perplexity" in capsys.readouterr().out
+    md = (tmp_path / "tables" / "ppl.md").read_text()
+    assert "**30.00**" in md and "**35.00**" not in md  # the lower perplexity of the n=5 column is bold
+    assert "\\textbf{30.00}" in (tmp_path / "tables" / "ppl.tex").read_text()
+    assert "pruned perplexity by layers removed" in capsys.readouterr().out
+
+
+def test_seeds_give_mean_and_std(tmp_path):
+    recs = tmp_path / "records"
+    for seed, ppl in enumerate([20.0, 22.0, 24.0]):
+        write_json(recs / f"s{seed}.json", record(3, "none", ppl, "2026-01-01", seed=seed))
+    found = aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
+    assert found["ppl"].mean.iloc[0, 0] == pytest.approx(22.0) and found["ppl"].std.iloc[0, 0] == pytest.approx(2.0)
+    assert "22.00 ± 2.00" in (tmp_path / "tables" / "ppl.md").read_text()
+    header, _ = csv_rows(tmp_path / "tables" / "ppl.csv", 6)
+    assert header[-2:] == ["n=3", "n=3 std"]
+
+
+def test_dataset_table_has_one_column_per_eval_data_and_avg(tmp_path):
+    recs = tmp_path / "records"
+    for i, (data, ppl) in enumerate([("wikitext2", 10.0), ("c4", 20.0), ("ptb", 30.0)]):
+        write_json(recs / f"{i}.json", record(3, "linearpatch", ppl, "2026-01-01", data=data))
+    write_json(recs / "x.json", record(3, "none", 50.0, "2026-01-01", data="c4"))  # no wikitext2/ptb: no avg
+    aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
+    header, rows = csv_rows(tmp_path / "tables" / "ppl_datasets.csv", 4)
+    assert header == ["model", "eval", "n", "method", "c4", "ptb", "wikitext2", "avg"]
+    assert rows[("m", "ppl", "3", "cosine + linearpatch")] == ["20.0", "30.0", "10.0", "20.0"]
+    assert rows[("m", "ppl", "3", "cosine")] == ["50.0", "", "", ""]
+    assert rows[("m", "ppl", "0", "dense")] == ["10.0", "10.0", "10.0", "10.0"]
+
+
+def test_accuracy_table_in_the_paper_layout_with_a_missing_task(tmp_path):
+    recs = tmp_path / "records"
+    dense = {"arc_e": 0.8, "piqa": 0.6}
+    write_json(recs / "a.json", record(3, "linearpatch", 20.0, "2026-01-01", acc={"arc_e": 0.72, "piqa": 0.6},
+                                       dense_acc=dense))
+    write_json(recs / "b.json", record(3, "none", 25.0, "2026-01-01", acc={"arc_e": 0.64},  # a sweep without piqa
+                                       dense_acc={"arc_e": 0.8}))
+    write_json(recs / "c.json", record(5, "none", 40.0, "2026-01-01"))  # no zero-shot: not in this table
+    found = aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
+    header, rows = csv_rows(tmp_path / "tables" / "accuracy.csv", 5)
+    assert header == ["model", "data", "eval", "n", "method", "arc_e", "piqa", "Avg", "RP"]
+    assert [float(x) for x in rows[("m", "d", "ppl", "3", "cosine + linearpatch")]] == pytest.approx(
+        [72.0, 60.0, 66.0, 66 / 70 * 100])
+    arc, piqa, avg, rp = rows[("m", "d", "ppl", "3", "cosine")]  # piqa missing: empty cell, RP over arc_e
+    assert (float(arc), piqa, float(rp)) == (pytest.approx(64.0), "", pytest.approx(80.0))
+    assert [float(x) for x in rows[("m", "d", "ppl", "0", "dense")]] == pytest.approx([80.0, 60.0, 70.0, 100.0])
+    assert set(k[3] for k in rows) == {"0", "3"}
+    md = (tmp_path / "tables" / "accuracy.md").read_text()
+    assert "**72.00**" in md and "**94.29**" in md and "**80.00**" not in md  # best arc_e and RP of n=3
+    assert not found["accuracy"].best().xs("dense", level="method").any().any()  # the reference is not bold
 
 
 def test_no_records_is_a_clear_error(tmp_path):
-    import pytest
-
     with pytest.raises(SystemExit, match="no complete records"):
         aggregate.main(["--records", str(tmp_path)])
-
-
-def test_figures_render_without_a_display(tmp_path):
-    import torch
-
-    from experiments import figures
-    from lp.calibration import BoundaryStats
-
-    L, d = 6, 12
-    g = torch.Generator().manual_seed(0)
-    stats_path = tmp_path / "stats.pt"
-    BoundaryStats(abs_mean=torch.rand(L + 1, d, generator=g) + 0.1, abs_mean_rot=torch.rand(L + 1, d, generator=g) + 0.1,
-                  cos=torch.rand(L + 1, L + 1, generator=g), angular=torch.rand(L + 1, L + 1, generator=g),
-                  norm_mean=torch.arange(1.0, L + 2), tokens=10).save(stats_path)
-    recs = tmp_path / "records"
-    for i, (n, patch) in enumerate([(2, "none"), (2, "linearpatch"), (3, "linearpatch"), (3, "diag")]):
-        r = record(n, patch, 10.0 + n + i, f"2026-01-0{i + 1}")
-        r.update(interfaces=[[1, 1 + n]], calib_stats=str(stats_path))
-        write_json(recs / f"{i}.json", r)
-    written = figures.main(["--records", str(recs), "--out", str(tmp_path / "fig")])
-    names = sorted(p.name for p in written)
-    assert names == sorted(f"{f}.{e}" for f in ("magnitude", "cosine", "ppl_vs_n", "patches") for e in ("png", "pdf"))
-    assert all(p.stat().st_size > 1000 for p in written)
-    assert (tmp_path / "fig" / "magnitude.png").read_bytes()[:4] == b"\x89PNG"

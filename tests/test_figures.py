@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+
+import torch
+
+from lp.calibration import BoundaryStats
+from lp.records import write_json
+from tests.test_aggregate import record
+
+
+def synthetic(tmp_path, L=6, d=12, T=9):
+    g = torch.Generator().manual_seed(0)
+    stats_path = tmp_path / "stats.pt"
+    BoundaryStats(abs_mean=torch.rand(L + 1, d, generator=g) + 0.1, abs_mean_rot=torch.rand(L + 1, d, generator=g) + 0.1,
+                  cos=torch.rand(L + 1, L + 1, generator=g), angular=torch.rand(L + 1, L + 1, generator=g),
+                  norm_mean=torch.arange(1.0, L + 2), tokens=10, token_absmax=torch.rand(L + 1, T, generator=g) + 1,
+                  token_absmax_rot=torch.rand(L + 1, T, generator=g) + 0.5).save(stats_path)
+    recs = tmp_path / "records"
+    runs = [(2, "none", "cosine"), (2, "linearpatch", "cosine"), (3, "linearpatch", "cosine"), (3, "diag", "cosine"),
+            (3, "none", "block_influence")]
+    for i, (n, patch, metric) in enumerate(runs):
+        r = record(n, patch, 10.0 + n + i, f"2026-01-0{i + 1}", metric=metric)
+        r.update(interfaces=[[1, 1 + n]], calib_stats=str(stats_path))
+        write_json(recs / f"{i}.json", r)
+    return recs
+
+
+def test_figures_render_without_a_display(tmp_path):
+    recs = synthetic(tmp_path)
+    out = tmp_path / "fig"
+    code = f"from experiments import figures; figures.main(['--records', r'{recs}', '--out', r'{out}'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
+    names = sorted(p.name for p in out.iterdir())
+    figs = ("magnitude", "outliers", "cosine", "ppl_vs_n", "patches", "methods")
+    assert names == sorted(f"{f}.{e}" for f in figs for e in ("png", "pdf"))
+    assert all(p.stat().st_size > 1000 for p in out.iterdir())
+    assert (out / "magnitude.png").read_bytes()[:4] == b"\x89PNG" and (out / "magnitude.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_the_zoomed_interface_is_the_middle_linearpatch_depth(tmp_path):
+    from experiments import figures
+
+    records, df, stats, same = figures.load(synthetic(tmp_path))
+    assert figures.interface_of(same) == (1, 4)  # LinearPatch at n=2 and n=3: the second of the two
+    assert stats.token_absmax.shape == (7, 9) and set(df["eval"]) == {"ppl"}
