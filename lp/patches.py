@@ -34,34 +34,54 @@ from .hadamard import hadamard
 from .models import Layout, module_device
 
 
-class ChannelScale(nn.Module):
+PRECISIONS = ("float32", "model")
+
+
+class _WeightPatch(nn.Module):
+    """A patch with one float32 weight. ``precision``: ``float32`` computes in float32 whatever the model's
+    dtype (the default); ``model`` computes in the hidden states' dtype (bf16 on a GPU: tensor cores with
+    float32 accumulation), the cheaper choice for deployment."""
+
+    def __init__(self, weight: torch.Tensor, precision: str = "float32"):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.precision = precision
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"patch.precision={value!r} is not one of {list(PRECISIONS)}")
+        self._precision = value
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if self.precision == "float32" else x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # the chosen precision, also under mixed precision
+            return self.apply(x.to(self.weight.device, dtype), self.weight.to(dtype)).to(x.dtype)
+
+
+class ChannelScale(_WeightPatch):
     """x -> x * r (diagonal patch; a 1-element r is one scalar for all channels)."""
 
     kind = "diag"
 
-    def __init__(self, scale: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(scale.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        with torch.autocast(x.device.type, enabled=False):  # float32 math under mixed precision
-            return (x.to(w.device, torch.float32) * w).to(x.dtype)
+    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * w
 
 
-class LinearPatch(nn.Module):
+class LinearPatch(_WeightPatch):
     """x -> x P with a dense d×d matrix P (row-vector convention, as hidden states are stored)."""
 
     kind = "linearpatch"
 
-    def __init__(self, matrix: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(matrix.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        with torch.autocast(x.device.type, enabled=False):
-            return (x.to(w.device, torch.float32) @ w).to(x.dtype)
+    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w
 
 
 class ResidualFFN(nn.Module):
@@ -238,4 +258,7 @@ def build_patch(variant: str, ctx: PatchContext | BoundaryStats, s: int, e: int)
         raise ValueError(f"patch.variant={variant!r} is not one of {sorted(PATCHES)}")
     if isinstance(ctx, BoundaryStats):
         ctx = PatchContext(ctx)
-    return PATCHES[variant](ctx, s, e)
+    patch = PATCHES[variant](ctx, s, e)
+    if isinstance(patch, _WeightPatch):
+        patch.precision = ctx.settings.get("precision", "float32")
+    return patch

@@ -16,7 +16,7 @@ from .calibration import BoundaryStats, collect_stats
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity
 from .models import Layout, count_parameters, load_model
-from .patches import NEEDS_HIDDEN_STATES, PATCHES, PatchContext, build_patch
+from .patches import NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
 from .records import RECORD_VERSION, is_complete, key_of, read_json, write_json
 from .selection import METRICS, MODEL_METRICS, SelectionContext, select_layers
@@ -38,6 +38,8 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"prune.metric={cfg['prune']['metric']!r} is not one of {sorted(METRICS)}")
     if cfg["patch"]["variant"] not in PATCHES:
         raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
+    if cfg["patch"].get("precision", "float32") not in PRECISIONS:
+        raise ValueError(f"patch.precision={cfg['patch']['precision']!r} is not one of {list(PRECISIONS)}")
     if cfg["distill"]["method"] not in DISTILL_METHODS:
         raise ValueError(f"distill.method={cfg['distill']['method']!r} is not one of {DISTILL_METHODS}")
     if cfg["distill"]["method"] == "mse" and cfg["patch"]["variant"] == "streamline_layer":
