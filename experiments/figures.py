@@ -10,7 +10,7 @@
 * cosine.{png,pdf}      mean token-wise cosine similarity between every pair of layer boundaries
 * ppl_vs_n.{png,pdf}    pruned perplexity against the number of removed layers, one line per method
 * patches.{png,pdf}     patch variants as bars, per depth (the most common selection metric)
-* methods.{png,pdf}     selection metrics as bars, without and with each patch (the most common depth)
+* methods.{png,pdf}     selection metrics as bars, without and with LinearPatch (the most common depth)
 
 Each function takes the records / statistics and returns a matplotlib figure; notebooks/ draws the same
 figures inline.
@@ -106,18 +106,20 @@ def patches(df: pd.DataFrame):
     metric = df["metric"].mode()[0]
     t = df[(df["distill"] == "none") & (df["metric"] == metric)].pivot_table(
         index="n", columns="patch", values="ppl_pruned", aggfunc="mean")
+    t = t[sorted(t.columns, key=lambda c: (c != "none", c))]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     t.plot.bar(ax=ax, rot=0)
+    ax.axhline(df["ppl_dense"].iloc[0], color="k", lw=0.8, ls=":", label="dense")
     ax.set(xlabel="layers removed", ylabel="perplexity", title=f"patch variants ({metric} selection)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
 
 def methods(df: pd.DataFrame):
     n = df["n"].mode()[0]
-    t = df[(df["n"] == n) & (df["distill"] == "none")].pivot_table(
+    t = df[(df["n"] == n) & (df["distill"] == "none") & df["patch"].isin(["none", "linearpatch"])].pivot_table(
         index="metric", columns="patch", values="ppl_pruned", aggfunc="mean")
-    t = t[[c for c in ("none", "linearpatch") if c in t] + [c for c in t if c not in ("none", "linearpatch")]]
+    t = t[[c for c in ("none", "linearpatch") if c in t]]  # the paper's layout: each method, + LinearPatch
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     t.sort_values(t.columns[0]).plot.bar(ax=ax, rot=20, logy=True)
     ax.axhline(df["ppl_dense"].iloc[0], color="k", lw=0.8, ls=":", label="dense")
