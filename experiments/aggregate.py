@@ -35,6 +35,9 @@ def frame(records: list[dict]) -> pd.DataFrame:
     for r in records:
         row = {k: r[k] for k in KEY}
         rp = r.get("retention") or {}
+        by_data = r["ppl"].get("datasets") or {r["data"]: {"dense": r["ppl"]["dense"], "pruned": r["ppl"]["pruned"]}}
+        row.update(ppl_by_data={k: v["pruned"] for k, v in by_data.items()},
+                   ppl_dense_by_data={k: v["dense"] for k, v in by_data.items()})
         row.update(method=method_name(r["metric"], r["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
                    ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
                    created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
@@ -102,12 +105,17 @@ def _with_dense(df: pd.DataFrame, pruned: str, dense: str) -> pd.DataFrame:
 
 
 def ppl_by_dataset(df: pd.DataFrame) -> Table:
-    df = _with_dense(df, "ppl_pruned", "ppl_dense")
-    t = _table(df, ["model", "eval", "n", "method"], "data", "ppl_pruned", ["model", "eval", "n"], lower=True)
-    avg = df.groupby(["model", "eval", "n", "method", "seed"])["ppl_pruned"].mean()  # over data sets, per seed
+    """Rows (model, calibration data, eval, n, method), one column per evaluation data set (each record's
+    ppl.datasets, or its own data set), and their average."""
+    df = _with_dense(df, "ppl_by_data", "ppl_dense_by_data")
+    df = df.assign(eval_data=df["ppl_by_data"].map(list)).explode("eval_data").reset_index(drop=True)
+    df["value"] = [d[k] for d, k in zip(df["ppl_by_data"], df["eval_data"])]
+    index = ["model", "data", "eval", "n", "method"]
+    t = _table(df, index, "eval_data", "value", ["model", "data", "eval", "n"], lower=True)
+    avg = df.groupby(index + ["seed"])["value"].mean()  # over data sets, per seed
     complete = t.mean.notna().all(axis=1)  # an average over fewer data sets would not compare
-    t.mean["avg"] = avg.groupby(level=[0, 1, 2, 3]).mean().where(complete)
-    t.std["avg"] = avg.groupby(level=[0, 1, 2, 3]).std().where(complete)
+    t.mean["avg"] = avg.groupby(level=index).mean().where(complete)
+    t.std["avg"] = avg.groupby(level=index).std().where(complete)
     return t
 
 

@@ -84,14 +84,14 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once what is needed has been seen."""
 
 
-def _to(obj, device, dtype=None):
+def tree_to(obj, device, dtype=None):
     """``obj`` (a tensor, or tuples/lists/dicts of them) on ``device``; floating tensors cast to ``dtype``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, dtype if dtype is not None and obj.is_floating_point() else obj.dtype)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
+        return type(obj)(tree_to(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
+        return {k: tree_to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -121,7 +121,7 @@ def stream_block_io(model, samples: torch.Tensor, s: int, e: int, batch_size: in
                 layout.base(input_ids=samples[start : start + batch_size].to(device), use_cache=False)
             except _Stop:
                 pass
-            yield got["x_s"].cpu(), _to(got["kwargs"], "cpu"), got["x_e"].cpu()
+            yield got["x_s"].cpu(), tree_to(got["kwargs"], "cpu"), got["x_e"].cpu()
     finally:
         for h in handles:
             h.remove()

@@ -1,7 +1,7 @@
 """Patches applied to the residual stream at a pruning interface, and the wrapper that holds them.
 
 A patch is a small ``nn.Module`` mapping hidden states (..., d) -> (..., d), computed in float32 whatever the
-model's dtype.  :class:`Patched` wraps the module that receives the interface's hidden state (the first kept
+model's dtype (``precision="model"``: in the model's dtype).  :class:`Patched` wraps the module that receives the interface's hidden state (the first kept
 layer after the removed block, or the final norm) and applies the patch to its input, so the patch is part
 of the model: it moves with ``.to()``, shows in ``state_dict()`` and runs under ``generate`` with a KV cache.
 
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .calibration import BoundaryStats, _to, stream_block_io, stream_boundaries
+from .calibration import BoundaryStats, stream_block_io, stream_boundaries, tree_to
 from .hadamard import hadamard
 from .models import Layout, module_device
 
@@ -57,13 +57,13 @@ class _WeightPatch(nn.Module):
             raise ValueError(f"patch.precision={value!r} is not one of {list(PRECISIONS)}")
         self._precision = value
 
-    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.float32 if self.precision == "float32" else x.dtype
         with torch.autocast(x.device.type, enabled=False):  # the chosen precision, also under mixed precision
-            return self.apply(x.to(self.weight.device, dtype), self.weight.to(dtype)).to(x.dtype)
+            return self.op(x.to(self.weight.device, dtype), self.weight.to(dtype)).to(x.dtype)
 
 
 class ChannelScale(_WeightPatch):
@@ -71,7 +71,7 @@ class ChannelScale(_WeightPatch):
 
     kind = "diag"
 
-    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x * w
 
 
@@ -80,7 +80,7 @@ class LinearPatch(_WeightPatch):
 
     kind = "linearpatch"
 
-    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x @ w
 
 
@@ -159,10 +159,13 @@ class PatchContext:
     samples: torch.Tensor | None = None
     batch_size: int = 1
 
-    def pairs(self, s: int, e: int):
-        """Yield (x_s, x_e) float32 hidden-state batches (tokens, d) of the dense model."""
+    def require_hidden_states(self) -> None:
         if self.model is None or self.samples is None:
             raise ValueError("this patch variant fits on hidden states: pass model and samples")
+
+    def pairs(self, s: int, e: int):
+        """Yield (x_s, x_e) float32 hidden-state batches (tokens, d) of the dense model."""
+        self.require_hidden_states()
         for xs in stream_boundaries(self.model, self.samples, self.batch_size, progress=False):
             d = xs[s].shape[-1]
             yield xs[s].reshape(-1, d).float().cpu(), xs[e].reshape(-1, d).float().cpu()
@@ -224,8 +227,7 @@ def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
 
 
 def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLayer:
-    if ctx.model is None or ctx.samples is None:
-        raise ValueError("patch=streamline_layer fits on hidden states: pass model and samples")
+    ctx.require_hidden_states()
     layer = unwrap(Layout(ctx.model).layers[s])
     dev, dtype = module_device(layer), next(layer.parameters()).dtype
     net = copy.deepcopy(layer).to(dev)
@@ -233,7 +235,7 @@ def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLaye
 
     def loss_of(net, idx):
         xs, kwargs, xe = batches[int(idx[0])]
-        out = net(xs.to(dev, torch.float32), **_to(kwargs, dev, torch.float32))
+        out = net(xs.to(dev, torch.float32), **tree_to(kwargs, dev, torch.float32))
         out = out[0] if isinstance(out, tuple) else out
         return nn.functional.mse_loss(out, xe.to(dev, torch.float32))
 

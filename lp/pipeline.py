@@ -25,7 +25,7 @@ from .zeroshot import evaluate_tasks, local_task_dir, retention
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
 _LOADED: dict = {}  # one dense model kept in memory, so the runs of a sweep load it once
-_PREFIXES: dict = {}  # dense hidden states entering layer s of the eval windows, per (eval key, s)
+_PREFIXES: dict = {}  # dense hidden states entering layer s of the eval windows, per (eval key/data set, s)
 MAX_PREFIXES = 4
 
 
@@ -130,16 +130,23 @@ def run(cfg: dict, group: str | None = None) -> dict:
 
     e = cfg["eval"]
     eval_key = key_of(model_key, d, _settings(cfg, "eval"))
-    windows = data_lib.eval_windows(data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "eval")),
-                                    d["seqlen"], e.get("max_windows"))
+    # perplexity on the data config's evaluation split, and on each of eval.datasets (the paper's table:
+    # WikiText-2, C4, PTB), keyed by data set name; the first is the record's main ``ppl``
+    sets = {d["name"]: d, **(e.get("datasets") or {})}
+    windows_of = {name: data_lib.eval_windows(data_lib.tokenize(tokenizer, data_lib.corpus_text(ds, "eval")),
+                                              ds.get("seqlen", d["seqlen"]), e.get("max_windows"))
+                  for name, ds in sets.items()}
+    windows = windows_of[d["name"]]
     dense_path = cache / "dense" / f"{eval_key}.json"
     tasks = list(e.get("tasks") or [])
     zs = dict(limit=e.get("limit"), num_fewshot=e.get("num_fewshot"), batch_size=e.get("batch_size", 1),
               include_path=local_task_dir(cache) if tasks else None, seed=cfg["seed"])
     with _timed(timings, "dense_eval"):
         dense = read_json(dense_path)
-        if dense is None or set(dense) != {"ppl", "zeroshot"}:  # absent, or written by an older lp
-            dense = {"ppl": perplexity(model, windows, e.get("batch_size", 1), progress, "dense perplexity"),
+        if dense is None or set(dense) != {"ppl", "ppl_datasets", "zeroshot"}:  # absent, or from an older lp
+            by_data = {name: perplexity(model, w, e.get("batch_size", 1), progress, f"dense perplexity ({name})")
+                       for name, w in windows_of.items()}
+            dense = {"ppl": by_data[d["name"]], "ppl_datasets": by_data,
                      "zeroshot": evaluate_tasks(model, tokenizer, tasks, **zs)}
             write_json(dense_path, dense)
 
@@ -151,7 +158,9 @@ def run(cfg: dict, group: str | None = None) -> dict:
                            batch_size=d.get("calib_batch_size", 1))
     with _timed(timings, "selection"):
         removed = select_layers(cfg["prune"]["metric"], ctx)
-    prefix = _prefix(model, windows, min(removed, default=0), e, eval_key) if e.get("prefix_reuse", True) else None
+    prefixes = {name: _prefix(model, w, min(removed, default=0), e, f"{eval_key}/{name}")
+                if e.get("prefix_reuse", True) else None for name, w in windows_of.items()}
+    prefix = prefixes[d["name"]]
     variant = cfg["patch"]["variant"]
     fits = variant in NEEDS_HIDDEN_STATES
     pctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, model=model if fits else None,
@@ -176,7 +185,10 @@ def run(cfg: dict, group: str | None = None) -> dict:
             with _timed(timings, "distill"):
                 distilled = _distill(dist, model, removed, prepared, progress)
         with _timed(timings, "pruned_eval"):
-            ppl_pruned = perplexity(model, windows, e.get("batch_size", 1), progress, "pruned perplexity", prefix)
+            ppl_by_data = {name: perplexity(model, w, e.get("batch_size", 1), progress,
+                                            f"pruned perplexity ({name})", prefixes[name])
+                           for name, w in windows_of.items()}
+            ppl_pruned = ppl_by_data[d["name"]]
             acc_pruned = evaluate_tasks(model, tokenizer, tasks, **zs)
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], spec)
@@ -199,7 +211,9 @@ def run(cfg: dict, group: str | None = None) -> dict:
         "patch_params": patch_params,
         "prune_ratio": round(1 - params_pruned / params_dense, 6),
         "ppl": {"dense": dense["ppl"], "pruned": ppl_pruned,
-                **({"training_free": ppl_free} if distilled else {})},
+                **({"training_free": ppl_free} if distilled else {}),
+                "datasets": {name: {"dense": dense["ppl_datasets"][name], "pruned": v}
+                             for name, v in ppl_by_data.items()}},
         "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
                            "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
         "zeroshot": {"dense": dense["zeroshot"], "pruned": acc_pruned},
@@ -217,6 +231,7 @@ def run(cfg: dict, group: str | None = None) -> dict:
         tracker.log({f"distill/{k}": v for k, v in h.items()}, step)
     rp = record["retention"]
     flat = {"ppl/dense": dense["ppl"], "ppl/pruned": ppl_pruned, "params/dense": params_dense,
+            **{f"ppl/{name}/pruned": v for name, v in ppl_by_data.items()},
             **{f"acc/dense/{t}": v for t, v in dense["zeroshot"].items()},
             **{f"acc/pruned/{t}": v for t, v in acc_pruned.items()},
             **({f"rp/{t}": v for t, v in rp["per_task"].items()} | {"rp/avg": rp["rp"]} if rp else {}),

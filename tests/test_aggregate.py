@@ -52,15 +52,17 @@ def test_seeds_give_mean_and_std(tmp_path):
 
 def test_dataset_table_has_one_column_per_eval_data_and_avg(tmp_path):
     recs = tmp_path / "records"
-    for i, (data, ppl) in enumerate([("wikitext2", 10.0), ("c4", 20.0), ("ptb", 30.0)]):
-        write_json(recs / f"{i}.json", record(3, "linearpatch", ppl, "2026-01-01", data=data))
-    write_json(recs / "x.json", record(3, "none", 50.0, "2026-01-01", data="c4"))  # no wikitext2/ptb: no avg
+    r = record(3, "linearpatch", 10.0, "2026-01-01", data="wikitext2")
+    r["ppl"]["datasets"] = {"wikitext2": {"dense": 5.0, "pruned": 10.0}, "c4": {"dense": 8.0, "pruned": 20.0},
+                            "ptb": {"dense": 9.0, "pruned": 30.0}}
+    write_json(recs / "a.json", r)
+    write_json(recs / "b.json", record(3, "none", 50.0, "2026-01-01", data="wikitext2"))  # wikitext2 only: no avg
     aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
-    header, rows = csv_rows(tmp_path / "tables" / "ppl_datasets.csv", 4)
-    assert header == ["model", "eval", "n", "method", "c4", "ptb", "wikitext2", "avg"]
-    assert rows[("m", "ppl", "3", "cosine + linearpatch")] == ["20.0", "30.0", "10.0", "20.0"]
-    assert rows[("m", "ppl", "3", "cosine")] == ["50.0", "", "", ""]
-    assert rows[("m", "ppl", "0", "dense")] == ["10.0", "10.0", "10.0", "10.0"]
+    header, rows = csv_rows(tmp_path / "tables" / "ppl_datasets.csv", 5)
+    assert header == ["model", "data", "eval", "n", "method", "c4", "ptb", "wikitext2", "avg"]
+    assert rows[("m", "wikitext2", "ppl", "3", "cosine + linearpatch")] == ["20.0", "30.0", "10.0", "20.0"]
+    assert rows[("m", "wikitext2", "ppl", "3", "cosine")] == ["", "", "50.0", ""]
+    assert rows[("m", "wikitext2", "ppl", "0", "dense")] == ["8.0", "9.0", "5.0", "7.333333333333333"]
 
 
 def test_accuracy_table_in_the_paper_layout_with_a_missing_task(tmp_path):

@@ -97,6 +97,21 @@ def test_saved_model_reloads_to_identical_outputs(tiny_dir, tmp_path):
         assert model(ids).logits.shape[-1] == len(tok)
 
 
+def test_perplexity_on_several_eval_datasets(tiny_dir, tmp_path):
+    from lp.data import brown_split
+
+    text = tmp_path / "other.txt"
+    text.write_text("\n".join(brown_split("calib")[:20_000].split("\n")[::-1]))  # a second local corpus
+    cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2")
+    cfg["eval"]["datasets"] = {"local": {"name": "local", "source": "hf", "hf_path": "text", "seqlen": 16,
+                                         "data_files": {"test": str(text)}, "splits": {"eval": "test"}}}
+    rec = pipeline.run(cfg)
+    by_data = rec["ppl"]["datasets"]
+    assert set(by_data) == {"brown", "local"}
+    assert by_data["brown"] == {"dense": rec["ppl"]["dense"], "pruned": rec["ppl"]["pruned"]}
+    assert by_data["local"]["dense"] > 1 and by_data["local"]["pruned"] != by_data["brown"]["pruned"]
+
+
 def test_streamline_layer_run_counts_the_replacement_layer(tiny_dir, tmp_path):
     rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=streamline_layer"))
     layer = (rec["params_dense"] - rec["params_pruned"]) // 2  # 3 layers out, 1 in: 2 layers' worth
