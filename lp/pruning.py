@@ -180,7 +180,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
     save_file({f"{pos}.{k}": v.detach().cpu().contiguous() for pos, p in kept.items()
                for k, v in p.state_dict().items()}, str(path / PATCH_FILE))
     spec = dataclasses.replace(spec, patches={k: v for k, v in spec.patches.items() if int(k) not in folded},
-                   folded={str(k): v for k, v in folded.items()})
+                               folded={str(k): v for k, v in folded.items()})
     (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
 
