@@ -133,9 +133,16 @@ def run(cfg: dict, group: str | None = None) -> dict:
     # perplexity on the data config's evaluation split, and on each of eval.datasets (the paper's table:
     # WikiText-2, C4, PTB), keyed by data set name; the first is the record's main ``ppl``
     sets = {d["name"]: d, **(e.get("datasets") or {})}
-    windows_of = {name: data_lib.eval_windows(data_lib.tokenize(tokenizer, data_lib.corpus_text(ds, "eval")),
-                                              ds.get("seqlen", d["seqlen"]), e.get("max_windows"))
-                  for name, ds in sets.items()}
+    windows_of = {}
+    for name, ds in sets.items():
+        try:
+            text = data_lib.corpus_text(ds, "eval")
+        except (RuntimeError, FileNotFoundError) as err:
+            where = "data" if ds is d else f"eval.datasets.{name}"
+            raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl or eval=quick "
+                            f"evaluate data's own split only)") from err
+        windows_of[name] = data_lib.eval_windows(data_lib.tokenize(tokenizer, text), ds.get("seqlen", d["seqlen"]),
+                                                 e.get("max_windows"))
     windows = windows_of[d["name"]]
     dense_path = cache / "dense" / f"{eval_key}.json"
     tasks = list(e.get("tasks") or [])

@@ -170,14 +170,19 @@ def test_default_model_end_to_end_through_hydra(tmp_path):
     assert "ppl dense" in out.stdout
 
 
-def test_hub_tasks_without_hub_name_the_dataset(tiny_dir, tmp_path):
-    """eval=paper offline: a clear error naming the dataset that could not be had."""
+@pytest.mark.parametrize("datasets,expected", [
+    ("", ["eval.datasets.wikitext2:", "'wikitext'"]),  # the paper's perplexity sets come first
+    ("cfg['eval']['datasets'] = {}; ", ["eval.tasks=['arc_challenge'", "ai2_arc"]),  # then its zero-shot tasks
+])
+def test_hub_data_without_hub_name_the_dataset(tiny_dir, tmp_path, datasets, expected):
+    """eval=paper offline: a clear error naming the setting and the dataset that could not be had."""
     code = (f"from lp.pipeline import run; import tests.test_pipeline as t; "
-            f"run(t.cfg_for({str(tiny_dir)!r}, {str(tmp_path)!r}, 'eval=paper', 'eval.limit=2', 'eval.max_windows=1'))")
+            f"cfg = t.cfg_for({str(tiny_dir)!r}, {str(tmp_path)!r}, 'eval=paper', 'eval.limit=2', 'eval.max_windows=1'); "
+            f"{datasets}run(cfg)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
-    assert "eval.tasks=['arc_challenge'" in out.stderr and "ai2_arc" in out.stderr, out.stderr[-2000:]
+    assert all(x in out.stderr for x in expected), out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("method", ["offline_kl", "mse"])
