@@ -38,7 +38,7 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"prune.metric={cfg['prune']['metric']!r} is not one of {sorted(METRICS)}")
     if cfg["patch"]["variant"] not in PATCHES:
         raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
-    if cfg["patch"].get("precision", "float32") not in PRECISIONS:
+    if cfg["patch"].get("precision", "model") not in PRECISIONS:
         raise ValueError(f"patch.precision={cfg['patch']['precision']!r} is not one of {list(PRECISIONS)}")
     if cfg["distill"]["method"] not in DISTILL_METHODS:
         raise ValueError(f"distill.method={cfg['distill']['method']!r} is not one of {DISTILL_METHODS}")

@@ -290,11 +290,11 @@ def test_patch_precision_model_computes_in_the_hidden_dtype(ids):
     P = torch.randn(24, 24, generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 24, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     exact = (x.float() @ P).to(torch.bfloat16)
-    assert torch.equal(LinearPatch(P)(x), exact)
-    cheap = LinearPatch(P, precision="model")(x)
+    assert torch.equal(LinearPatch(P, precision="float32")(x), exact)
+    cheap = LinearPatch(P)(x)  # the default: the hidden states' dtype
     assert torch.equal(cheap, x @ P.to(torch.bfloat16)) and cheap.dtype == torch.bfloat16
     torch.testing.assert_close(cheap.float(), exact.float(), rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match=r"patch.precision='fp8' is not one of \['float32', 'model'\]"):
         LinearPatch(P, precision="fp8")
     stats = _stats(4, 24)
-    assert build_patch("linearpatch", PatchContext(stats, {"precision": "model"}), 1, 3).precision == "model"
+    assert build_patch("linearpatch", PatchContext(stats, {"precision": "float32"}), 1, 3).precision == "float32"
