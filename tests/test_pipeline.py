@@ -119,6 +119,10 @@ def test_streamline_layer_run_counts_the_replacement_layer(tiny_dir, tmp_path):
     assert rec["ppl"]["pruned"] > 0
     with pytest.raises(ValueError, match="distill=mse .* patch=streamline_layer"):
         pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=streamline_layer", "distill=mse"))
+    small = ["distill.samples=4", "distill.seqlen=16", "distill.batch_size=2", "distill.lr=1e-3"]
+    kl = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=streamline_layer", "distill=offline_kl", *small))
+    assert kl["distill_result"]["steps"] > 0  # offline KL trains the replacement layer
+    assert kl["ppl"]["pruned"] != kl["ppl"]["training_free"]
 
 
 @pytest.mark.parametrize("override,match", [
