@@ -96,18 +96,17 @@ def methods(df: pd.DataFrame) -> Table:
                   ["model", "data", "eval", "n"], lower=True)
 
 
-def _with_dense(df: pd.DataFrame, pruned: str, dense: str) -> pd.DataFrame:
-    """``df`` plus one 'dense' row per (model, data, eval, seed), n = 0, its ``pruned`` value from ``dense``."""
+def _with_dense(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """``df`` plus one 'dense' row per (model, data, eval, seed), n = 0, whose column ``k`` holds the dense
+    model's value, read from column ``columns[k]``."""
     rows = df.groupby(["model", "data", "eval", "seed"], as_index=False).first().assign(n=0, method="dense")
-    for p, d in zip(pruned if isinstance(pruned, list) else [pruned], dense if isinstance(dense, list) else [dense]):
-        rows[p] = rows[d]
-    return pd.concat([rows, df], ignore_index=True)
+    return pd.concat([rows.assign(**{k: rows[v] for k, v in columns.items()}), df], ignore_index=True)
 
 
 def ppl_by_dataset(df: pd.DataFrame) -> Table:
     """Rows (model, calibration data, eval, n, method), one column per evaluation data set (each record's
     ppl.datasets, or its own data set), and their average."""
-    df = _with_dense(df, "ppl_by_data", "ppl_dense_by_data")
+    df = _with_dense(df, {"ppl_by_data": "ppl_dense_by_data"})
     df = df.assign(eval_data=df["ppl_by_data"].map(list)).explode("eval_data").reset_index(drop=True)
     df["value"] = [d[k] for d, k in zip(df["ppl_by_data"], df["eval_data"])]
     index = ["model", "data", "eval", "n", "method"]
@@ -125,7 +124,7 @@ def accuracy(df: pd.DataFrame) -> Table | None:
     if df.empty or not tasks:
         return None
     acc = [f"acc_{t}" for t in tasks]
-    df = _with_dense(df, acc + ["avg_pruned", "rp"], [f"dense_{t}" for t in tasks] + ["avg_dense", "avg_dense"])
+    df = _with_dense(df, {**{f"acc_{t}": f"dense_{t}" for t in tasks}, "avg_pruned": "avg_dense"})
     df.loc[df["method"] == "dense", "rp"] = 100.0
     long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"], value_vars=acc + ["avg_pruned", "rp"],
                    var_name="column", value_name="value").dropna(subset=["value"])
