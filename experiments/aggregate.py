@@ -4,6 +4,7 @@ model, data set, evaluation and depth) is in bold. Markdown, LaTeX and CSV (numb
 
     python -m experiments.aggregate                       # prints and writes results/tables/*.{md,tex,csv}
     python -m experiments.aggregate --records DIR --out DIR
+    python -m experiments.aggregate --by patch.lr         # runs that differ in patch.lr get rows of their own
 
 Tables:
 * ppl           ablation: pruned perplexity per (metric, patch, distill), one column per depth n
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lp.pipeline import group_settings
 from lp.records import load_records
 
 KEY = ["model", "data", "metric", "n", "patch", "distill", "eval", "seed"]
@@ -29,19 +31,42 @@ def method_name(metric: str, patch: str, distill: str) -> str:
     return metric + ("" if patch == "none" else f" + {patch}") + ("" if distill == "none" else f" + {distill}")
 
 
-def frame(records: list[dict]) -> pd.DataFrame:
-    """One row per run; a run repeated with the same settings keeps its newest record."""
+SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # what a record's settings hash covers
+
+
+def _field(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
+    """One row per run; a run repeated with the same settings keeps its newest record. ``by``: config fields
+    (dotted, e.g. ``patch.lr``) that tell runs apart beyond the choices of KEY; their values join the patch
+    label. Runs that differ in other settings share a row (the newest is kept), with a warning naming them."""
     rows = []
     for r in records:
         row = {k: r[k] for k in KEY}
+        config = r.get("config") or {}
+        given = [f"{f}={_field(config, f)}" for f in by if _field(config, f) is not None]
+        if given:  # only runs that have the field are labelled
+            row["patch"] += f" [{', '.join(given)}]"
         rp = r.get("retention") or {}
         by_data = r["ppl"].get("datasets") or {r["data"]: {"dense": r["ppl"]["dense"], "pruned": r["ppl"]["pruned"]}}
         row.update(ppl_by_data={k: v["pruned"] for k, v in by_data.items()},
                    ppl_dense_by_data={k: v["dense"] for k, v in by_data.items()})
-        row.update(method=method_name(r["metric"], r["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
+        row.update(method=method_name(r["metric"], row["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
                    ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
                    created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
-                   avg_dense=rp.get("avg_dense"))
+                   avg_dense=rp.get("avg_dense"), settings=r.get("run_id", "").rsplit("__", 1)[-1],
+                   config=config)
         zs = r.get("zeroshot") or {}
         row.update({f"acc_{t}": v for t, v in zs.get("pruned", {}).items()})
         row.update({f"dense_{t}": v for t, v in zs.get("dense", {}).items()})
@@ -49,7 +74,17 @@ def frame(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    return df.sort_values("created").drop_duplicates(KEY, keep="last").reset_index(drop=True)
+    df = df.sort_values("created")
+    differ = set()
+    for _, g in df[df.duplicated(KEY, keep=False)].groupby(KEY):
+        if g["settings"].nunique() > 1:
+            flat = [_flat({k: group_settings(c, k) for k in SETTING_GROUPS if isinstance(c.get(k), dict)})
+                    for c in g["config"]]
+            differ |= {f for f in set().union(*flat) if len({repr(x.get(f)) for x in flat}) > 1}
+    if differ:
+        print(f"[lp] aggregate: runs that differ only in {sorted(differ)} share a table row (the newest is "
+              f"shown); add --by FIELD to tell them apart")
+    return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
 
 
 @dataclass
@@ -197,8 +232,10 @@ def main(argv=None) -> dict[str, Table]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", default="results/records")
     ap.add_argument("--out", default="results/tables")
+    ap.add_argument("--by", action="append", default=[], metavar="FIELD",
+                    help="a config field (e.g. patch.lr) that tells runs apart; repeatable")
     args = ap.parse_args(argv)
-    df = frame(load_records(args.records))
+    df = frame(load_records(args.records), args.by)
     if df.empty:
         raise SystemExit(f"--records {args.records}: no complete records found")
     found = tables(df)

@@ -49,7 +49,7 @@ def validate(cfg: dict) -> None:
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
 
 
-def _settings(cfg: dict, group: str) -> dict:
+def group_settings(cfg: dict, group: str) -> dict:
     """A config group's settings that can change results (what keys records and caches)."""
     return {k: v for k, v in cfg[group].items() if k not in ("prefix_reuse",)}
 
@@ -67,7 +67,7 @@ def run_id(cfg: dict) -> str:
     readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
                 f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
     groups = ("model", "data", "prune", "patch", "distill", "eval")
-    return f"{readable}__{key_of(*(_settings(cfg, g) for g in groups), cfg['seed'])}"
+    return f"{readable}__{key_of(*(group_settings(cfg, g) for g in groups), cfg['seed'])}"
 
 
 def _model(cfg_model: dict):
@@ -129,7 +129,7 @@ def run(cfg: dict, group: str | None = None) -> dict:
             stats.save(calib_path)
 
     e = cfg["eval"]
-    eval_key = key_of(model_key, d, _settings(cfg, "eval"))
+    eval_key = key_of(model_key, d, group_settings(cfg, "eval"))
     # perplexity on the data config's evaluation split, and on each of eval.datasets (the paper's table:
     # WikiText-2, C4, PTB), keyed by data set name; the first is the record's main ``ppl``
     sets = {d["name"]: d, **(e.get("datasets") or {})}

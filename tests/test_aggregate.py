@@ -90,3 +90,22 @@ def test_accuracy_table_in_the_paper_layout_with_a_missing_task(tmp_path):
 def test_no_records_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no complete records"):
         aggregate.main(["--records", str(tmp_path)])
+
+
+def test_runs_differing_in_other_settings_are_named_and_split_with_by(tmp_path, capsys):
+    recs = tmp_path / "records"
+    for i, lr in enumerate([1e-4, 1e-3]):
+        r = record(5, "streamline_ffn", 80.0 - 10 * i, f"2026-01-0{i + 1}")
+        r.update(run_id=f"m__x__hash{i}", config={"patch": {"variant": "streamline_ffn", "lr": lr},
+                                                   "eval": {"prefix_reuse": bool(i)}})
+        write_json(recs / f"{i}.json", r)
+    aggregate.main(["--records", str(recs), "--out", str(tmp_path / "t1")])
+    out = capsys.readouterr().out
+    assert "differ only in ['patch.lr']" in out and "--by" in out  # prefix_reuse is not a setting
+    _, rows = csv_rows(tmp_path / "t1" / "ppl.csv", 6)
+    assert list(rows.values()) == [["70.0"]]  # one row: the newest
+    aggregate.main(["--records", str(recs), "--out", str(tmp_path / "t2"), "--by", "patch.lr"])
+    assert "differ only" not in capsys.readouterr().out
+    _, rows = csv_rows(tmp_path / "t2" / "ppl.csv", 6)
+    assert {k[4]: v for k, v in rows.items()} == {"streamline_ffn [patch.lr=0.0001]": ["80.0"],
+                                                  "streamline_ffn [patch.lr=0.001]": ["70.0"]}
