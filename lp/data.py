@@ -89,6 +89,9 @@ def hf_text(hf_path: str, split: str, hf_name: str | None = None, text_field: st
     return sep.join(ds[text_field])
 
 
+SOURCES = ("brown", "hf")  # what data.source may be
+
+
 def corpus_text(data: dict, split: str) -> str:
     """Text of ``split`` ('calib' or 'eval') for a data config (a plain dict, see conf/data/)."""
     source = data["source"]
@@ -99,7 +102,7 @@ def corpus_text(data: dict, split: str) -> str:
         return hf_text(data["hf_path"], s, data.get("hf_name"), data.get("text_field", "text"),
                        data.get("data_files"), data.get("max_rows", {}).get(split) if data.get("max_rows") else None,
                        data.get("separator", "\n\n"))
-    raise ValueError(f"data.source={source!r} is not one of ['brown', 'hf']")
+    raise ValueError(f"data.source={source!r} is not one of {list(SOURCES)}")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

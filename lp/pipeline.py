@@ -47,6 +47,10 @@ def validate(cfg: dict) -> None:
                          "layer already trained so: use distill=none or distill=offline_kl")
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
+    for name, ds in (cfg["eval"].get("datasets") or {}).items():
+        if not isinstance(ds, dict) or ds.get("source") not in data_lib.SOURCES:
+            raise ValueError(f"eval.datasets.{name} must be a data config (as in conf/data/) whose source is "
+                             f"one of {list(data_lib.SOURCES)}, not {ds!r}")
 
 
 def group_settings(cfg: dict, group: str) -> dict:

@@ -130,6 +130,7 @@ def test_streamline_layer_run_counts_the_replacement_layer(tiny_dir, tmp_path):
     ("prune.n=6", r"prune.n=6 must be smaller than the model's 6 layers \(valid: 0..5\)"),
     ("model.name_or_path=/no/such/model", r"model.name_or_path='/no/such/model'"),
     ("model.name_or_path=null", r"model.name_or_path is missing"),
+    ("+eval.datasets.wiki=nope", r"eval.datasets.wiki must be a data config \(as in conf/data/\) whose source is one of \['brown', 'hf'\]"),
 ])
 def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
