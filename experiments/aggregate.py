@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lp.pipeline import group_settings
+from lp.pipeline import SETTING_GROUPS, group_settings
 from lp.records import load_records
 
 KEY = ["model", "data", "metric", "n", "patch", "distill", "eval", "seed"]
@@ -30,8 +30,6 @@ KEY = ["model", "data", "metric", "n", "patch", "distill", "eval", "seed"]
 def method_name(metric: str, patch: str, distill: str) -> str:
     return metric + ("" if patch == "none" else f" + {patch}") + ("" if distill == "none" else f" + {distill}")
 
-
-SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # what a record's settings hash covers
 
 
 def _field(config: dict, dotted: str):

@@ -24,6 +24,7 @@ from .tracking import make_tracker
 from .zeroshot import evaluate_tasks, local_task_dir, retention
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
+SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # config groups a run_id's hash covers
 _LOADED: dict = {}  # one dense model kept in memory, so the runs of a sweep load it once
 _PREFIXES: dict = {}  # dense hidden states entering layer s of the eval windows, per (eval key/data set, s)
 MAX_PREFIXES = 4
@@ -70,8 +71,7 @@ def run_id(cfg: dict) -> str:
     block = f"-s{p['start']}" if p.get("start") is not None else ""
     readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
                 f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
-    groups = ("model", "data", "prune", "patch", "distill", "eval")
-    return f"{readable}__{key_of(*(group_settings(cfg, g) for g in groups), cfg['seed'])}"
+    return f"{readable}__{key_of(*(group_settings(cfg, g) for g in SETTING_GROUPS), cfg['seed'])}"
 
 
 def _model(cfg_model: dict):
