@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .hadamard import hadamard
 from .models import Layout
+from .records import DamagedFile, atomic_write
 
 
 @dataclass
@@ -32,21 +33,41 @@ class BoundaryStats:
     # outliers on a few tokens, and what the rotation leaves of them); None in files of older lp versions
     token_absmax: torch.Tensor | None = None  # (L+1, seqlen)
     token_absmax_rot: torch.Tensor | None = None  # (L+1, seqlen)
+    # per sample, the cosine of the LAST token's hidden states (Gromov et al.'s angular distance uses it)
+    cos_last: torch.Tensor | None = None  # (L+1, L+1)
+    # per sample and channel, the cosine of two boundaries along the sequence, averaged over channels then
+    # samples: the official LinearPatch selection (torch.cosine_similarity on (1, T, d), i.e. dim=1)
+    cos_seq: torch.Tensor | None = None  # (L+1, L+1)
 
     @property
     def num_layers(self) -> int:
         return self.cos.shape[0] - 1
 
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(asdict(self), tmp)
-        tmp.replace(path)  # atomic: a half-written file is never read as whole
+    def save(self, path: str | Path, meta: dict | None = None) -> None:
+        """Atomically, with ``meta`` (what the statistics were computed from) beside the tensors."""
+        atomic_write(path, lambda tmp: torch.save({**asdict(self), "meta": meta or {}}, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> "BoundaryStats":
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        """Raises :class:`lp.records.DamagedFile` naming ``path`` if it cannot be read."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state.pop("meta", None)
+            stats = cls(**state)
+        except Exception as e:  # a truncated zip, a pickle error, missing or unknown fields
+            raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        stats.check_finite(str(path))
+        return stats
+
+    def check_finite(self, where: str) -> None:
+        """Non-finite statistics (a damaged model, an overflow) stop the run, naming the boundaries."""
+        for name in ("abs_mean", "abs_mean_rot", "cos", "angular", "norm_mean"):
+            t = getattr(self, name)
+            bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(-1).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"calibration statistics ({where}): {name} is not finite at boundaries {bad} "
+                                 f"(of 0..{self.num_layers}); the model's hidden states overflow or its weights "
+                                 f"are damaged")
 
 
 def _capture_boundaries(layout: Layout):
@@ -151,6 +172,7 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         return x @ rotations[key]
 
     first: dict = {}
+    n_samples = 0
     for captured in stream_boundaries(model, samples, batch_size, device, progress):
         # reductions in float32 or wider; boundaries on other devices (split models) join on dev0
         dev0 = captured[0].device
@@ -166,8 +188,14 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         add("cos", cos.sum(0))
         add("ang", (torch.arccos(cos) / torch.pi).sum(0))
         tokens += unit.shape[1]
+        b = captured[0].shape[0]
+        last = torch.stack([torch.nn.functional.normalize(x[:, -1].float().to(dev0), dim=-1) for x in captured])
+        add("cos_last", torch.einsum("ibd,jbd->ij", last, last).clamp_(-1, 1))
+        along = torch.stack([torch.nn.functional.normalize(x.float().to(dev0), dim=1, eps=1e-8) for x in captured])
+        add("cos_seq", torch.einsum("ibtd,jbtd->ij", along, along) / d)  # summed over samples, mean over channels
+        n_samples += b
     sums = {k: v.cpu() for k, v in sums.items()}
-    return BoundaryStats(
+    stats = BoundaryStats(
         abs_mean=(sums["abs"] / tokens).float(),
         abs_mean_rot=(sums["abs_rot"] / tokens).float(),
         cos=(sums["cos"] / tokens).float(),
@@ -176,4 +204,8 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         tokens=tokens,
         token_absmax=first["plain"],
         token_absmax_rot=first["rot"],
+        cos_last=(sums["cos_last"] / n_samples).float(),
+        cos_seq=(sums["cos_seq"] / n_samples).float(),
     )
+    stats.check_finite("computed from the calibration samples")
+    return stats

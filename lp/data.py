@@ -105,26 +105,57 @@ def corpus_text(data: dict, split: str) -> str:
     raise ValueError(f"data.source={source!r} is not one of {list(SOURCES)}")
 
 
+BOS_CHOICES = ("auto", True, False)
+
+
+def bos_id(tokenizer, bos="auto") -> int | None:
+    """The token every window starts with, or None. ``auto`` (the default) follows the tokenizer's own
+    convention: the BOS token if the tokenizer prepends it when encoding text (LLaMA-3, Gemma; the official
+    LinearPatch code tokenises with special tokens on), none where it does not (SmolLM2, Qwen2.5).
+    ``true`` forces the tokenizer's BOS token, ``false`` never adds one."""
+    if bos not in BOS_CHOICES:
+        raise ValueError(f"data.bos={bos!r} is not one of {list(BOS_CHOICES)}")
+    if bos is False:
+        return None
+    if bos is True:
+        if tokenizer.bos_token_id is None:
+            raise ValueError("data.bos=true but the tokenizer defines no BOS token: use data.bos=auto or false")
+        return tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return ids[0] if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else None
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """One long stream of token ids (1-D), no special tokens in between."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_samples(stream: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``n`` windows of ``seqlen`` tokens at seeded random offsets of the stream: (n, seqlen)."""
-    if stream.numel() <= seqlen:
-        raise ValueError(f"data.seqlen={seqlen} is longer than the calibration text ({stream.numel()} tokens)")
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def calibration_samples(stream: torch.Tensor, n: int, seqlen: int, seed: int, bos: int | None = None) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at seeded random offsets of the stream: (n, seqlen); with ``bos``,
+    each window is that token followed by ``seqlen - 1`` tokens of the stream."""
+    body = seqlen - (bos is not None)
+    if body < 1 or stream.numel() <= body:
+        raise ValueError(f"data.seqlen={seqlen} must be in [{1 + (bos is not None)}, {stream.numel() + (bos is not None) - 1}] "
+                         f"for this calibration text ({stream.numel()} tokens)")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=g)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, stream.numel() - body, (n,), generator=g)
+    return _with_bos(torch.stack([stream[s : s + body] for s in starts.tolist()]), bos)
 
 
-def eval_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """The stream cut into non-overlapping windows of ``seqlen`` tokens (the tail is dropped): (w, seqlen)."""
-    w = stream.numel() // seqlen
+def eval_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None) -> torch.Tensor:
+    """The stream cut into non-overlapping windows of ``seqlen`` tokens (the tail is dropped): (w, seqlen);
+    with ``bos``, each window is that token followed by the next ``seqlen - 1`` tokens of the stream."""
+    body = seqlen - (bos is not None)
+    w = stream.numel() // body if body > 0 else 0
     if max_windows is not None:
         w = min(w, max_windows)
     if w == 0:
         raise ValueError(f"data.seqlen={seqlen} is longer than the evaluation text ({stream.numel()} tokens)")
-    return stream[: w * seqlen].view(w, seqlen)
+    return _with_bos(stream[: w * body].view(w, body), bos)

@@ -21,8 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import logging
+
 from .models import Layout
 from .pruning import patches_of
+from .records import DamagedFile, atomic_write, write_json
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ teacher cache
@@ -58,7 +63,7 @@ class TeacherCache:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
         missing = [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
-        print(f"[lp] teacher cache: {self.num_samples} x {self.seqlen} tokens, top-{self.k} -> "
+        log.info(f"teacher cache: {self.num_samples} x {self.seqlen} tokens, top-{self.k} -> "
               f"{self.nbytes / 2**20:.1f} MiB (fp16 probs + int32 indices) in {self.root}; "
               f"{len(missing)} of {self.num_shards} shards to write")
         device = next(teacher.parameters()).device
@@ -67,15 +72,17 @@ class TeacherCache:
             logits = teacher(input_ids=batch, use_cache=False).logits.float()
             top = logits.topk(self.k, dim=-1)
             shard = {"probs": top.values.softmax(-1).half().cpu(), "indices": top.indices.int().cpu()}
-            tmp = self.shard_path(i).with_suffix(".tmp")
-            torch.save(shard, tmp)
-            tmp.replace(self.shard_path(i))
-        (self.root / "meta.json").write_text(json.dumps(
-            {"num_samples": self.num_samples, "seqlen": self.seqlen, "k": self.k, "shard_size": self.shard_size}))
+            atomic_write(self.shard_path(i), lambda tmp: torch.save(shard, tmp))
+        write_json(self.root / "meta.json",
+                   {"num_samples": self.num_samples, "seqlen": self.seqlen, "k": self.k, "shard_size": self.shard_size})
         return self
 
     def shard(self, i: int) -> dict:
-        return torch.load(self.shard_path(i), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.shard_path(i), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DamagedFile(f"{self.shard_path(i)} is damaged ({type(e).__name__}: {e}); delete it and rerun to "
+                              f"rebuild that shard") from e
 
 
 # ------------------------------------------------------------------ loss
@@ -99,9 +106,11 @@ def trainable_parameters(model, train: str) -> list[torch.nn.Parameter]:
         layout = Layout(model)
         first = min(patches)
         mods = list(layout.layers)[first:] + [layout.norm]
-        params += [p for m in mods for name, sub in m.named_modules() if "norm" in name.split(".")[-1]
+        # norms found by class (a wrapped final norm is named "" or "inner"), each parameter once (a
+        # streamline_ffn patch holds a copy of a norm, already among the patch's parameters)
+        params += [p for m in mods for sub in m.modules() if "norm" in type(sub).__name__.lower()
                    for p in sub.parameters(recurse=False)]
-    return params
+    return list({id(p): p for p in params}.values())
 
 
 @dataclass
@@ -143,7 +152,7 @@ def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, va
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=lr / min_lr_factor)
     result = DistillResult()
     good = [p.detach().clone() for p in params]
-    best_val, bad_epochs = float("inf"), 0
+    best_val, bad_epochs, best = float("inf"), 0, None
     model.train(False)
     try:
         for epoch in range(epochs):
@@ -160,7 +169,7 @@ def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, va
                             p.copy_(g)
                     result.stopped = (f"loss became {loss.item()} at step {result.steps}; training stopped and the "
                                       f"patch restored to the last finite step")
-                    print(f"[lp] distill: {result.stopped}")
+                    log.warning(f"distill: {result.stopped}")
                     return result
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -177,12 +186,17 @@ def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, va
                 v = _val_loss(model, val_cache, val_samples, device, autocast)
                 result.val.append(v)
                 if v < best_val:
-                    best_val, bad_epochs = v, 0
+                    best_val, bad_epochs, best = v, 0, [p.detach().clone() for p in params]
                 else:
                     bad_epochs += 1
                     if early_stop and bad_epochs >= early_stop:
-                        result.stopped = f"validation loss did not improve for {early_stop} epochs"
+                        result.stopped = (f"validation loss did not improve for {early_stop} epochs; the parameters "
+                                          f"of the best epoch ({result.val.index(best_val)}) restored")
                         break
+        if best is not None:  # keep the epoch with the best validation loss, not the last
+            with torch.no_grad():
+                for p, b in zip(params, best):
+                    p.copy_(b)
     finally:
         for p in params:
             p.requires_grad_(False)

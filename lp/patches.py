@@ -23,6 +23,7 @@ Variants (``PATCHES``, one config each in conf/patch/):
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -199,18 +200,35 @@ def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
 
 def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, settings: dict, desc: str) -> nn.Module:
     """Train ``net`` (in float32) with AdamW for ``settings['epochs']`` passes over ``n_items`` items in
-    shuffled batches of ``batch``; ``loss_of(net, indices)`` is the MSE of one batch. Returns it frozen."""
+    shuffled batches of ``batch``; ``loss_of(net, indices)`` is the MSE of one batch. Returns it frozen.
+
+    The LLM-Streamline recipe (its README's training settings): AdamW lr 2e-4 with weight decay 1e-3, a cosine
+    schedule down to ``min_lr`` 5e-5, gradient norm clipped at 5 (``lr``, ``min_lr``, ``weight_decay``,
+    ``clip``; null min_lr: constant lr, null clip: none)."""
     from tqdm.auto import tqdm
 
     net.float().requires_grad_(True)
-    opt = torch.optim.AdamW(net.parameters(), lr=float(settings.get("lr", 1e-4)), weight_decay=0.0)
+    lr = float(settings.get("lr", 2e-4))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(settings.get("weight_decay", 0.0)))
+    epochs = int(settings.get("epochs", 1))
+    steps = epochs * math.ceil(n_items / batch)
+    min_lr = settings.get("min_lr")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=float(min_lr)) \
+        if min_lr is not None else None
+    clip = settings.get("clip")
     g = torch.Generator().manual_seed(int(settings.get("seed", 0)))
-    for _ in tqdm(range(int(settings.get("epochs", 1))), desc=desc):
+    for _ in tqdm(range(epochs), desc=desc):
         for idx in torch.randperm(n_items, generator=g).split(batch):
             loss = loss_of(net, idx)
+            if not torch.isfinite(loss):
+                raise ValueError(f"{desc}: the training loss became {loss.item()}; lower patch.lr")
             opt.zero_grad()
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), float(clip))
             opt.step()
+            if sched is not None:
+                sched.step()
     return net.requires_grad_(False)
 
 
@@ -253,6 +271,7 @@ PATCHES: dict[str, Callable[[PatchContext, int, int], nn.Module | None]] = {
     "streamline_layer": streamline_layer_patch,
 }
 NEEDS_HIDDEN_STATES = {"lstsq", "streamline_ffn", "streamline_layer"}
+REPLACES_BLOCK = {"streamline_layer"}  # selects n+1 layers and puts one trained layer in their place
 
 
 def build_patch(variant: str, ctx: PatchContext | BoundaryStats, s: int, e: int) -> nn.Module | None:

@@ -1,11 +1,17 @@
-"""One experiment, end to end: load, calibrate, select, prune, patch, evaluate, record.
+"""One experiment, end to end, in the stages of the method: calibrate -> select -> prune and patch ->
+distill -> evaluate -> record.
 
-Takes a plain nested dict (what conf/ composes; no Hydra in here), returns the result record.
+:func:`run` takes a plain nested dict (what conf/ composes; no Hydra in here) and returns the record. Each
+stage is a small function with plain inputs and outputs; what runs of one process share (the dense model,
+the dense hidden states of the evaluation windows) lives in a :class:`Workspace`.
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,55 +21,129 @@ from . import data as data_lib
 from .calibration import BoundaryStats, collect_stats
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity
-from .models import Layout, count_parameters, load_model
-from .patches import NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, PatchContext, build_patch
+from .models import Layout, count_parameters, load_model, model_config
+from .patches import NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
-from .records import RECORD_VERSION, is_complete, key_of, read_json, write_json
+from .records import (DamagedFile, RECORD_VERSION, is_complete, key_of, locked, read_cache_json, read_json,
+                      set_aside, versions, write_json)
+from .keys import SETTING_GROUPS, group_settings
 from .selection import METRICS, MODEL_METRICS, SelectionContext, select_layers
 from .tracking import make_tracker
-from .zeroshot import evaluate_tasks, local_task_dir, retention
+from .zeroshot import RP_METRICS, evaluate_tasks, lm_eval_version, local_task_dir, retention
+
+log = logging.getLogger(__name__)
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
-SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # config groups a run_id's hash covers
-_LOADED: dict = {}  # one dense model kept in memory, so the runs of a sweep load it once
-_PREFIXES: dict = {}  # dense hidden states entering layer s of the eval windows, per (eval key/data set, s)
-MAX_PREFIXES = 4
 
 
-def validate(cfg: dict) -> None:
-    """Checks that need no model: fail before any work is done."""
-    n = cfg["prune"]["n"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"prune.n={n!r} must be a non-negative integer (number of layers to remove)")
-    if cfg["prune"]["metric"] not in METRICS:
-        raise ValueError(f"prune.metric={cfg['prune']['metric']!r} is not one of {sorted(METRICS)}")
+# ------------------------------------------------------------------ validation (before any weights load)
+def _int_in(value, name: str, lo: int, hi: float = math.inf, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        valid = f"an integer in [{lo}, {hi}]" if hi != math.inf else f"an integer >= {lo}"
+        raise ValueError(f"{name}={value!r} is not valid: it must be {valid}{' or null' if none_ok else ''}")
+
+
+def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None) -> None:
+    """Checks that need no weights: the config alone, then (given them) the model's layer count and context."""
+    p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
+    if p["metric"] not in METRICS:
+        raise ValueError(f"prune.metric={p['metric']!r} is not one of {sorted(METRICS)}")
     if cfg["patch"]["variant"] not in PATCHES:
         raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
     if cfg["patch"].get("precision", "model") not in PRECISIONS:
         raise ValueError(f"patch.precision={cfg['patch']['precision']!r} is not one of {list(PRECISIONS)}")
-    if cfg["distill"]["method"] not in DISTILL_METHODS:
-        raise ValueError(f"distill.method={cfg['distill']['method']!r} is not one of {DISTILL_METHODS}")
-    if cfg["distill"]["method"] == "mse" and cfg["patch"]["variant"] == "streamline_layer":
+    if dist["method"] not in DISTILL_METHODS:
+        raise ValueError(f"distill.method={dist['method']!r} is not one of {DISTILL_METHODS}")
+    if dist["method"] == "mse" and cfg["patch"]["variant"] == "streamline_layer":
         raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
                          "layer already trained so: use distill=none or distill=offline_kl")
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
-    for name, ds in (cfg["eval"].get("datasets") or {}).items():
+    if e.get("rp_metric", "acc") not in RP_METRICS:
+        raise ValueError(f"eval.rp_metric={e.get('rp_metric')!r} is not one of {list(RP_METRICS)}")
+    if d.get("bos", "auto") not in data_lib.BOS_CHOICES:
+        raise ValueError(f"data.bos={d.get('bos')!r} is not one of {list(data_lib.BOS_CHOICES)}")
+    L = num_layers if num_layers is not None else math.inf
+    _int_in(p["n"], "prune.n", 0, L - 1)
+    if p.get("start") is not None:
+        _int_in(p["start"], "prune.start", 0, L - p["n"])
+    if p["metric"] == "manual":
+        idx = p.get("indices") or []
+        if len(set(idx)) != p["n"] or any(not isinstance(i, int) or not 0 <= i < L for i in idx):
+            raise ValueError(f"prune.indices={idx} must hold prune.n={p['n']} distinct layers in [0, {L - 1}]")
+    ctx = max_positions or math.inf
+    for name, ds in {"data": d, **{f"eval.datasets.{k}": v for k, v in (e.get("datasets") or {}).items()}}.items():
         if not isinstance(ds, dict) or ds.get("source") not in data_lib.SOURCES:
-            raise ValueError(f"eval.datasets.{name} must be a data config (as in conf/data/) whose source is "
-                             f"one of {list(data_lib.SOURCES)}, not {ds!r}")
+            raise ValueError(f"{name} must be a data config (as in conf/data/) whose source is one of "
+                             f"{list(data_lib.SOURCES)}, not {ds!r}")
+        _int_in(ds.get("seqlen", d["seqlen"]), f"{name}.seqlen", 2, ctx)
+    _int_in(d["calib_samples"], "data.calib_samples", 1)
+    _int_in(d.get("calib_batch_size", 1), "data.calib_batch_size", 1)
+    _int_in(e.get("max_windows"), "eval.max_windows", 1, none_ok=True)
+    _int_in(e.get("batch_size", 1), "eval.batch_size", 1)
+    if dist["method"] != "none":
+        _int_in(dist["samples"], "distill.samples", 1)
+        _int_in(dist["seqlen"], "distill.seqlen", 2, ctx)
+        _int_in(dist["batch_size"], "distill.batch_size", 1)
 
 
-def group_settings(cfg: dict, group: str) -> dict:
-    """A config group's settings that can change results (what keys records and caches)."""
-    return {k: v for k, v in cfg[group].items() if k not in ("prefix_reuse",)}
+# ------------------------------------------------------------------ what runs of one process share
+@dataclass
+class Workspace:
+    """The dense model (loaded once per process) and the dense hidden states entering the first removed layer
+    of the evaluation windows (:class:`Prefix`), kept within ``prefix_budget`` bytes, least recently used
+    dropped first. At LLaMA-3-8B scale one prefix of WikiText-2 is ~2.5 GB of bf16 hidden states."""
+
+    prefix_budget: int = 4 * 2**30
+    _model: tuple = ()
+    _model_key: str | None = None
+    _prefixes: dict = field(default_factory=dict)
+
+    def model(self, m: dict):
+        key = key_of(m)
+        if key != self._model_key:
+            self._model, self._prefixes = (), {}
+            self._model = load_model(m["name_or_path"], m.get("gguf_file"), m.get("dtype", "auto"),
+                                     m.get("device", "cpu"), m.get("device_map"), parts=m.get("parts"),
+                                     sha256=m.get("sha256"), install=m.get("install", ""))
+            self._model_key = key
+        return self._model
+
+    def prefix(self, model, windows: torch.Tensor, layer: int, batch_size: int, key: str) -> Prefix | None:
+        if layer == 0:
+            return None
+        k = (key, layer)
+        if k not in self._prefixes:
+            try:
+                prefix = Prefix(model, windows, layer, batch_size)
+            except ValueError:  # a family whose embeddings enter layer 0 transformed: the plain path
+                return None
+            self._prefixes[k] = prefix
+        self._prefixes[k] = self._prefixes.pop(k)  # most recently used last
+        while sum(p.nbytes for p in self._prefixes.values()) > self.prefix_budget and len(self._prefixes) > 1:
+            self._prefixes.pop(next(iter(self._prefixes)))
+        return self._prefixes.get(k)
+
+
+WORKSPACE = Workspace()
+
+
+# ------------------------------------------------------------------ keys
+def model_key(cfg: dict) -> dict:
+    return {k: cfg["model"].get(k) for k in ("name_or_path", "gguf_file", "dtype", "sha256", "parts")}
+
+
+def data_key(cfg: dict) -> dict:
+    return {**cfg["data"], "bos": cfg["data"].get("bos", "auto")}
 
 
 def calib_stats_path(cfg: dict) -> Path:
-    """Calibration statistics of (model, data, seed): small (a few (L+1) x d tensors), kept beside the
-    records so that figures never need the model again."""
-    model_key = {k: cfg["model"].get(k) for k in ("name_or_path", "gguf_file", "dtype")}
-    return Path(cfg["results_dir"]) / "stats" / f"calib_{key_of(model_key, cfg['data'], cfg['seed'])}.pt"
+    """Calibration statistics of (model, data, seed, versions): small (a few (L+1) x d tensors), kept beside
+    the records so that figures never need the model again."""
+    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], versions())
+    return Path(cfg["results_dir"]) / "stats" / f"calib_{key}.pt"
 
 
 def run_id(cfg: dict) -> str:
@@ -71,18 +151,7 @@ def run_id(cfg: dict) -> str:
     block = f"-s{p['start']}" if p.get("start") is not None else ""
     readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
                 f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
-    return f"{readable}__{key_of(*(group_settings(cfg, g) for g in SETTING_GROUPS), cfg['seed'])}"
-
-
-def _model(cfg_model: dict):
-    key = key_of(cfg_model)
-    if key not in _LOADED:
-        _LOADED.clear()
-        _PREFIXES.clear()
-        m = cfg_model
-        _LOADED[key] = load_model(m["name_or_path"], m.get("gguf_file"), m.get("dtype", "auto"),
-                                  m.get("device", "cpu"), m.get("device_map"))
-    return _LOADED[key]
+    return f"{readable}__{key_of(*(group_settings(cfg, g) for g in SETTING_GROUPS), data_key(cfg), cfg['seed'])}"
 
 
 @contextmanager
@@ -92,185 +161,145 @@ def _timed(timings: dict, name: str):
     timings[name] = round(time.perf_counter() - t, 3)
 
 
-def run(cfg: dict, group: str | None = None) -> dict:
-    validate(cfg)
-    results = Path(cfg["results_dir"])
-    cache = Path(cfg["cache_dir"])
-    rid = run_id(cfg)
-    record_path = results / "records" / f"{rid}.json"
-    if cfg.get("resume") and is_complete(old := read_json(record_path)):
-        print(f"[lp] resume: {record_path} is complete, skipped")
-        return old
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value}: the model's outputs are not finite (damaged weights, or an overflow "
+                         f"in its dtype); nothing recorded")
+    return value
 
-    timings: dict = {}
-    progress = cfg.get("progress", True)
-    torch.manual_seed(cfg["seed"])
-    with _timed(timings, "load"):
-        model, tokenizer = _model(cfg["model"])
-    layout = Layout(model)
-    L = layout.num_layers
-    n = cfg["prune"]["n"]
-    if n >= L:
-        raise ValueError(f"prune.n={n} must be smaller than the model's {L} layers (valid: 0..{L - 1})")
 
-    d, m = cfg["data"], cfg["model"]
-    model_key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype")}
-    calib_path = calib_stats_path(cfg)
-    _stream: list = []
+# ------------------------------------------------------------------ stages
+class Data:
+    """Token windows of one run: calibration samples (drawn lazily: not needed when statistics are cached)
+    and the evaluation windows of every perplexity data set."""
 
-    def stream() -> torch.Tensor:  # tokenised only when needed (not when the statistics are cached)
-        if not _stream:
-            _stream.append(data_lib.tokenize(tokenizer, data_lib.corpus_text(d, "calib")))
-        return _stream[0]
+    def __init__(self, cfg: dict, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.bos = data_lib.bos_id(tokenizer, cfg["data"].get("bos", "auto"))
+        self._stream = None
 
-    def samples() -> torch.Tensor:
-        return data_lib.calibration_samples(stream(), d["calib_samples"], d["seqlen"], cfg["seed"])
+    def stream(self) -> torch.Tensor:
+        if self._stream is None:
+            self._stream = data_lib.tokenize(self.tokenizer, data_lib.corpus_text(self.cfg["data"], "calib"))
+        return self._stream
 
-    with _timed(timings, "calibration"):
-        stats = BoundaryStats.load(calib_path) if calib_path.is_file() else None
-        if stats is None or stats.token_absmax is None:  # absent, or written by an older lp
-            stats = collect_stats(model, samples(), d.get("calib_batch_size", 1), progress=progress)
-            stats.save(calib_path)
+    def samples(self, n: int | None = None, seqlen: int | None = None, seed: int | None = None) -> torch.Tensor:
+        d = self.cfg["data"]
+        return data_lib.calibration_samples(self.stream(), n or d["calib_samples"], seqlen or d["seqlen"],
+                                            self.cfg["seed"] if seed is None else seed, self.bos)
 
+    def eval_windows(self) -> dict[str, torch.Tensor]:
+        """Perplexity windows of the data config's evaluation split and of each of eval.datasets."""
+        d, e = self.cfg["data"], self.cfg["eval"]
+        out = {}
+        for name, ds in {d["name"]: d, **(e.get("datasets") or {})}.items():
+            try:
+                text = data_lib.corpus_text(ds, "eval")
+            except (RuntimeError, FileNotFoundError) as err:
+                where = "data" if ds is d else f"eval.datasets.{name}"
+                raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl, eval=quick and "
+                                f"eval=local evaluate data's own split only)") from err
+            out[name] = data_lib.eval_windows(data_lib.tokenize(self.tokenizer, text), ds.get("seqlen", d["seqlen"]),
+                                              e.get("max_windows"), self.bos)
+        return out
+
+
+def calibrate(cfg: dict, model, data: Data) -> BoundaryStats:
+    """Statistics of every layer boundary, from the cache when present (a damaged entry is set aside)."""
+    path = calib_stats_path(cfg)
+    with locked(path):
+        if path.is_file():
+            try:
+                return BoundaryStats.load(path)
+            except DamagedFile as e:
+                set_aside(path, str(e))
+        stats = collect_stats(model, data.samples(), cfg["data"].get("calib_batch_size", 1),
+                              progress=cfg.get("progress", True))
+        stats.save(path, {"model": model_key(cfg), "data": data_key(cfg), "seed": cfg["seed"], **versions()})
+    return stats
+
+
+def _zeroshot_settings(cfg: dict) -> dict:
     e = cfg["eval"]
-    eval_key = key_of(model_key, d, group_settings(cfg, "eval"))
-    # perplexity on the data config's evaluation split, and on each of eval.datasets (the paper's table:
-    # WikiText-2, C4, PTB), keyed by data set name; the first is the record's main ``ppl``
-    sets = {d["name"]: d, **(e.get("datasets") or {})}
-    windows_of = {}
-    for name, ds in sets.items():
-        try:
-            text = data_lib.corpus_text(ds, "eval")
-        except (RuntimeError, FileNotFoundError) as err:
-            where = "data" if ds is d else f"eval.datasets.{name}"
-            raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl or eval=quick "
-                            f"evaluate data's own split only)") from err
-        windows_of[name] = data_lib.eval_windows(data_lib.tokenize(tokenizer, text), ds.get("seqlen", d["seqlen"]),
-                                                 e.get("max_windows"))
-    windows = windows_of[d["name"]]
-    dense_path = cache / "dense" / f"{eval_key}.json"
     tasks = list(e.get("tasks") or [])
-    zs = dict(limit=e.get("limit"), num_fewshot=e.get("num_fewshot"), batch_size=e.get("batch_size", 1),
-              include_path=local_task_dir(cache) if tasks else None, seed=cfg["seed"])
-    with _timed(timings, "dense_eval"):
-        dense = read_json(dense_path)
-        if dense is None or set(dense) != {"ppl", "ppl_datasets", "zeroshot"}:  # absent, or from an older lp
-            by_data = {name: perplexity(model, w, e.get("batch_size", 1), progress, f"dense perplexity ({name})")
-                       for name, w in windows_of.items()}
-            dense = {"ppl": by_data[d["name"]], "ppl_datasets": by_data,
-                     "zeroshot": evaluate_tasks(model, tokenizer, tasks, **zs)}
-            write_json(dense_path, dense)
+    return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"), batch_size=e.get("batch_size", 1),
+                include_path=local_task_dir(cfg["cache_dir"]) if tasks else None, seed=cfg["seed"])
 
+
+def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None = None, label: str = "") -> dict:
+    """Perplexity on every evaluation data set, and zero-shot accuracy on eval.tasks."""
+    e, progress = cfg["eval"], cfg.get("progress", True)
+    ppl = {name: _finite(perplexity(model, w, e.get("batch_size", 1), progress, f"{label} perplexity ({name})",
+                                    (prefixes or {}).get(name)), f"{label} perplexity on {name}")
+           for name, w in windows.items()}
+    zs = _zeroshot_settings(cfg)
+    return {"ppl": ppl, "zeroshot": evaluate_tasks(model, tokenizer, zs.pop("tasks"), **zs)}
+
+
+def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
+    """The dense model's evaluation, cached per (model, data, eval settings, seed, versions)."""
+    key = key_of(model_key(cfg), data_key(cfg), group_settings(cfg, "eval"), cfg["seed"], versions())
+    path = Path(cfg["cache_dir"]) / "dense" / f"{key}.json"
+    with locked(path):
+        dense = read_cache_json(path)
+        if dense is None:
+            dense = evaluate(cfg, model, tokenizer, windows, label="dense")
+            write_json(path, dense)
+    return dense
+
+
+def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> list[int]:
+    """The layers to remove. ``patch=streamline_layer`` replaces n+1 contiguous layers by one trained layer,
+    as LLM-Streamline's official code does, so that n layers are removed net."""
     p = cfg["prune"]
     scored = p["metric"] in MODEL_METRICS
-    ctx = SelectionContext(stats=stats, n=n, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
-                           model=model if scored else None,
-                           samples=samples()[: p.get("score_samples")] if scored else None,
-                           batch_size=d.get("calib_batch_size", 1))
-    with _timed(timings, "selection"):
-        removed = select_layers(cfg["prune"]["metric"], ctx)
-    prefixes = {name: _prefix(model, w, min(removed, default=0), e, f"{eval_key}/{name}")
-                if e.get("prefix_reuse", True) else None for name, w in windows_of.items()}
-    prefix = prefixes[d["name"]]
-    variant = cfg["patch"]["variant"]
-    fits = variant in NEEDS_HIDDEN_STATES
-    pctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, model=model if fits else None,
-                        samples=samples()[: cfg["patch"].get("fit_samples")] if fits else None,
-                        batch_size=d.get("calib_batch_size", 1))
-    params_dense = count_parameters(model)
+    replaces = cfg["patch"]["variant"] in REPLACES_BLOCK
+    ctx = SelectionContext(stats=stats, n=p["n"] + replaces, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
+                           model=model if scored else None, settings=p,
+                           samples=data.samples(p.get("score_samples"), p.get("score_seqlen")) if scored else None,
+                           batch_size=cfg["data"].get("calib_batch_size", 1))
+    removed = select_layers(p["metric"], ctx)
+    if replaces and len(interfaces(removed)) != 1:
+        raise ValueError(f"patch={cfg['patch']['variant']} replaces one contiguous block, but prune.metric="
+                         f"{p['metric']} chose {removed}: use a contiguous metric (cosine, angular, last)")
+    return removed
+
+
+def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
+    """On the dense model, before pruning: the teacher cache (offline_kl) or the dense hidden-state pairs
+    (mse). Distillation samples are drawn from the calibration split with their own seed."""
     dist = cfg["distill"]
-    with _timed(timings, "teacher"):
-        teacher_key = key_of(model_key, d, {k: dist.get(k) for k in ("samples", "val_samples", "seqlen", "topk",
-                                                                     "batch_size")}, cfg["seed"])
-        prepared = _prepare_distill(dist, model, stream, removed, cache / "teacher", teacher_key, cfg["seed"],
-                                    progress)
-    distilled = None
-    with ExitStack() as stack:
-        with _timed(timings, "patch"):
-            spec = stack.enter_context(pruned(model, removed, lambda s, e_: build_patch(variant, pctx, s, e_)))
-        params_pruned = count_parameters(model)
-        patch_params = sum(count_parameters(m) for m in patches_of(model).values())
-        if prepared is not None:
-            ppl_free = perplexity(model, windows, e.get("batch_size", 1), progress, "training-free perplexity", prefix)
-            stack.enter_context(_restored(trainable_parameters(model, dist.get("train", "patch"))))
-            with _timed(timings, "distill"):
-                distilled = _distill(dist, model, removed, prepared, progress)
-        with _timed(timings, "pruned_eval"):
-            ppl_by_data = {name: perplexity(model, w, e.get("batch_size", 1), progress,
-                                            f"pruned perplexity ({name})", prefixes[name])
-                           for name, w in windows_of.items()}
-            ppl_pruned = ppl_by_data[d["name"]]
-            acc_pruned = evaluate_tasks(model, tokenizer, tasks, **zs)
-        if cfg.get("save_model"):
-            save_pruned(model, tokenizer, cfg["save_model"], spec)
-
-    joins = interfaces(removed)
-    record = {
-        "version": RECORD_VERSION,
-        "status": "complete",
-        "run_id": rid,
-        "group": group,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": m["name"], "data": d["name"], "metric": cfg["prune"]["metric"], "n": n,
-        "patch": variant, "distill": cfg["distill"]["method"], "eval": e["name"], "seed": cfg["seed"],
-        "num_layers": L,
-        "removed": removed,
-        "interfaces": [list(j) for j in joins],
-        "similarity": [round(stats.cos[s, t].item(), 6) for s, t in joins],
-        "params_dense": params_dense,
-        "params_pruned": params_pruned,
-        "patch_params": patch_params,
-        "prune_ratio": round(1 - params_pruned / params_dense, 6),
-        "ppl": {"dense": dense["ppl"], "pruned": ppl_pruned,
-                **({"training_free": ppl_free} if distilled else {}),
-                "datasets": {name: {"dense": dense["ppl_datasets"][name], "pruned": v}
-                             for name, v in ppl_by_data.items()}},
-        "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
-                           "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
-        "zeroshot": {"dense": dense["zeroshot"], "pruned": acc_pruned},
-        "retention": retention(dense["zeroshot"], acc_pruned),
-        "eval_tokens": windows.numel(),
-        "calib_tokens": stats.tokens,
-        "calib_stats": str(calib_path),
-        "timings": timings,
-        "config": cfg,
-    }
-    write_json(record_path, record)
-
-    tracker = make_tracker(cfg["logger"], cfg, rid, group)
-    for step, h in enumerate(distilled.history if distilled else [], start=1):  # the loss curve
-        tracker.log({f"distill/{k}": v for k, v in h.items()}, step)
-    rp = record["retention"]
-    flat = {"ppl/dense": dense["ppl"], "ppl/pruned": ppl_pruned, "params/dense": params_dense,
-            **{f"ppl/{name}/pruned": v for name, v in ppl_by_data.items()},
-            **{f"acc/dense/{t}": v for t, v in dense["zeroshot"].items()},
-            **{f"acc/pruned/{t}": v for t, v in acc_pruned.items()},
-            **({f"rp/{t}": v for t, v in rp["per_task"].items()} | {"rp/avg": rp["rp"]} if rp else {}),
-            "params/pruned": params_pruned, "prune_ratio": record["prune_ratio"],
-            **{f"time/{k}": v for k, v in timings.items()}}
-    tracker.summary({**flat, "removed": removed, "similarity": record["similarity"]})
-    tracker.finish()
-    print(f"[lp] {rid}\n     removed {removed}  ppl dense {dense['ppl']:.3f}  pruned {ppl_pruned:.3f}  "
-          f"params {params_dense:,} -> {params_pruned:,}")
-    if rp:
-        print(format_table(dense["zeroshot"], acc_pruned, rp))
-    print(f"     record: {record_path}")
-    return record
-
-
-def _prefix(model, windows, layer: int, e: dict, key: str) -> Prefix | None:
-    """The dense model's hidden states entering ``layer`` for the eval windows, computed once per sweep."""
-    if layer == 0:
+    if dist["method"] == "none":
         return None
-    if (key, layer) not in _PREFIXES:
-        try:
-            prefix = Prefix(model, windows, layer, e.get("batch_size", 1))
-        except ValueError:  # a model family whose embeddings enter layer 0 transformed: plain path
-            return None
-        if len(_PREFIXES) >= MAX_PREFIXES:
-            _PREFIXES.pop(next(iter(_PREFIXES)))
-        _PREFIXES[(key, layer)] = prefix
-    return _PREFIXES[(key, layer)]
+    n_train, n_val = dist["samples"], dist.get("val_samples") or 0
+    drawn = data.samples(n_train + n_val, dist["seqlen"], cfg["seed"] + 1)
+    train, val = drawn[:n_train], drawn[n_train:]
+    if dist["method"] == "mse":
+        ctx = PatchContext(None, model=model, samples=train, batch_size=dist["batch_size"])
+        return {interface_position(removed, e): list(ctx.pairs(s, e)) for s, e in interfaces(removed)}
+    key = key_of(model_key(cfg), data_key(cfg), {k: dist.get(k) for k in ("samples", "val_samples", "seqlen", "topk",
+                                                                         "batch_size")}, cfg["seed"], versions())
+    caches = {}
+    for name, x in (("train", train), ("val", val)):
+        if len(x):
+            root = Path(cfg["cache_dir"]) / "teacher" / key / name
+            with locked(root):
+                cache = TeacherCache(root, len(x), dist["seqlen"], dist["topk"], dist["batch_size"])
+                caches[name] = (cache.build(model, x, cfg.get("progress", True)), x)
+    return caches
+
+
+def distill(cfg: dict, model, removed: list[int], prepared, on_step=None):
+    dist = cfg["distill"]
+    common = dict(lr=float(dist["lr"]), weight_decay=float(dist["weight_decay"]), epochs=dist["epochs"],
+                  progress=cfg.get("progress", True))
+    if dist["method"] == "mse":
+        return distill_mse(model, prepared.__getitem__, **common)
+    train_cache, train = prepared["train"]
+    val_cache, val = prepared.get("val", (None, None))
+    return distill_kl(model, train_cache, train, val_cache, val, min_lr_factor=dist["min_lr_factor"],
+                      train=dist.get("train", "patch"), early_stop=dist.get("early_stop"),
+                      autocast_dtype=dist.get("autocast"), on_step=on_step, **common)
 
 
 @contextmanager
@@ -285,40 +314,133 @@ def _restored(params):
                 p.copy_(v)
 
 
-def _prepare_distill(dist: dict, model, stream, removed, root: Path, key: str, seed: int, progress: bool):
-    """On the dense model, before pruning: the teacher cache (offline_kl) or the dense hidden-state pairs
-    (mse). Distillation samples are drawn from the calibration split with their own seed."""
-    method = dist["method"]
-    if method == "none":
-        return None
-    n_train, n_val = dist["samples"], dist.get("val_samples") or 0
-    drawn = data_lib.calibration_samples(stream(), n_train + n_val, dist["seqlen"], seed + 1)
-    train, val = drawn[:n_train], drawn[n_train:]
-    if method == "mse":
-        ctx = PatchContext(None, model=model, samples=train, batch_size=dist["batch_size"])
-        return {interface_position(removed, e): list(ctx.pairs(s, e)) for s, e in interfaces(removed)}
-    caches = {}
-    for name, x in (("train", train), ("val", val)):
-        if len(x):
-            caches[name] = (TeacherCache(root / key / name, len(x), dist["seqlen"], dist["topk"],
-                                         dist["batch_size"]).build(model, x, progress), x)
-    return caches
+# ------------------------------------------------------------------ the run
+def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None) -> dict:
+    ws = workspace or WORKSPACE
+    # what the config can tell, with the model's layer count and context length from its config file: all
+    # before the weights load
+    validate(cfg, *model_config(cfg["model"])) if cfg["model"].get("name_or_path") else validate(cfg)
+    rid = run_id(cfg)
+    record_path = Path(cfg["results_dir"]) / "records" / f"{rid}.json"
+    if cfg.get("resume"):
+        try:
+            old = read_json(record_path)
+        except Exception:
+            old = None
+        if is_complete(old):
+            log.info(f"resume: {record_path} is complete, skipped")
+            return old
+    tracker = make_tracker(cfg["logger"], cfg, rid, group)
+    try:
+        record = _run(cfg, ws, rid, group, tracker, record_path)
+        tracker.finish_run(record, record_path)
+    except BaseException as err:
+        tracker.fail(err)
+        raise
+    _summary(record, record_path)
+    return record
 
 
-def _distill(dist: dict, model, removed, prepared, progress: bool):
-    common = dict(lr=float(dist["lr"]), weight_decay=float(dist["weight_decay"]), epochs=dist["epochs"],
-                  progress=progress)
-    if dist["method"] == "mse":
-        return distill_mse(model, prepared.__getitem__, **common)
-    train_cache, train = prepared["train"]
-    val_cache, val = prepared.get("val", (None, None))
-    return distill_kl(model, train_cache, train, val_cache, val, min_lr_factor=dist["min_lr_factor"],
-                      train=dist.get("train", "patch"), early_stop=dist.get("early_stop"),
-                      autocast_dtype=dist.get("autocast"), **common)
+def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_path: Path) -> dict:
+    timings: dict = {}
+    torch.manual_seed(cfg["seed"])
+    with _timed(timings, "load"):
+        model, tokenizer = ws.model(cfg["model"])
+    L = Layout(model).num_layers
+    validate(cfg, L)
+    data = Data(cfg, tokenizer)
+    with _timed(timings, "calibration"):
+        stats = calibrate(cfg, model, data)
+    tracker.log({"time/calibration": timings["calibration"]})
+    windows = data.eval_windows()
+    with _timed(timings, "dense_eval"):
+        dense = evaluate_dense(cfg, model, tokenizer, windows)
+    with _timed(timings, "selection"):
+        removed = select(cfg, model, stats, data)
+    joins = interfaces(removed)
+    similarity = [_finite(round(stats.cos[s, t].item(), 6), f"cosine similarity of boundaries {s} and {t}")
+                  for s, t in joins]
+    tracker.log({"removed": str(removed), "time/selection": timings["selection"]})
+    e = cfg["eval"]
+    ekey = key_of(model_key(cfg), data_key(cfg), group_settings(cfg, "eval"))
+    prefixes = {name: ws.prefix(model, w, min(removed, default=0), e.get("batch_size", 1), f"{ekey}/{name}")
+                for name, w in windows.items()} if e.get("prefix_reuse", True) else {}
+    variant = cfg["patch"]["variant"]
+    fits = variant in NEEDS_HIDDEN_STATES
+    pctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, model=model if fits else None,
+                        samples=data.samples(cfg["patch"].get("fit_samples")) if fits else None,
+                        batch_size=cfg["data"].get("calib_batch_size", 1))
+    params_dense = count_parameters(model)
+    with _timed(timings, "teacher"):
+        prepared = prepare_distill(cfg, model, data, removed)
+    distilled, ppl_free = None, None
+    with ExitStack() as stack:
+        with _timed(timings, "patch"):
+            spec = stack.enter_context(pruned(model, removed, lambda s, e_: build_patch(variant, pctx, s, e_)))
+        params_pruned = count_parameters(model)
+        patch_params = sum(count_parameters(p) for p in patches_of(model).values())
+        if prepared is not None:
+            name = cfg["data"]["name"]
+            ppl_free = _finite(perplexity(model, windows[name], e.get("batch_size", 1), cfg.get("progress", True),
+                                          "training-free perplexity", prefixes.get(name)), "training-free perplexity")
+            stack.enter_context(_restored(trainable_parameters(model, cfg["distill"].get("train", "patch"))))
+            with _timed(timings, "distill"):
+                distilled = distill(cfg, model, removed, prepared,
+                                    on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
+        with _timed(timings, "pruned_eval"):
+            pruned_eval = evaluate(cfg, model, tokenizer, windows, prefixes, label="pruned")
+        record = make_record(cfg, rid, group, L, removed, joins, similarity, params_dense, params_pruned,
+                             patch_params, dense, pruned_eval, ppl_free, distilled, data, stats, windows, timings)
+        write_json(record_path, record)  # the record first: a failed save below loses no evaluation
+        if cfg.get("save_model"):
+            save_pruned(model, tokenizer, cfg["save_model"], spec)
+    return record
+
+
+def make_record(cfg, rid, group, L, removed, joins, similarity, params_dense, params_pruned, patch_params, dense,
+                pruned_eval, ppl_free, distilled, data: Data, stats, windows, timings) -> dict:
+    main = cfg["data"]["name"]
+    zs_dense, zs_pruned = dense["zeroshot"], pruned_eval["zeroshot"]
+    return {
+        "version": RECORD_VERSION, "status": "complete", "run_id": rid, "group": group,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg["model"]["name"], "data": main, "metric": cfg["prune"]["metric"], "n": cfg["prune"]["n"],
+        "patch": cfg["patch"]["variant"], "distill": cfg["distill"]["method"], "eval": cfg["eval"]["name"],
+        "seed": cfg["seed"], "bos": data.bos is not None,
+        "num_layers": L, "removed": removed, "interfaces": [list(j) for j in joins], "similarity": similarity,
+        "params_dense": params_dense, "params_pruned": params_pruned, "patch_params": patch_params,
+        "prune_ratio": round(1 - params_pruned / params_dense, 6),
+        "ppl": {"dense": dense["ppl"][main], "pruned": pruned_eval["ppl"][main],
+                **({"training_free": ppl_free} if ppl_free is not None else {}),
+                "datasets": {k: {"dense": dense["ppl"][k], "pruned": v} for k, v in pruned_eval["ppl"].items()}},
+        "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
+                           "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
+        "zeroshot": {"dense": zs_dense, "pruned": zs_pruned,
+                     "lm_eval": lm_eval_version() if zs_dense else None},
+        "retention": retention(zs_dense, zs_pruned, cfg["eval"].get("rp_metric", "acc")),
+        "eval_tokens": windows[main].numel(), "calib_tokens": stats.tokens,
+        "calib_stats": str(calib_stats_path(cfg)), "versions": versions(), "timings": timings, "config": cfg,
+    }
+
+
+def _summary(record: dict, path: Path) -> None:
+    """The short end-of-run summary, on stdout (the rest goes to the log)."""
+    ppl = record["ppl"]
+    print(f"[lp] {record['run_id']}\n     removed {record['removed']}  ppl dense {ppl['dense']:.3f}  "
+          f"pruned {ppl['pruned']:.3f}  params {record['params_dense']:,} -> {record['params_pruned']:,}")
+    if record["retention"]:
+        print(format_table(record["zeroshot"]["dense"], record["zeroshot"]["pruned"], record["retention"]))
+    print(f"     record: {path}")
 
 
 def format_table(dense: dict, pruned: dict, rp: dict) -> str:
-    rows = [f"     {'task':<16}{'dense':>8}{'pruned':>8}{'RP %':>8}"]
-    rows += [f"     {t:<16}{dense[t]:>8.4f}{pruned[t]:>8.4f}{rp['per_task'][t]:>8.2f}" for t in dense]
-    rows.append(f"     {'average':<16}{rp['avg_dense']:>8.4f}{rp['avg_pruned']:>8.4f}{rp['rp']:>8.2f}")
+    m = rp["metric"]
+    rows = [f"     {'task':<22}{'dense':>8}{'pruned':>8}{'RP %':>8}"]
+    for t in dense:
+        flag = "  (dense at chance)" if t in rp.get("at_chance", []) else ""
+        rows.append(f"     {t:<22}{dense[t][m]:>8.4f}{pruned[t][m]:>8.4f}{rp['per_task'][t]:>8.2f}{flag}")
+    err = f" ± {rp['rp_stderr']:.2f}" if "rp_stderr" in rp else ""
+    rows.append(f"     {'average (' + m + ')':<22}{rp['avg_dense']:>8.4f}{rp['avg_pruned']:>8.4f}{rp['rp']:>8.2f}{err}")
+    if rp.get("at_chance"):
+        rows.append(f"     RP rests on tasks where the dense model is at chance: {rp['at_chance']}")
     return "\n".join(rows)

@@ -5,6 +5,7 @@ Each metric is a function registered in ``METRICS`` under its config name.  It g
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,6 +13,7 @@ import torch
 
 from .calibration import BoundaryStats
 from .evaluation import perplexity
+from .keys import USES, used_prune_settings  # noqa: F401  (re-exported)
 from .pruning import pruned
 
 
@@ -25,6 +27,10 @@ class SelectionContext:
     model: torch.nn.Module | None = None  # for metrics that run the model (ppl, sleb, taylor)
     samples: torch.Tensor | None = None  # calibration token windows those metrics score on
     batch_size: int = 1
+    settings: dict | None = None  # the prune config (protect_ends, token, ...)
+
+    def setting(self, name: str, default):
+        return (self.settings or {}).get(name, default)
 
     @property
     def num_layers(self) -> int:
@@ -33,8 +39,6 @@ class SelectionContext:
 
 METRICS: dict[str, Callable[[SelectionContext], list[int]]] = {}
 MODEL_METRICS = {"ppl", "sleb", "taylor"}  # these score layers by running the model on calibration samples
-
-
 def register(name: str):
     def wrap(fn):
         METRICS[name] = fn
@@ -62,19 +66,50 @@ def _block(ctx: SelectionContext, score: torch.Tensor, best=max) -> list[int]:
     return list(range(s, s + n))
 
 
+SIMILARITIES = ("token", "linearpatch")
+
+
 @register("cosine")
 def cosine(ctx: SelectionContext) -> list[int]:
-    """LLM-Streamline / LinearPatch: the block whose input and output are most similar (token-wise cosine)."""
+    """The contiguous block whose input and output are most similar.
+
+    ``similarity=token`` (LLM-Streamline; lp's default): the mean token-wise cosine of boundaries s and s+n,
+    any start in [0, L-n]. ``similarity=linearpatch``, the official LinearPatch code (layer_select.py,
+    get_pruned_layer_with_cosine, lines 80-81): ``torch.cosine_similarity(act[i], act[i+n])`` on (1, T, d)
+    inputs of layers i and i+n, i.e. a cosine along the sequence per channel, averaged over channels then
+    samples; start i in range(1, L-n), i.e. [1, L-n-1] (layer 0 and the final norm's input never used)."""
     L, n = ctx.num_layers, ctx.n
-    score = torch.tensor([ctx.stats.cos[s, s + n].item() for s in range(L - n + 1)])
+    kind = ctx.setting("similarity", "token")
+    if kind not in SIMILARITIES:
+        raise ValueError(f"prune.similarity={kind!r} is not one of {list(SIMILARITIES)}")
+    if kind == "token":
+        score = torch.tensor([ctx.stats.cos[s, s + n].item() for s in range(L - n + 1)])
+    else:
+        if ctx.stats.cos_seq is None:
+            raise ValueError("prune.similarity=linearpatch needs calibration statistics with cos_seq (recompute them)")
+        score = torch.tensor([ctx.stats.cos_seq[s, s + n].item() if 1 <= s <= L - n - 1 else -math.inf
+                              for s in range(L - n + 1)])
     return _block(ctx, score, best=max)
 
 
 @register("angular")
 def angular(ctx: SelectionContext) -> list[int]:
-    """Gromov et al.: the block with the smallest mean angular distance arccos(cos)/pi."""
+    """Gromov et al. 2024 (The Unreasonable Ineffectiveness of the Deeper Layers, Sec. 3.2): the block with the
+    smallest mean angular distance arccos(cos)/pi between boundaries s and s+n, on the LAST token of each
+    sample (``token=last``, the paper's rule and that of the ShortGPT reference code sramshetty/ShortGPT,
+    short_gpt/short_hf.py: ``angular_distance(hiddens[l][:, -1:], hiddens[l+n][:, -1:])``);
+    ``token=all`` averages over every token (lp's earlier variant)."""
     L, n = ctx.num_layers, ctx.n
-    score = torch.tensor([ctx.stats.angular[s, s + n].item() for s in range(L - n + 1)])
+    token = ctx.setting("token", "last")
+    if token == "last":
+        if ctx.stats.cos_last is None:
+            raise ValueError("prune.token=last needs calibration statistics with cos_last (recompute them)")
+        ang = torch.arccos(ctx.stats.cos_last.clamp(-1, 1)) / torch.pi
+    elif token == "all":
+        ang = ctx.stats.angular
+    else:
+        raise ValueError(f"prune.token={token!r} is not one of ['last', 'all']")
+    score = torch.tensor([ang[s, s + n].item() for s in range(L - n + 1)])
     return _block(ctx, score, best=min)
 
 
@@ -135,13 +170,32 @@ def _ppl_without(ctx: SelectionContext, removed: list[int]) -> float:
 
 @register("ppl")
 def ppl(ctx: SelectionContext) -> list[int]:
-    """Shortened LLaMA (PPL criterion), one-shot: the n layers whose single removal raises calibration
-    perplexity least."""
+    """Shortened LLaMA (PPL+ criterion, src/anal_block_sensitivity_ppl.py): the n layers whose single removal
+    raises calibration perplexity least, never blocks 0-3 or the last two (the "+" rule)."""
     _needs_model(ctx, "ppl")
     from tqdm.auto import tqdm
 
     scores = [_ppl_without(ctx, [i]) for i in tqdm(range(ctx.num_layers), desc="ppl metric")]
-    return sorted(sorted(range(ctx.num_layers), key=scores.__getitem__)[: ctx.n])
+    return _lowest(ctx, torch.tensor(scores))
+
+
+def protected(ctx: SelectionContext) -> set[int]:
+    """Shortened LLaMA's "+" heuristic (src/block_prune.py, lines 67-79, on unless --no_plus_heuristic): blocks
+    0-3 and the last two are never removed. ``prune.protect_ends=false`` turns it off."""
+    if not ctx.setting("protect_ends", True):
+        return set()
+    L = ctx.num_layers
+    return {0, 1, 2, 3, L - 2, L - 1}
+
+
+def _lowest(ctx: SelectionContext, scores: torch.Tensor) -> list[int]:
+    """The n least important layers by ``scores``, never a protected one."""
+    keep = protected(ctx)
+    order = [i for i in torch.argsort(scores, stable=True).tolist() if i not in keep]
+    if len(order) < ctx.n:
+        raise ValueError(f"prune.n={ctx.n} is more than the {len(order)} layers that may be removed with "
+                         f"prune.protect_ends=true (layers {sorted(keep)} are kept)")
+    return sorted(order[: ctx.n])
 
 
 def sleb_steps(ctx: SelectionContext) -> list[tuple[int, float]]:
@@ -151,8 +205,14 @@ def sleb_steps(ctx: SelectionContext) -> list[tuple[int, float]]:
 
     removed: list[int] = []
     steps = []
+    if ctx.n > ctx.num_layers - 2:
+        raise ValueError(f"prune.n={ctx.n}: SLEB keeps the first and last remaining blocks, so at most "
+                         f"{ctx.num_layers - 2} of {ctx.num_layers} can be removed")
     for _ in tqdm(range(ctx.n), desc="sleb"):
-        candidates = [i for i in range(ctx.num_layers) if i not in removed]
+        alive = [i for i in range(ctx.num_layers) if i not in removed]
+        # sleb.py, lines 104-106: for j in range(early_barrier=1, search_bound - latter_barrier=1): the first
+        # and the last remaining blocks are never candidates
+        candidates = alive[1:-1]
         scores = {i: _ppl_without(ctx, removed + [i]) for i in candidates}
         best = min(candidates, key=scores.__getitem__)
         removed.append(best)
@@ -168,13 +228,15 @@ def sleb(ctx: SelectionContext) -> list[int]:
 
 
 def taylor_scores(ctx: SelectionContext) -> torch.Tensor:
-    """Shortened LLaMA's Taylor+ importance per layer: sum over its weights of |w * dL/dw| (first order),
-    L the calibration language-modelling loss."""
+    """Shortened LLaMA's Taylor importance per layer (src/anal_block_sensitivity_taylor.py, lines 96-145):
+    the salience w * dL/dw of every WEIGHT matrix and norm weight of the block (no biases, line 101:
+    ``"weight" in k``), summed over calibration batches, then |.| summed over the weight's entries and over
+    the block's weights; L is the calibration language-modelling loss."""
     from .models import Layout
 
     model, samples = _needs_model(ctx, "taylor")
     layers = Layout(model).layers
-    params = [list(layer.parameters()) for layer in layers]
+    params = [[p for name, p in layer.named_parameters() if name.endswith("weight")] for layer in layers]
     flags = [p.requires_grad for ps in params for p in ps]
     for ps in params:
         for p in ps:
@@ -197,6 +259,5 @@ def taylor_scores(ctx: SelectionContext) -> torch.Tensor:
 
 @register("taylor")
 def taylor(ctx: SelectionContext) -> list[int]:
-    """Taylor+: remove the n layers of lowest first-order importance."""
-    scores = taylor_scores(ctx)
-    return sorted(torch.argsort(scores, stable=True)[: ctx.n].tolist())
+    """Taylor+: remove the n layers of lowest first-order importance, never blocks 0-3 or the last two."""
+    return _lowest(ctx, taylor_scores(ctx))

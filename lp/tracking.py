@@ -1,17 +1,23 @@
-"""Experiment tracking: W&B (offline by default, no account needed) or nothing."""
+"""Experiment tracking: W&B (offline by default, no account needed) or nothing.
+
+The tracker starts with the run, so each phase is logged as it ends (calibration, selection, the
+distillation loss per step, evaluation); a run that raises is marked failed; a finished run gets its summary,
+the accuracy table as a ``wandb.Table``, and the record and calibration statistics as artifacts.
+"""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 class NullTracker:
     def log(self, data: dict, step: int | None = None) -> None:
         pass
 
-    def summary(self, data: dict) -> None:
+    def finish_run(self, record: dict, record_path: str | Path) -> None:
         pass
 
-    def finish(self) -> None:
+    def fail(self, error: BaseException) -> None:
         pass
 
 
@@ -24,17 +30,45 @@ class WandbTracker(NullTracker):
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logger.mode={mode!r} is not one of ['offline', 'online', 'disabled']")
         os.makedirs(dir, exist_ok=True)
+        self.wandb = wandb
         self.run = wandb.init(project=project, entity=entity, mode=mode, dir=dir, config=config, name=name,
                               group=group, reinit="finish_previous", settings=wandb.Settings(silent=True))
 
     def log(self, data: dict, step: int | None = None) -> None:
         self.run.log(data, step=step)
 
-    def summary(self, data: dict) -> None:
-        self.run.summary.update(data)
-
-    def finish(self) -> None:
+    def finish_run(self, record: dict, record_path: str | Path) -> None:
+        self.run.summary.update(summary(record))
+        zs = record.get("zeroshot") or {}
+        if zs.get("dense"):
+            rows = [[t, d.get("acc"), d.get("acc_stderr"), zs["pruned"][t].get("acc"), zs["pruned"][t].get("acc_stderr"),
+                     record["retention"]["per_task"][t]] for t, d in zs["dense"].items()]
+            self.run.log({"accuracy": self.wandb.Table(
+                columns=["task", "dense acc", "dense stderr", "pruned acc", "pruned stderr", "RP %"], data=rows)})
+        art = self.wandb.Artifact(f"record-{self.run.id}", type="record")
+        art.add_file(str(record_path))
+        if record.get("calib_stats") and Path(record["calib_stats"]).is_file():
+            art.add_file(record["calib_stats"])
+        self.run.log_artifact(art)
         self.run.finish()
+
+    def fail(self, error: BaseException) -> None:
+        self.run.summary.update({"error": f"{type(error).__name__}: {error}"})
+        self.run.finish(exit_code=1)
+
+
+def summary(record: dict) -> dict:
+    """The flat numbers of a record, as W&B summary keys."""
+    rp = record.get("retention") or {}
+    zs = record.get("zeroshot") or {}
+    return {"ppl/dense": record["ppl"]["dense"], "ppl/pruned": record["ppl"]["pruned"],
+            **{f"ppl/{k}/pruned": v["pruned"] for k, v in record["ppl"].get("datasets", {}).items()},
+            **{f"acc/dense/{t}": v["acc"] for t, v in (zs.get("dense") or {}).items()},
+            **{f"acc/pruned/{t}": v["acc"] for t, v in (zs.get("pruned") or {}).items()},
+            **({"rp/avg": rp["rp"], "rp/stderr": rp.get("rp_stderr")} if rp else {}),
+            "params/dense": record["params_dense"], "params/pruned": record["params_pruned"],
+            "prune_ratio": record["prune_ratio"], "removed": record["removed"], "similarity": record["similarity"],
+            **{f"time/{k}": v for k, v in record["timings"].items()}}
 
 
 def make_tracker(logger: dict, config: dict, name: str, group: str | None = None):

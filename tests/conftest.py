@@ -7,7 +7,7 @@ def tiny_config(model_type: str = "llama", layers: int = 6, hidden: int = 24, vo
 
     return AutoConfig.for_model(
         model_type, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=256,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
 

@@ -1,11 +1,11 @@
 import pytest
 
-from experiments import aggregate
+from lp.report import tables as aggregate
 from lp.records import RECORD_VERSION, write_json
 
 
 def record(n, patch, ppl, created, status="complete", seed=0, data="d", metric="cosine", acc=None, dense_acc=None):
-    r = {"version": RECORD_VERSION, "status": status, "model": "m", "data": data, "metric": metric, "n": n,
+    r = {"version": RECORD_VERSION, "status": status, "run_id": f"m-{n}-{patch}-{seed}-{data}-{metric}", "model": "m", "data": data, "metric": metric, "n": n,
          "patch": patch, "distill": "none", "eval": "ppl", "seed": seed, "removed": list(range(n)),
          "params_pruned": 1, "created": created, "ppl": {"dense": 10.0, "pruned": ppl}}
     if acc is not None:
@@ -20,15 +20,16 @@ def csv_rows(path, key_width):
     return lines[0].split(","), {tuple(x.split(",")[:key_width]): x.split(",")[key_width:] for x in lines[1:]}
 
 
-def test_ppl_table_from_synthetic_records(tmp_path, capsys):
+def test_ppl_table_from_synthetic_records(tmp_path):
     recs = tmp_path / "records"
     write_json(recs / "a.json", record(3, "none", 20.0, "2026-01-01"))
     write_json(recs / "b.json", record(3, "none", 22.0, "2026-01-02"))  # duplicate run: newest wins
     write_json(recs / "c.json", record(5, "linearpatch", 30.0, "2026-01-01"))
     write_json(recs / "c2.json", record(5, "none", 35.0, "2026-01-01"))
     write_json(recs / "sweep2" / "d.json", record(5, "none", 9.0, "2026-01-03", status="failed"))  # never read
-    (recs / "e.json.tmp").write_text("{half a rec")  # an interrupted write is never read
-    aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
+    (recs / "e.json").write_text("{half a rec")  # a damaged record is listed as skipped, never read
+    _, skipped = aggregate.build(recs, tmp_path / "tables")
+    assert sorted((p.rsplit("/", 1)[-1], "not JSON" in w) for p, w in skipped) == [("d.json", False), ("e.json", True)]
     header, rows = csv_rows(tmp_path / "tables" / "ppl.csv", 6)
     assert header == ["model", "data", "eval", "metric", "patch", "distill", "n=3", "n=5"]
     assert rows[("m", "d", "ppl", "cosine", "none", "none")] == ["22.0", "35.0"]
@@ -36,14 +37,13 @@ def test_ppl_table_from_synthetic_records(tmp_path, capsys):
     md = (tmp_path / "tables" / "ppl.md").read_text()
     assert "**30.00**" in md and "**35.00**" not in md  # the lower perplexity of the n=5 column is bold
     assert "\\textbf{30.00}" in (tmp_path / "tables" / "ppl.tex").read_text()
-    assert "pruned perplexity by layers removed" in capsys.readouterr().out
 
 
 def test_seeds_give_mean_and_std(tmp_path):
     recs = tmp_path / "records"
     for seed, ppl in enumerate([20.0, 22.0, 24.0]):
         write_json(recs / f"s{seed}.json", record(3, "none", ppl, "2026-01-01", seed=seed))
-    found = aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
+    found, _ = aggregate.build(recs, tmp_path / "tables")
     assert found["ppl"].mean.iloc[0, 0] == pytest.approx(22.0) and found["ppl"].std.iloc[0, 0] == pytest.approx(2.0)
     assert "22.00 ± 2.00" in (tmp_path / "tables" / "ppl.md").read_text()
     header, _ = csv_rows(tmp_path / "tables" / "ppl.csv", 6)
@@ -57,7 +57,7 @@ def test_dataset_table_has_one_column_per_eval_data_and_avg(tmp_path):
                             "ptb": {"dense": 9.0, "pruned": 30.0}}
     write_json(recs / "a.json", r)
     write_json(recs / "b.json", record(3, "none", 50.0, "2026-01-01", data="wikitext2"))  # wikitext2 only: no avg
-    aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
+    aggregate.build(recs, tmp_path / "tables")
     header, rows = csv_rows(tmp_path / "tables" / "ppl_datasets.csv", 5)
     assert header == ["model", "data", "eval", "n", "method", "c4", "ptb", "wikitext2", "avg"]
     assert rows[("m", "wikitext2", "ppl", "3", "cosine + linearpatch")] == ["20.0", "30.0", "10.0", "20.0"]
@@ -73,12 +73,13 @@ def test_accuracy_table_in_the_paper_layout_with_a_missing_task(tmp_path):
     write_json(recs / "b.json", record(3, "none", 25.0, "2026-01-01", acc={"arc_e": 0.64},  # a sweep without piqa
                                        dense_acc={"arc_e": 0.8}))
     write_json(recs / "c.json", record(5, "none", 40.0, "2026-01-01"))  # no zero-shot: not in this table
-    found = aggregate.main(["--records", str(recs), "--out", str(tmp_path / "tables")])
+    found, _ = aggregate.build(recs, tmp_path / "tables")
     header, rows = csv_rows(tmp_path / "tables" / "accuracy.csv", 5)
     assert header == ["model", "data", "eval", "n", "method", "arc_e", "piqa", "Avg", "RP"]
     assert [float(x) for x in rows[("m", "d", "ppl", "3", "cosine + linearpatch")]] == pytest.approx(
         [72.0, 60.0, 66.0, 66 / 70 * 100])
     arc, piqa, avg, rp = rows[("m", "d", "ppl", "3", "cosine")]  # piqa missing: empty cell, RP over arc_e
+    assert "Whole splits" in (tmp_path / "tables" / "accuracy.md").read_text()
     assert (float(arc), piqa, float(rp)) == (pytest.approx(64.0), "", pytest.approx(80.0))
     assert [float(x) for x in rows[("m", "d", "ppl", "0", "dense")]] == pytest.approx([80.0, 60.0, 70.0, 100.0])
     assert set(k[3] for k in rows) == {"0", "3"}
@@ -88,24 +89,43 @@ def test_accuracy_table_in_the_paper_layout_with_a_missing_task(tmp_path):
 
 
 def test_no_records_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no complete records"):
-        aggregate.main(["--records", str(tmp_path)])
+    with pytest.raises(ValueError, match="no complete records"):
+        aggregate.build(tmp_path, tmp_path / "t")
 
 
-def test_runs_differing_in_other_settings_are_named_and_split_with_by(tmp_path, capsys):
+def test_runs_differing_in_other_settings_are_named_and_split_with_by(tmp_path, caplog):
     recs = tmp_path / "records"
     for i, lr in enumerate([1e-4, 1e-3]):
         r = record(5, "streamline_ffn", 80.0 - 10 * i, f"2026-01-0{i + 1}")
         r.update(run_id=f"m__x__hash{i}", config={"patch": {"variant": "streamline_ffn", "lr": lr},
                                                    "eval": {"prefix_reuse": bool(i)}})
         write_json(recs / f"{i}.json", r)
-    aggregate.main(["--records", str(recs), "--out", str(tmp_path / "t1")])
-    out = capsys.readouterr().out
+    with caplog.at_level("WARNING"):
+        aggregate.build(recs, tmp_path / "t1")
+    out = caplog.text
+    caplog.clear()
     assert "differ only in ['patch.lr']" in out and "--by" in out  # prefix_reuse is not a setting
     _, rows = csv_rows(tmp_path / "t1" / "ppl.csv", 6)
     assert list(rows.values()) == [["70.0"]]  # one row: the newest
-    aggregate.main(["--records", str(recs), "--out", str(tmp_path / "t2"), "--by", "patch.lr"])
-    assert "differ only" not in capsys.readouterr().out
+    aggregate.build(recs, tmp_path / "t2", ["patch.lr"])
+    assert "differ only" not in caplog.text
     _, rows = csv_rows(tmp_path / "t2" / "ppl.csv", 6)
     assert {k[4]: v for k, v in rows.items()} == {"streamline_ffn [patch.lr=0.0001]": ["80.0"],
                                                   "streamline_ffn [patch.lr=0.001]": ["70.0"]}
+
+
+def test_aggregate_command_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recs = tmp_path / "records"
+    from lp.records import write_json
+
+    write_json(recs / "a.json", record(3, "linearpatch", 12.0, "2026-01-01"))
+    code = ("import sys, experiments.aggregate as a; a.main(['--records', sys.argv[1], '--out', sys.argv[2]]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code, str(recs), str(tmp_path / "t")], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "t" / "ppl.md").is_file()

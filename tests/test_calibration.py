@@ -43,7 +43,7 @@ def test_metrics_agree_with_direct_definitions(llama, ids):
     assert select_layers("cosine", SelectionContext(stats, n)) == [best, best + 1]
     ang = lambda a, b: (torch.arccos(torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)) / math.pi).mean().item()
     best = min(range(0, 7 - n), key=lambda s: ang(xs[s], xs[s + n]))
-    assert select_layers("angular", SelectionContext(stats, n)) == [best, best + 1]
+    assert select_layers("angular", SelectionContext(stats, n, settings={"token": "all"})) == [best, best + 1]
     bi = [1 - cos(xs[i], xs[i + 1]) for i in range(6)]
     torch.testing.assert_close(block_influence_scores(stats), torch.tensor(bi), atol=1e-5, rtol=0)
     assert select_layers("block_influence", SelectionContext(stats, 3)) == sorted(sorted(range(6), key=bi.__getitem__)[:3])
@@ -89,8 +89,9 @@ def test_sleb_is_greedy_and_stops_at_n(llama, ids):
     steps = sleb_steps(ctx)
     assert len(steps) == 3
     removed = []
-    for layer, ppl in steps:  # each step is the best single addition to what is already removed
-        best = min((i for i in range(6) if i not in removed), key=lambda i: _ppl_without(llama, ids, removed + [i]))
+    for layer, ppl in steps:  # each step is the best single addition to what is already removed, never the
+        alive = [i for i in range(6) if i not in removed]  # first or the last remaining block (SLEB's barriers)
+        best = min(alive[1:-1], key=lambda i: _ppl_without(llama, ids, removed + [i]))
         assert layer == best
         removed.append(layer)
         assert math.isclose(ppl, _ppl_without(llama, ids, removed), rel_tol=1e-6)
@@ -101,17 +102,59 @@ def test_ppl_and_taylor_metrics(llama, ids):
     from lp.selection import taylor_scores
 
     stats = collect_stats(llama, ids, progress=False)
-    ctx = SelectionContext(stats, 2, model=llama, samples=ids, batch_size=len(ids))
+    ctx = SelectionContext(stats, 2, model=llama, samples=ids, batch_size=len(ids), settings={"protect_ends": False})
     single = [_ppl_without(llama, ids, [i]) for i in range(6)]
     assert select_layers("ppl", ctx) == sorted(sorted(range(6), key=single.__getitem__)[:2])
     scores = taylor_scores(ctx)
     # direct first-order importance of layer 0
     llama.requires_grad_(True)
     llama(input_ids=ids, labels=ids).loss.backward()
-    direct = sum((p * p.grad).abs().sum().item() for p in llama.model.layers[0].parameters())
+    direct = sum((p * p.grad).abs().sum().item() for name, p in llama.model.layers[0].named_parameters()
+                 if name.endswith("weight"))
     assert math.isclose(scores[0].item(), direct, rel_tol=1e-4)
     assert select_layers("taylor", ctx) == sorted(torch.argsort(scores)[:2].tolist())
     import pytest
 
     with pytest.raises(ValueError, match="prune.metric='sleb' scores layers by running the model"):
         select_layers("sleb", SelectionContext(stats, 2))
+
+
+def test_last_token_angular_distance_and_official_linearpatch_cosine(ids):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", layers=8)
+    seen = {}
+    h = model.model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    xs = list(model(input_ids=ids, output_hidden_states=True).hidden_states[:-1]) + [seen["x"]]  # boundaries 0..8
+    h.remove()
+    stats = collect_stats(model, ids, batch_size=1, progress=False)
+    n, L = 3, 8
+    # Gromov et al.: the angular distance of the last token of each sample only
+    last = lambda a, b: (torch.arccos(torch.nn.functional.cosine_similarity(a[:, -1], b[:, -1], dim=-1).clamp(-1, 1)) / math.pi).mean().item()
+    best = min(range(0, L - n + 1), key=lambda s: last(xs[s], xs[s + n]))
+    assert select_layers("angular", SelectionContext(stats, n)) == list(range(best, best + n))
+    # official LinearPatch: torch.cosine_similarity on (1, T, d) per sample (dim=1: along the sequence), mean
+    seq = lambda a, b: torch.stack([torch.cosine_similarity(a[i:i + 1], b[i:i + 1]).mean() for i in range(len(a))]).mean()
+    torch.testing.assert_close(stats.cos_seq[1, 4], seq(xs[1], xs[4]), atol=1e-5, rtol=0)
+    best = max(range(1, L - n), key=lambda s: seq(xs[s], xs[s + n]).item())  # layer_select.py: range(1, max_start)
+    assert select_layers("cosine", SelectionContext(stats, n, settings={"similarity": "linearpatch"})) == list(range(best, best + n))
+
+
+def test_shortened_llama_plus_rule_never_removes_blocks_0_to_3_or_the_last_two(ids):
+    import pytest
+
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", layers=10)
+    stats = collect_stats(model, ids, progress=False)
+    for metric in ("taylor", "ppl"):
+        ctx = SelectionContext(stats, 4, model=model, samples=ids, batch_size=len(ids))
+        chosen = select_layers(metric, ctx)
+        assert chosen == [4, 5, 6, 7]  # the only 4 layers the rule leaves removable
+        with pytest.raises(ValueError, match="protect_ends"):
+            select_layers(metric, SelectionContext(stats, 5, model=model, samples=ids, batch_size=len(ids)))
+    ctx = SelectionContext(stats, 2, model=model, samples=ids, batch_size=len(ids))
+    from lp.selection import taylor_scores
+    scores = taylor_scores(ctx)
+    allowed = [i for i in torch.argsort(scores, stable=True).tolist() if i in range(4, 8)]
+    assert select_layers("taylor", ctx) == sorted(allowed[:2])

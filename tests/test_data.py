@@ -50,3 +50,33 @@ def test_hf_loader_reads_through_datasets(tmp_path):
 def test_unknown_source_is_refused():
     with pytest.raises(ValueError, match="data.source='web'"):
         data.corpus_text({"source": "web"}, "calib")
+
+
+class _Tok:
+    """The part of a tokenizer that bos_id reads."""
+
+    def __init__(self, bos_token_id, adds):
+        self.bos_token_id, self.adds = bos_token_id, adds
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([self.bos_token_id] if self.adds and add_special_tokens else []) + [7]}
+
+
+def test_bos_follows_the_tokenizers_convention_and_starts_every_window():
+    assert data.bos_id(_Tok(2, adds=True)) == 2  # Gemma, LLaMA-3: the tokenizer prepends BOS
+    assert data.bos_id(_Tok(1, adds=False)) is None  # SmolLM2, Qwen2.5: it defines one but does not add it
+    assert data.bos_id(_Tok(1, adds=False), True) == 1 and data.bos_id(_Tok(2, adds=True), False) is None
+    with pytest.raises(ValueError, match="data.bos=true"):
+        data.bos_id(_Tok(None, adds=False), True)
+    stream = torch.arange(10, 1000)
+    w = data.eval_windows(stream, 64, bos=2)
+    assert w.shape == (990 // 63, 64) and (w[:, 0] == 2).all()
+    assert torch.equal(w[:, 1:].reshape(-1), stream[: w.shape[0] * 63])  # no token skipped or repeated
+    c = data.calibration_samples(stream, 8, 32, seed=0, bos=2)
+    assert c.shape == (8, 32) and (c[:, 0] == 2).all() and (c[:, 1:] >= 10).all()
+
+
+@pytest.mark.parametrize("seqlen", [0, 1])
+def test_too_short_windows_are_refused(seqlen):
+    with pytest.raises(ValueError, match=f"data.seqlen={seqlen}"):
+        data.calibration_samples(torch.arange(100), 4, seqlen, seed=0, bos=1)

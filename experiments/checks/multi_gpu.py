@@ -1,7 +1,7 @@
 """A model split over several GPUs by accelerate (device_map=auto, as `model.device_map=auto` does) gives
 the same pruned + patched outputs as the same model on one GPU, each patch on its layer's GPU.
 
-    python -m experiments.check_multi_gpu          # needs 2 or more CUDA GPUs
+    python -m experiments.checks.multi_gpu          # needs 2 or more CUDA GPUs
 """
 import tempfile
 

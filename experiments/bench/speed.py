@@ -1,7 +1,7 @@
 """Speed and memory at real scale, on a random-initialised LLaMA-3-8B-shaped model (speed does not depend
 on trained weights). Writes JSON to stdout and, with --out, to a file.
 
-    python -m experiments.bench --out results/bench_gpu.json            # on a CUDA GPU
+    python -m experiments.bench.speed --out results/bench_gpu.json            # on a CUDA GPU
 
 Measures (bf16, batch 1 x 2048 tokens unless told otherwise):
   calibration   lp.calibration.collect_stats over N samples vs N plain forward passes of the decoder stack

@@ -1,7 +1,7 @@
 """Why does one patch beat another at an interface? Fit each on the same calibration hidden states and
 compare the hidden-state error after the patch with the perplexity it gives.
 
-    python -m experiments.diagnose_interface --start 14 --end 19 > results/diagnose_interface.md
+    python -m experiments.checks.interface --start 14 --end 19 > results/diagnose_interface.md
 
 Patches compared: none, diag (plain basis), linearpatch (Hadamard basis), the same two with the first token
 of every window (the attention sink, whose norm is ~100x the others) left out of the ratio, one scalar, and

@@ -1,6 +1,6 @@
 """Wall time of a sweep with this framework's reuse vs the same runs done one by one without it.
 
-    python -m experiments.bench_sweep --out results/bench_sweep.json
+    python -m experiments.bench.sweep --out results/bench_sweep.json
 
 Framework: one Hydra multirun (model loaded once, calibration statistics and the dense evaluation computed
 once and cached, the layers before the first removed one run once per block start). Baseline: one process

@@ -1,7 +1,7 @@
 """Distillation under CUDA mixed precision, on a small random LLaMA-shaped model in bf16 (no download):
 the patch stays float32, only the patch changes, and the loss stays finite in bf16 and fp16 autocast.
 
-    python -m experiments.check_distill_cuda
+    python -m experiments.checks.distill_cuda
 """
 import tempfile
 

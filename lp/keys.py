@@ -1,0 +1,24 @@
+"""What identifies a run: the settings of each config group that can change its results (torch-free, so that
+tables can be built without importing torch)."""
+from __future__ import annotations
+
+SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # config groups a run_id's hash covers
+
+# the prune settings each metric reads, besides metric and n (what a run_id hashes: nothing it ignores)
+USES = {"cosine": {"start", "similarity"}, "angular": {"start", "token"}, "block_influence": set(), "last": set(),
+        "manual": {"indices"}, "random": set(), "ppl": {"score_samples", "score_seqlen", "protect_ends"},
+        "taylor": {"score_samples", "score_seqlen", "protect_ends"}, "sleb": {"score_samples", "score_seqlen"}}
+EXECUTION = {"prefix_reuse"}  # how a run is computed, not what: never part of its identity
+
+
+def used_prune_settings(prune: dict) -> dict:
+    """The prune settings that the chosen metric reads."""
+    keep = {"metric", "n"} | USES.get(prune.get("metric"), set(prune))
+    return {k: v for k, v in prune.items() if k in keep}
+
+
+def group_settings(cfg: dict, group: str) -> dict:
+    """A config group's settings that can change results (what keys records and caches)."""
+    if group == "prune":
+        return used_prune_settings(cfg["prune"])
+    return {k: v for k, v in cfg[group].items() if k not in EXECUTION}

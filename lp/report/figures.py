@@ -1,0 +1,147 @@
+"""The paper's figures from records and saved calibration statistics (no model needed). PNG and PDF.
+
+    python -m experiments.figures                      # reads results/records, writes results/figures/
+
+One model, calibration data set and evaluation per call (the most common among the records).
+* magnitude.{png,pdf}   Fig. 1: mean token norm per layer boundary of the dense model, the removed block
+                        of each depth shaded, and at its interface the per-channel mean |x| (Hadamard
+                        basis) entering the block vs what the next layer expects, before and after LinearPatch
+* outliers.{png,pdf}    per-token max |x| over channels at the interface (first calibration sample): the
+                        massive outliers on a few tokens, in the plain basis and after the Hadamard rotation
+* cosine.{png,pdf}      mean token-wise cosine similarity between every pair of layer boundaries
+* ppl_vs_n.{png,pdf}    pruned perplexity against the number of removed layers, one line per method
+* patches.{png,pdf}     patch variants as bars, per depth (the most common selection metric)
+* methods.{png,pdf}     selection metrics as bars, without and with LinearPatch (the most common depth)
+
+Each function takes the records / statistics and returns a matplotlib figure; notebooks/ draws the same
+figures inline.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from ..calibration import BoundaryStats
+from ..pipeline import calib_stats_path
+from ..records import load_records
+from .tables import frame
+
+
+def save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.{ext}" for ext in ("png", "pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _linearpatch_runs(records: list[dict]) -> list[dict]:
+    """Training-free LinearPatch runs with one contiguous block, by depth."""
+    return sorted((r for r in records if r["patch"] == "linearpatch" and r["distill"] == "none"
+                   and len(r["interfaces"]) == 1), key=lambda r: r["n"])
+
+
+def interface_of(records: list[dict]) -> tuple[int, int] | None:
+    """The interface the figures zoom in on: that of the middle depth of the LinearPatch runs."""
+    runs = _linearpatch_runs(records)
+    return tuple(runs[len(runs) // 2]["interfaces"][0]) if runs else None
+
+
+def magnitude(stats: BoundaryStats, records: list[dict]):
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    a.semilogy(stats.norm_mean.numpy(), marker=".")
+    a.set(xlabel="layer boundary i (input of layer i)", ylabel="mean token L2 norm", title="dense model")
+    for r in _linearpatch_runs(records):
+        s, e = r["interfaces"][0]
+        a.axvspan(s, e, alpha=0.12, label=f"removed, n={r['n']}")
+    if (joint := interface_of(records)) is not None:
+        a.legend(fontsize=7)
+        s, e = joint
+        xs, xe = stats.abs_mean_rot[s], stats.abs_mean_rot[e]
+        order = xe.argsort()
+        b.plot(xe[order].numpy(), label=f"expected by layer {e}: mean|x_{e} H|", lw=1)
+        b.plot(xs[order].numpy(), label=f"delivered, no patch: mean|x_{s} H|", lw=1)
+        # LinearPatch's r is the ratio of these two curves: the patched input matches the upper one exactly
+        # (x_s P H = x_s H diag(r)), so it is not drawn as a third, tautological curve
+        b.set(xlabel="Hadamard channel (sorted)", ylabel="mean |activation|",
+              title=f"interface {s} -> {e} (LinearPatch scales the lower curve onto the upper)")
+        b.legend(fontsize=7)
+    return fig
+
+
+def outliers(stats: BoundaryStats, records: list[dict]):
+    s, e = interface_of(records) or (stats.num_layers // 2, stats.num_layers // 2 + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+    for ax, i in zip(axes, (s, e)):
+        ax.semilogy(stats.token_absmax[i].numpy(), lw=1, label="plain basis: max_c |x|")
+        ax.semilogy(stats.token_absmax_rot[i].numpy(), lw=1, label="Hadamard basis: max_c |x H|")
+        ax.set(xlabel="token position (first calibration sample)", title=f"boundary {i} (input of layer {i})")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("largest |activation| of the token")
+    return fig
+
+
+def cosine(stats: BoundaryStats):
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    im = ax.imshow(stats.cos.numpy(), cmap="viridis", origin="lower")
+    ax.set(xlabel="boundary j", ylabel="boundary i", title="mean cos(x_i, x_j)")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def ppl_vs_n(df: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, g in df.groupby("method"):
+        g = g.groupby("n")["ppl_pruned"].mean()
+        if len(g) > 1:  # a method run at one depth only is a point, not a curve: see methods()
+            ax.plot(g.index, g.values, marker="o", label=method)
+    ax.axhline(df["ppl_dense"].iloc[0], color="k", lw=0.8, ls=":", label="dense")
+    ax.set(xlabel="layers removed", ylabel="perplexity", title=f"{df['model'].iloc[0]} on {df['data'].iloc[0]}")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def patches(df: pd.DataFrame):
+    metric = df["metric"].mode()[0]
+    t = df[(df["distill"] == "none") & (df["metric"] == metric)].pivot_table(
+        index="n", columns="patch", values="ppl_pruned", aggfunc="mean")
+    t = t[sorted(t.columns, key=lambda c: (c != "none", c))]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    t.plot.bar(ax=ax, rot=0)
+    ax.axhline(df["ppl_dense"].iloc[0], color="k", lw=0.8, ls=":", label="dense")
+    ax.set(xlabel="layers removed", ylabel="perplexity", title=f"patch variants ({metric} selection)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def methods(df: pd.DataFrame):
+    n = df["n"].mode()[0]
+    t = df[(df["n"] == n) & (df["distill"] == "none") & df["patch"].isin(["none", "linearpatch"])].pivot_table(
+        index="metric", columns="patch", values="ppl_pruned", aggfunc="mean")
+    t = t[[c for c in ("none", "linearpatch") if c in t]]  # the paper's layout: each method, + LinearPatch
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    t.sort_values(t.columns[0]).plot.bar(ax=ax, rot=20, logy=True)
+    ax.axhline(df["ppl_dense"].iloc[0], color="k", lw=0.8, ls=":", label="dense")
+    ax.set(xlabel="selection metric", ylabel="perplexity (log)", title=f"selection metrics, n={n}")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def load(records_dir: str | Path) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
+    """Records, their table (one evaluation setting: the most common), the calibration statistics of the
+    first record (None if not saved) and the records that share them."""
+    records = load_records(records_dir)
+    if not records:
+        raise SystemExit(f"--records {records_dir}: no complete records found")
+    df = frame(records)
+    # one model, calibration data and evaluation (the most common): never an average over several
+    top = df.groupby(["model", "data", "eval"]).size().idxmax()
+    df = df[(df["model"] == top[0]) & (df["data"] == top[1]) & (df["eval"] == top[2])]
+    records = [r for r in records if (r["model"], r["data"], r["eval"]) == top]
+    stats_of = lambda r: Path(r.get("calib_stats") or calib_stats_path(r["config"]))  # noqa: E731
+    path = stats_of(records[0])
+    stats = BoundaryStats.load(path) if path.is_file() else None
+    return records, df, stats, [r for r in records if stats_of(r) == path]

@@ -1,0 +1,259 @@
+"""The paper's tables from run records (pandas; no torch): every complete record under results/records, any
+number of sweeps. Several seeds of one setting give mean ± std; the best value of each column within each
+block (one model, data set, evaluation and depth) is in bold. Markdown, LaTeX and CSV (numbers only) for each
+table; ``python -m experiments.aggregate`` writes them.
+
+Tables:
+* ppl           ablation: pruned perplexity per (metric, patch, distill), one column per depth n
+* methods       baselines: pruned perplexity per selection metric, one column per patch (+ distill)
+* ppl_datasets  the paper's Table 1/2 layout: one column per evaluation data set (WIKI-2, C4, PTB, ...) + avg
+* accuracy      the paper's Table 3/4 layout: accuracy per zero-shot task, Avg and RP, per method and depth
+                (written when some record has zero-shot results)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..keys import SETTING_GROUPS, group_settings
+
+log = logging.getLogger(__name__)
+
+KEY = ["model", "data", "metric", "n", "patch", "distill", "eval", "seed"]
+
+
+def method_name(metric: str, patch: str, distill: str) -> str:
+    return metric + ("" if patch == "none" else f" + {patch}") + ("" if distill == "none" else f" + {distill}")
+
+
+
+def _field(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
+    """One row per run; a run repeated with the same settings keeps its newest record. ``by``: config fields
+    (dotted, e.g. ``patch.lr``) that tell runs apart beyond the choices of KEY; their values join the patch
+    label. Runs that differ in other settings share a row (the newest is kept), with a warning naming them."""
+    rows = []
+    for r in records:
+        row = {k: r[k] for k in KEY}
+        config = r.get("config") or {}
+        given = [f"{f}={_field(config, f)}" for f in by if _field(config, f) is not None]
+        if given:  # only runs that have the field are labelled
+            row["patch"] += f" [{', '.join(given)}]"
+        rp = r.get("retention") or {}
+        by_data = r["ppl"].get("datasets") or {r["data"]: {"dense": r["ppl"]["dense"], "pruned": r["ppl"]["pruned"]}}
+        row.update(ppl_by_data={k: v["pruned"] for k, v in by_data.items()},
+                   ppl_dense_by_data={k: v["dense"] for k, v in by_data.items()})
+        row.update(method=method_name(r["metric"], row["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
+                   ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
+                   created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
+                   avg_dense=rp.get("avg_dense"), settings=r.get("run_id", "").rsplit("__", 1)[-1],
+                   config=config)
+        zs = r.get("zeroshot") or {}
+        acc = lambda v: v["acc"] if isinstance(v, dict) else v  # noqa: E731  (older records: plain numbers)
+        row.update({f"acc_{t}": acc(v) for t, v in zs.get("pruned", {}).items()})
+        row.update({f"dense_{t}": acc(v) for t, v in zs.get("dense", {}).items()})
+        row.update(rp_se=rp.get("rp_stderr"), at_chance=tuple(rp.get("at_chance") or ()),
+                   limit=r["config"]["eval"].get("limit") if r.get("config") else None)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df = df.sort_values("created")
+    differ = set()
+    for _, g in df[df.duplicated(KEY, keep=False)].groupby(KEY):
+        if g["settings"].nunique() > 1:
+            flat = [_flat({k: group_settings(c, k) for k in SETTING_GROUPS if isinstance(c.get(k), dict)})
+                    for c in g["config"]]
+            differ |= {f for f in set().union(*flat) if len({repr(x.get(f)) for x in flat}) > 1}
+    if differ:
+        log.warning(f"runs that differ only in {sorted(differ)} share a table row (the newest is "
+              f"shown); add --by FIELD to tell them apart")
+    return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+
+@dataclass
+class Table:
+    """Means and standard deviations over seeds (same shape; std NaN for one seed), the index columns that
+    make a block for the bold best, and whether lower is better."""
+
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    block: list[str]
+    lower_is_better: bool
+    note: str = ""  # printed under the table
+
+    def best(self) -> pd.DataFrame:
+        """True where a cell holds the best mean of its column within its block; the dense reference rows
+        and blocks of a single row have no best."""
+        pick = "min" if self.lower_is_better else "max"
+        blocks = self.mean.groupby(level=self.block)
+        best = self.mean.eq(blocks.transform(pick)) & blocks.transform("count").gt(1)
+        for c in getattr(self, "no_best", []):
+            best[c] = False
+        if "method" in self.mean.index.names:
+            best[self.mean.index.get_level_values("method") == "dense"] = False
+        return best
+
+
+def _table(df: pd.DataFrame, index: list[str], column: str, value: str, block: list[str], lower: bool,
+           order: list | None = None) -> Table:
+    """Pivot ``value`` to rows ``index`` x columns ``column``, mean and std over seeds."""
+    over_seeds = df.groupby(index + [column])[value]
+    mean, std = over_seeds.mean().unstack(column), over_seeds.std().unstack(column)
+    if order is not None:
+        mean, std = mean.reindex(columns=order), std.reindex(columns=order)
+    return Table(mean, std, block, lower)
+
+
+def ppl_by_depth(df: pd.DataFrame) -> Table:
+    t = _table(df, ["model", "data", "eval", "metric", "patch", "distill"], "n", "ppl_pruned",
+               ["model", "data", "eval"], lower=True)
+    t.mean.columns = t.std.columns = [f"n={c}" for c in t.mean.columns]
+    return t
+
+
+def methods(df: pd.DataFrame) -> Table:
+    df = df.assign(variant=[p if d == "none" else f"{p} + {d}" for p, d in zip(df["patch"], df["distill"])])
+    return _table(df, ["model", "data", "eval", "n", "metric"], "variant", "ppl_pruned",
+                  ["model", "data", "eval", "n"], lower=True)
+
+
+def _with_dense(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """``df`` plus one 'dense' row per (model, data, eval, seed), n = 0, whose column ``k`` holds the dense
+    model's value, read from column ``columns[k]``."""
+    rows = df.groupby(["model", "data", "eval", "seed"], as_index=False).first().assign(n=0, method="dense")
+    return pd.concat([rows.assign(**{k: rows[v] for k, v in columns.items()}), df], ignore_index=True)
+
+
+def ppl_by_dataset(df: pd.DataFrame) -> Table:
+    """Rows (model, calibration data, eval, n, method), one column per evaluation data set (each record's
+    ppl.datasets, or its own data set), and their average."""
+    df = _with_dense(df, {"ppl_by_data": "ppl_dense_by_data"})
+    df = df.assign(eval_data=df["ppl_by_data"].map(list)).explode("eval_data").reset_index(drop=True)
+    df["value"] = [d[k] for d, k in zip(df["ppl_by_data"], df["eval_data"])]
+    index = ["model", "data", "eval", "n", "method"]
+    t = _table(df, index, "eval_data", "value", ["model", "data", "eval", "n"], lower=True)
+    avg = df.groupby(index + ["seed"])["value"].mean()  # over data sets, per seed
+    complete = t.mean.notna().all(axis=1)  # an average over fewer data sets would not compare
+    t.mean["avg"] = avg.groupby(level=index).mean().where(complete)
+    t.std["avg"] = avg.groupby(level=index).std().where(complete)
+    return t
+
+
+def accuracy(df: pd.DataFrame) -> Table | None:
+    tasks = sorted(c[4:] for c in df.columns if c.startswith("acc_"))
+    df = df[df["rp"].notna()]
+    if df.empty or not tasks:
+        return None
+    acc = [f"acc_{t}" for t in tasks]
+    df = _with_dense(df, {**{f"acc_{t}": f"dense_{t}" for t in tasks}, "avg_pruned": "avg_dense"})
+    df.loc[df["method"] == "dense", "rp"] = 100.0
+    long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"],
+                   value_vars=acc + ["avg_pruned", "rp", "rp_se"], var_name="column", value_name="value")
+    long = long.dropna(subset=["value"])
+    long["column"] = long["column"].map(lambda c: {"avg_pruned": "Avg", "rp": "RP", "rp_se": "RP s.e."}.get(c, c[4:]))
+    long.loc[~long["column"].isin(["RP", "RP s.e."]), "value"] *= 100  # accuracies in %, as in the paper
+    t = _table(long, ["model", "data", "eval", "n", "method"], "column", "value",
+               ["model", "data", "eval", "n"], lower=False,
+               order=tasks + ["Avg", "RP"] + (["RP s.e."] if df["rp_se"].notna().any() else []))
+    t.no_best = ["RP s.e."]
+    at_chance = sorted({(m, task) for m, c in zip(df["model"], df["at_chance"]) if isinstance(c, tuple) for task in c})
+    limits = sorted({f"{m}: {lim}" for m, lim in zip(df["model"], df["limit"]) if pd.notna(lim)})
+    t.note = ("RP s.e.: standard error of RP from the per-task standard errors (dense and pruned taken as "
+              "independent, so it overstates the error of a paired comparison). "
+              + (f"Documents per task (eval.limit): {', '.join(limits)}. " if limits else "Whole splits. ")
+              + ("Dense model within 2 s.e. of chance, so its RP carries no signal: "
+                 + ", ".join(f"{task} ({m})" for m, task in at_chance) if at_chance
+                 else "Every task's dense accuracy is above chance by more than 2 s.e."))
+    return t
+
+
+# ------------------------------------------------------------------ output
+def cells(t: Table, bold: tuple[str, str] = ("", "")) -> pd.DataFrame:
+    """Formatted cells: 'mean' or 'mean ± std', the best of each column per block wrapped in ``bold``."""
+    best = t.best()
+    out = pd.DataFrame(index=t.mean.index, columns=t.mean.columns, dtype=object)
+    for c in t.mean.columns:
+        for i in t.mean.index:
+            m, s = t.mean.at[i, c], t.std.at[i, c]
+            if pd.isna(m):
+                out.at[i, c] = ""
+                continue
+            text = f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
+            out.at[i, c] = f"{bold[0]}{text}{bold[1]}" if best.at[i, c] else text
+    return out.reset_index()
+
+
+def markdown(t: Table) -> str:
+    return cells(t, ("**", "**")).to_markdown(index=False, disable_numparse=True)
+
+
+def latex(t: Table) -> str:
+    table = cells(t, ("\\textbf{", "}"))
+    esc = lambda v: str(v).replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")  # noqa: E731
+    table = table.map(esc)
+    table.columns = [esc(c) for c in table.columns]
+    return table.to_latex(index=False, escape=False)
+
+
+def numbers(t: Table) -> pd.DataFrame:
+    """CSV: the means, and a '<column> std' column where some cell has several seeds."""
+    out = t.mean.copy()
+    for c in t.std.columns:
+        if t.std[c].notna().any():
+            out[f"{c} std"] = t.std[c]
+    return out.reset_index()
+
+
+def write(t: Table, out: Path, name: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(t)
+    numbers(t).to_csv(out / f"{name}.csv", index=False)
+    if t.note:
+        md += f"\n\n{t.note}"
+    (out / f"{name}.md").write_text(md + "\n")
+    (out / f"{name}.tex").write_text(latex(t))
+    return md
+
+
+def tables(df: pd.DataFrame) -> dict[str, Table]:
+    found = {"ppl": ppl_by_depth(df), "methods": methods(df), "ppl_datasets": ppl_by_dataset(df)}
+    acc = accuracy(df)
+    if acc is not None:
+        found["accuracy"] = acc
+    return found
+
+
+TITLES = {"ppl": "pruned perplexity by layers removed", "methods": "pruned perplexity by selection metric "
+          "and patch", "ppl_datasets": "perplexity by evaluation data (n=0: dense)",
+          "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)"}
+
+
+def build(records: str | Path, out: str | Path, by: list[str] = ()) -> tuple[dict[str, Table], list]:
+    """Every table from the records under ``records``, written to ``out``; also the files skipped and why."""
+    from ..records import load_records
+
+    skipped: list = []
+    df = frame(load_records(records, skipped), list(by))
+    if df.empty:
+        raise ValueError(f"--records {records}: no complete records found"
+                         + (f" ({len(skipped)} skipped: {skipped[:3]})" if skipped else ""))
+    found = tables(df)
+    for name, t in found.items():
+        write(t, Path(out), name)
+    return found, skipped
