@@ -8,7 +8,7 @@ SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # confi
 USES = {"cosine": {"start", "similarity"}, "angular": {"start", "token"}, "block_influence": set(), "last": set(),
         "manual": {"indices"}, "random": set(), "ppl": {"score_samples", "score_seqlen", "protect_ends"},
         "taylor": {"score_samples", "score_seqlen", "protect_ends"}, "sleb": {"score_samples", "score_seqlen"}}
-EXECUTION = {"prefix_reuse"}  # how a run is computed, not what: never part of its identity
+EXECUTION = {"prefix_reuse", "zeroshot_batch_size"}  # how a run is computed, not what: never part of its identity
 
 
 def used_prune_settings(prune: dict) -> dict:

@@ -222,7 +222,8 @@ def calibrate(cfg: dict, model, data: Data) -> BoundaryStats:
 def _zeroshot_settings(cfg: dict) -> dict:
     e = cfg["eval"]
     tasks = list(e.get("tasks") or [])
-    return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"), batch_size=e.get("batch_size", 1),
+    return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"),
+                batch_size=e.get("zeroshot_batch_size") or e.get("batch_size", 1),
                 include_path=local_task_dir(cfg["cache_dir"]) if tasks else None, seed=cfg["seed"])
 
 

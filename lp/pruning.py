@@ -15,6 +15,25 @@ from .models import Layout, module_device
 from .patches import PATCH_MODULES, ChannelScale, Patched, ReplacementLayer, ResidualFFN, unwrap
 
 SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
+PATCHED_PREFIX = "lp-patched-"  # config.json's model_type of a folder with patches: plain loading fails loudly
+
+
+@contextmanager
+def _dequantized(model: nn.Module):
+    """A GGUF-loaded model holds de-quantised float weights but is flagged as quantised, and transformers
+    refuses to save it: hide the flag while saving, so the folder holds the de-quantised weights."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        yield
+        return
+    qc = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if qc is not None:
+            model.config.quantization_config = qc
 
 
 @dataclass
@@ -26,6 +45,7 @@ class PruneSpec:
     patches: dict[str, str] = field(default_factory=dict)  # position in the pruned model -> patch kind
     replaced: list[int] = field(default_factory=list)  # removed layers whose place a ReplacementLayer took
     folded: dict[str, float] = field(default_factory=dict)  # scalar patches folded into the saved weights
+    precision: dict[str, str] = field(default_factory=dict)  # position -> patch.precision of weight patches
 
 
 def interface_position(removed: list[int], e: int, replaced=()) -> int:
@@ -171,7 +191,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
         layout.norm = unwrap(norm)
         state = model.state_dict()
         folded = _fold_scalars(model, state, patches) if fold else {}
-        model.save_pretrained(path, state_dict=state)
+        with _dequantized(model):
+            model.save_pretrained(path, state_dict=state)
     finally:
         layout.layers, layout.norm = layers, norm
     if tokenizer is not None:
@@ -180,26 +201,46 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
     save_file({f"{pos}.{k}": v.detach().cpu().contiguous() for pos, p in kept.items()
                for k, v in p.state_dict().items()}, str(path / PATCH_FILE))
     spec = dataclasses.replace(spec, patches={k: v for k, v in spec.patches.items() if int(k) not in folded},
-                               folded={str(k): v for k, v in folded.items()})
+                               folded={str(k): v for k, v in folded.items()},
+                               precision={str(pos): p.precision for pos, p in kept.items() if hasattr(p, "precision")})
     (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
+    if any(kind != ReplacementLayer.kind for kind in spec.patches.values()):
+        # patches that plain from_pretrained would silently drop: make it fail loudly instead, naming the way
+        config = json.loads((path / "config.json").read_text())
+        config.update(model_type=f"{PATCHED_PREFIX}{config['model_type']}",
+                      lp_note="patched model: load it with lp.pruning.load_pruned(folder); plain from_pretrained "
+                              "would drop the patches")
+        (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     """Inverse of :func:`save_pruned`: (model, tokenizer, spec) with the patches in place."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .models import DTYPES
 
     path = Path(path)
     if not (path / SPEC_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a folder written by lp.pruning.save_pruned (no {SPEC_FILE})")
-    spec = PruneSpec(**json.loads((path / SPEC_FILE).read_text()))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    try:
+        spec = PruneSpec(**json.loads((path / SPEC_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path / SPEC_FILE} is damaged: {e}") from e
+    config = json.loads((path / "config.json").read_text())
+    kind = config.pop("model_type").removeprefix(PATCHED_PREFIX)
+    config.pop("lp_note", None)
+    model = AutoModelForCausalLM.from_pretrained(path, config=AutoConfig.for_model(kind, **config),
+                                                 dtype=DTYPES[dtype]).to(device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     weights = load_file(str(path / PATCH_FILE))
     layers = Layout(model).layers
+    L = len(layers)
+    bad = [i for i in spec.removed if not 0 <= i < spec.original_layers] + \
+        [p for p in spec.patches if not (p.isdigit() and 0 <= int(p) <= L)]
+    if bad or spec.original_layers - len(spec.removed) + len(spec.replaced) != L:
+        raise ValueError(f"{path / SPEC_FILE} does not fit the saved model of {L} layers (bad entries: {bad})")
     for pos, kind in spec.patches.items():
         state = {k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == pos}
         if kind == ReplacementLayer.kind:  # saved as a decoder layer of the model itself
@@ -210,7 +251,7 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
             patch = ResidualFFN(copy.deepcopy(donor.post_attention_layernorm), copy.deepcopy(donor.mlp))
             patch.load_state_dict(state)
         else:
-            patch = PATCH_MODULES[kind](state["weight"])
+            patch = PATCH_MODULES[kind](state["weight"], spec.precision.get(pos, "model"))
         patch.requires_grad_(False)
         attach_patch(model, int(pos), patch)
     return model, tokenizer, spec

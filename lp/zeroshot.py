@@ -115,4 +115,14 @@ def retention(dense: dict, pruned: dict, metric: str = "acc") -> dict:
         var_p = sum((pruned[t].get(se) or 0.0) ** 2 for t in d) / len(d) ** 2
         out["rp_stderr"] = 100 * math.sqrt(var_p / avg_d**2 + avg_p**2 * var_d / avg_d**4)
         out["at_chance"] = sorted(t for t in d if dense[t].get("at_chance"))
+        out["rp_above_chance"] = rp_above_chance(dense, pruned, metric)
     return out
+
+
+def rp_above_chance(dense: dict, pruned: dict, metric: str = "acc") -> float | None:
+    """RP over the tasks whose dense accuracy is above chance by more than 2 s.e. (None if there are none):
+    where the dense model guesses, 'retention' measures noise."""
+    keep = [t for t, r in dense.items() if isinstance(r, dict) and not r.get("at_chance")]
+    if not keep:
+        return None
+    return 100 * sum(pruned[t][metric] for t in keep) / sum(dense[t][metric] for t in keep)

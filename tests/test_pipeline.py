@@ -179,7 +179,8 @@ def test_default_model_end_to_end_through_hydra(tmp_path):
     env = {**os.environ, "WANDB_API_KEY": "", "HOME": str(tmp_path), "LP_DATA_DIR": os.environ.get(
         "LP_DATA_DIR", str(Path("~/.cache/lp").expanduser()))}
     cmd = [sys.executable, "-m", "experiments.run", "prune.n=5", "data.calib_samples=8", "data.seqlen=128",
-           "eval.max_windows=4", "eval.limit=8", f"results_dir={tmp_path}", "progress=false"]
+           "eval.max_windows=4", "eval.limit=8", f"results_dir={tmp_path}", "progress=false",
+           f"save_model={tmp_path / 'saved'}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rec = load_records(tmp_path / "records")[0]
@@ -187,6 +188,16 @@ def test_default_model_end_to_end_through_hydra(tmp_path):
     assert 5 < rec["ppl"]["dense"] < rec["ppl"]["pruned"]  # a real model: pruning hurts
     assert not rec["bos"]  # SmolLM2's tokenizer does not add its BOS
     assert set(rec["zeroshot"]["dense"]) == {"arc_easy_local", "piqa_local"} and "RP %" in out.stdout
+    # the GGUF-loaded model is saved de-quantised and reloads with its patch
+    import torch
+
+    from lp.pruning import load_pruned
+
+    model, tok, spec = load_pruned(tmp_path / "saved")
+    assert spec.removed == rec["removed"] and list(spec.patches.values()) == ["linearpatch"]
+    assert model.config.num_hidden_layers == 25
+    with torch.no_grad():
+        assert torch.isfinite(model(tok("The jury said", return_tensors="pt").input_ids).logits).all()
     assert rec["params_dense"] == 134_515_008
     assert list((tmp_path / "wandb").rglob("offline-run-*")), "W&B offline run missing"
     assert "ppl dense" in out.stdout

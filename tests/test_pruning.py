@@ -113,10 +113,30 @@ def test_save_load_round_trip(llama, ids, tmp_path):
     expected = logits(llama, ids)
     save_pruned(llama, None, tmp_path, spec)
     model, tokenizer, spec2 = load_pruned(tmp_path)
-    assert spec2 == spec and tokenizer is None
+    assert spec2.removed == spec.removed and spec2.patches == spec.patches and tokenizer is None
+    assert spec2.precision == {"3": "model"} and Layout(model).norm.patch.precision == "model"
     assert model.config.num_hidden_layers == 3
     assert isinstance(Layout(model).norm, Patched)
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
+    # plain transformers would drop the patch: it must fail loudly, naming the way to load the folder
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(Exception, match="lp-patched-llama"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "load_pruned" in (tmp_path / "config.json").read_text()
+
+
+def test_damaged_spec_is_named(llama, ids, tmp_path):
+    import json
+
+    stats = collect_stats(llama, ids, progress=False)
+    spec = prune_and_patch(llama, [3, 4], lambda s, e: build_patch("diag", stats, s, e))
+    save_pruned(llama, None, tmp_path, spec)
+    bad = json.loads((tmp_path / "lp_pruning.json").read_text())
+    bad["patches"] = {"-1": "diag"}
+    (tmp_path / "lp_pruning.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="does not fit the saved model"):
+        load_pruned(tmp_path)
 
 
 def test_bad_layer_indices_are_refused(llama):

@@ -67,7 +67,10 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         acc = lambda v: v["acc"] if isinstance(v, dict) else v  # noqa: E731  (older records: plain numbers)
         row.update({f"acc_{t}": acc(v) for t, v in zs.get("pruned", {}).items()})
         row.update({f"dense_{t}": acc(v) for t, v in zs.get("dense", {}).items()})
-        row.update(rp_se=rp.get("rp_stderr"), at_chance=tuple(rp.get("at_chance") or ()),
+        from ..zeroshot import rp_above_chance
+
+        above = rp_above_chance(zs.get("dense") or {}, zs.get("pruned") or {}) if rp else None
+        row.update(rp_se=rp.get("rp_stderr"), at_chance=tuple(rp.get("at_chance") or ()), rp_ac=above,
                    limit=r["config"]["eval"].get("limit") if r.get("config") else None)
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -163,18 +166,21 @@ def accuracy(df: pd.DataFrame) -> Table | None:
     acc = [f"acc_{t}" for t in tasks]
     df = _with_dense(df, {**{f"acc_{t}": f"dense_{t}" for t in tasks}, "avg_pruned": "avg_dense"})
     df.loc[df["method"] == "dense", "rp"] = 100.0
+    df.loc[(df["method"] == "dense") & df["rp_ac"].notna(), "rp_ac"] = 100.0
+    extra = {"avg_pruned": "Avg", "rp": "RP", "rp_se": "RP s.e.", "rp_ac": "RP above chance"}
     long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"],
-                   value_vars=acc + ["avg_pruned", "rp", "rp_se"], var_name="column", value_name="value")
+                   value_vars=acc + list(extra), var_name="column", value_name="value")
     long = long.dropna(subset=["value"])
-    long["column"] = long["column"].map(lambda c: {"avg_pruned": "Avg", "rp": "RP", "rp_se": "RP s.e."}.get(c, c[4:]))
-    long.loc[~long["column"].isin(["RP", "RP s.e."]), "value"] *= 100  # accuracies in %, as in the paper
+    long["column"] = long["column"].map(lambda c: extra.get(c, c[4:]))
+    long.loc[long["column"].isin(tasks + ["Avg"]), "value"] *= 100  # accuracies in %, as in the paper
+    present = [c for c in ("RP s.e.", "RP above chance") if c in set(long["column"])]
     t = _table(long, ["model", "data", "eval", "n", "method"], "column", "value",
-               ["model", "data", "eval", "n"], lower=False,
-               order=tasks + ["Avg", "RP"] + (["RP s.e."] if df["rp_se"].notna().any() else []))
+               ["model", "data", "eval", "n"], lower=False, order=tasks + ["Avg", "RP"] + present)
     t.no_best = ["RP s.e."]
     at_chance = sorted({(m, task) for m, c in zip(df["model"], df["at_chance"]) if isinstance(c, tuple) for task in c})
     limits = sorted({f"{m}: {lim}" for m, lim in zip(df["model"], df["limit"]) if pd.notna(lim)})
-    t.note = ("RP s.e.: standard error of RP from the per-task standard errors (dense and pruned taken as "
+    t.note = ("RP above chance: RP over the tasks whose dense accuracy is more than 2 s.e. above chance. "
+              "RP s.e.: standard error of RP from the per-task standard errors (dense and pruned taken as "
               "independent, so it overstates the error of a paired comparison). "
               + (f"Documents per task (eval.limit): {', '.join(limits)}. " if limits else "Whole splits. ")
               + ("Dense model within 2 s.e. of chance, so its RP carries no signal: "
