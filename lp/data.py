@@ -92,6 +92,34 @@ def hf_text(hf_path: str, split: str, hf_name: str | None = None, text_field: st
 SOURCES = ("brown", "hf")  # what data.source may be
 
 
+def hf_documents(hf_path: str, split: str, hf_name: str | None = None, text_field: str = "text",
+                 data_files: str | dict | None = None, max_rows: int | None = None) -> list[str]:
+    """The documents of one split of a ``datasets`` dataset, one string each."""
+    return hf_text(hf_path, split, hf_name, text_field, data_files, max_rows, sep="\x00").split("\x00")
+
+
+def random_document_windows(tokenizer, documents: list[str], n: int, seqlen: int, seed: int = 0,
+                            bos: int | None = None) -> torch.Tensor:
+    """The official LinearPatch C4 protocol (datautils_block.py, get_c4, lines 80-91): ``n`` times, draw a
+    random document until one is longer than ``seqlen`` tokens, then a random window of ``seqlen`` tokens of
+    it (Python's ``random`` seeded with ``seed``; with ``bos``, the token first and seqlen-1 of the text)."""
+    import random
+
+    rng = random.Random(seed)
+    body = seqlen - (bos is not None)
+    out = []
+    for _ in range(n):
+        for _attempt in range(100_000):
+            ids = tokenize(tokenizer, documents[rng.randint(0, len(documents) - 1)])
+            if ids.numel() > body:
+                break
+        else:
+            raise ValueError(f"data: no document of more than {body} tokens found for the random-document windows")
+        i = rng.randint(0, ids.numel() - body - 1)
+        out.append(ids[i : i + body])
+    return _with_bos(torch.stack(out), bos)
+
+
 def corpus_text(data: dict, split: str) -> str:
     """Text of ``split`` ('calib' or 'eval') for a data config (a plain dict, see conf/data/)."""
     source = data["source"]

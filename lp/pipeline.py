@@ -193,14 +193,22 @@ class Data:
         d, e = self.cfg["data"], self.cfg["eval"]
         out = {}
         for name, ds in {d["name"]: d, **(e.get("datasets") or {})}.items():
+            seqlen = ds.get("seqlen", d["seqlen"])
             try:
+                if ds.get("eval_windows") == "random_documents":  # the official LinearPatch C4 protocol
+                    docs = data_lib.hf_documents(ds["hf_path"], ds["splits"]["eval"], ds.get("hf_name"),
+                                                 ds.get("text_field", "text"), ds.get("data_files"),
+                                                 (ds.get("max_rows") or {}).get("eval"))
+                    out[name] = data_lib.random_document_windows(self.tokenizer, docs, e.get("max_windows") or 256,
+                                                                 seqlen, 0, self.bos)
+                    continue
                 text = data_lib.corpus_text(ds, "eval")
             except (RuntimeError, FileNotFoundError) as err:
                 where = "data" if ds is d else f"eval.datasets.{name}"
                 raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl, eval=quick and "
                                 f"eval=local evaluate data's own split only)") from err
-            out[name] = data_lib.eval_windows(data_lib.tokenize(self.tokenizer, text), ds.get("seqlen", d["seqlen"]),
-                                              e.get("max_windows"), self.bos)
+            out[name] = data_lib.eval_windows(data_lib.tokenize(self.tokenizer, text), seqlen, e.get("max_windows"),
+                                              self.bos)
         return out
 
 

@@ -80,3 +80,27 @@ def test_bos_follows_the_tokenizers_convention_and_starts_every_window():
 def test_too_short_windows_are_refused(seqlen):
     with pytest.raises(ValueError, match=f"data.seqlen={seqlen}"):
         data.calibration_samples(torch.arange(100), 4, seqlen, seed=0, bos=1)
+
+
+def test_random_document_windows_follow_the_official_c4_protocol():
+    import random
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(50)} | {"[UNK]": 50}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    docs = [" ".join(f"w{(i + j) % 50}" for j in range(length)) for i, length in enumerate([5, 40, 3, 60, 8])]
+    w = data.random_document_windows(tok, docs, 6, 16, seed=0)
+    rng = random.Random(0)  # the official loop, by hand
+    for row in w:
+        while True:
+            doc = docs[rng.randint(0, len(docs) - 1)]
+            ids = tok(doc, add_special_tokens=False)["input_ids"]
+            if len(ids) > 16:
+                break
+        i = rng.randint(0, len(ids) - 16 - 1)
+        assert row.tolist() == ids[i : i + 16]
+    with pytest.raises(ValueError, match="no document of more than 100 tokens"):
+        data.random_document_windows(tok, docs[:1], 1, 100)
