@@ -5,7 +5,7 @@
 import argparse
 from pathlib import Path
 
-from lp.report.figures import cosine, load, magnitude, methods, outliers, patches, ppl_vs_n, save
+from lp.report.figures import cosine, load, magnitude, methods, outliers, patches, ppl_vs_n, rp_vs_n, save
 
 
 def main(argv=None) -> list[Path]:
@@ -20,6 +20,8 @@ def main(argv=None) -> list[Path]:
     out = Path(a.out)
     written = save(ppl_vs_n(df), out, "ppl_vs_n") + save(patches(df), out, "patches")
     written += save(methods(df), out, "methods")
+    if (fig := rp_vs_n(df)) is not None:
+        written += save(fig, out, "rp_vs_n")
     if stats is None:
         print("calibration statistics not found: magnitude, outliers and cosine figures skipped")
     else:

@@ -11,9 +11,12 @@ Variants (``PATCHES``, one config each in conf/patch/):
 * ``linearpatch`` (LinearPatch, arXiv 2505.24680): P = H diag(r) Hᵀ with H an orthonormal Hadamard matrix and
   r = mean|x_e H| / mean|x_s H|, measured in the Hadamard basis, where the massive per-token outliers are
   spread over all channels.
-* ``prunecomp`` (after Prune&Comp, 2025): one scalar per interface, mean ||x_e|| / mean ||x_s||.
-* ``lstsq`` (training-free linear replacement, as ReplaceMe 2025): the d×d map M minimising ||X_s M - X_e||²
-  over calibration tokens, closed form from streamed Gram matrices (ridge ``ridge`` · mean diagonal).
+* ``prunecomp`` (after Prune&Comp, 2025): one scalar per interface, mean ||x_e|| / mean ||x_s||, one shot.
+  NOT Prune&Comp's full method (its per-channel statistic and iterative prune-compensate loop).
+* ``lstsq``: the d×d map M minimising ||X_s M - X_e||² from the block's input to its output over calibration
+  tokens, closed form from streamed Gram matrices (ridge ``ridge`` · mean diagonal). Training-free, like
+  ReplaceMe (2025), but NOT ReplaceMe's estimator (which fits on the MLP output of layer s-1 and folds into
+  its down_proj): a separate, more expressive d×d patch.
 * ``streamline_ffn`` (LLM-Streamline, arXiv 2403.19135): the block replaced by one residual SwiGLU FFN,
   initialised from the block's first layer's MLP and trained with MSE to map X_s to X_e.
 * ``streamline_layer`` (LLM-Streamline): the block replaced by one decoder layer, initialised from the block's
@@ -178,6 +181,14 @@ def diag_patch(ctx: PatchContext, s: int, e: int) -> ChannelScale:
 
 
 def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
+    """LinearPatch as the official code builds it (chenxinrui-tsinghua/LinearPatch): P = H diag(r) Hᵀ
+    (block_scaling.py, generate_symmetric_matrix, lines 6-10), r the per-channel mean |x H| of the input of
+    layer e over that of layer s (layer_select.py, get_scale_params, lines 11-15 and 33-34), applied to the
+    output of layer s-1, i.e. the input of the first kept layer (block_scaling.py, register_linear_patch,
+    lines 28-44). Differences: r here is the ratio of means over all calibration tokens, the official code
+    averages 128 per-sample ratios (line 46); H is lp's Sylvester x Paley matrix, the official code uses
+    QuaRot's hard-coded tables (rotate_utils/hadamard_utils.py), a different matrix for sizes that are not
+    powers of two (576 = 36 x 16)."""
     r = _ratio(ctx.stats.abs_mean_rot[e], ctx.stats.abs_mean_rot[s])
     H = hadamard(r.numel(), torch.float32)
     return LinearPatch(H @ torch.diag(r) @ H.T)

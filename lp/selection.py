@@ -97,7 +97,8 @@ def angular(ctx: SelectionContext) -> list[int]:
     """Gromov et al. 2024 (The Unreasonable Ineffectiveness of the Deeper Layers, Sec. 3.2): the block with the
     smallest mean angular distance arccos(cos)/pi between boundaries s and s+n, on the LAST token of each
     sample (``token=last``, the paper's rule and that of the ShortGPT reference code sramshetty/ShortGPT,
-    short_gpt/short_hf.py: ``angular_distance(hiddens[l][:, -1:], hiddens[l+n][:, -1:])``);
+    short_gpt/short_llama.py, compute_bi, lines 140-144: ``in_hidden[:, -1:]``, ``out_hidden[:, -1:]``, distance
+    arccos(sim)/pi as in short_gpt/metrics.py, line 24);
     ``token=all`` averages over every token (lp's earlier variant)."""
     L, n = ctx.num_layers, ctx.n
     token = ctx.setting("token", "last")
@@ -121,7 +122,8 @@ def block_influence_scores(stats: BoundaryStats) -> torch.Tensor:
 
 @register("block_influence")
 def block_influence(ctx: SelectionContext) -> list[int]:
-    """ShortGPT: the n layers with the lowest Block Influence (not necessarily contiguous)."""
+    """ShortGPT: the n layers with the lowest Block Influence (not necessarily contiguous); every token, as
+    sramshetty/ShortGPT short_gpt/metrics.py, block_influence, lines 13-26 (1 - cos per token)."""
     bi = block_influence_scores(ctx.stats)
     return sorted(torch.argsort(bi, stable=True)[: ctx.n].tolist())
 

@@ -2,6 +2,8 @@
 compare the hidden-state error after the patch with the perplexity it gives.
 
     python -m experiments.checks.interface --start 14 --end 19 > results/diagnose_interface.md
+    python -m experiments.checks.interface --model ~/.cache/lp/models --gguf-file gemma-3-270m-q4_k_m.gguf \
+        --start S --end E > results/diagnose_interface_gemma3.md     # after one model=gemma3_270m run
 
 Patches compared: none, diag (plain basis), linearpatch (Hadamard basis), the same two with the first token
 of every window (the attention sink, whose norm is ~100x the others) left out of the ratio, one scalar, and
@@ -32,12 +34,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bos", default="auto", help="auto (the tokenizer's convention), true or false")
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model, a.gguf_file or None, "float32")
     brown = {"source": "brown"}
-    samples = data.calibration_samples(data.tokenize(tok, data.corpus_text(brown, "calib")), a.samples, a.seqlen, a.seed)
-    windows = data.eval_windows(data.tokenize(tok, data.corpus_text(brown, "eval")), a.seqlen, a.windows)
+    bos = data.bos_id(tok, {"true": True, "false": False}.get(a.bos, a.bos))
+    samples = data.calibration_samples(data.tokenize(tok, data.corpus_text(brown, "calib")), a.samples, a.seqlen,
+                                       a.seed, bos)
+    windows = data.eval_windows(data.tokenize(tok, data.corpus_text(brown, "eval")), a.seqlen, a.windows, bos)
     s, e = a.start, a.end
     xs, xe = map(torch.cat, zip(*[(b[s].float(), b[e].float()) for b in stream_boundaries(model, samples, 8, progress=False)]))
     d = xs.shape[-1]
@@ -56,8 +61,8 @@ def main(argv=None) -> None:
     }
     flat_s, flat_e = xs[:, 1:].reshape(-1, d), xe[:, 1:].reshape(-1, d)
     norms = xs.norm(dim=-1)
-    print(f"Interface {s} -> {e} ({e - s} layers removed); {a.samples} x {a.seqlen} calibration tokens, "
-          f"{a.windows} x {a.seqlen} evaluation tokens.\n")
+    print(f"{type(model).__name__}, interface {s} -> {e} ({e - s} layers removed); {a.samples} x {a.seqlen} "
+          f"calibration tokens, {a.windows} x {a.seqlen} evaluation tokens; BOS first: {bos is not None}.\n")
     print(f"Mean token norm at boundary {s}: first token {norms[:, 0].mean():.1f}, others {norms[:, 1:].mean():.1f}\n")
     print("| patch | MSE to x_e (tokens 1..T-1) | perplexity |\n|---|---:|---:|")
     for name, p in patches.items():

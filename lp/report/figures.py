@@ -104,6 +104,23 @@ def ppl_vs_n(df: pd.DataFrame):
     return fig
 
 
+def rp_vs_n(df: pd.DataFrame):
+    """Retention (RP %, with its standard error) against the number of removed layers, one line per method;
+    None if no record has zero-shot results."""
+    df = df[df["rp"].notna()]
+    if df.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, g in df.groupby("method"):
+        g = g.groupby("n")[["rp", "rp_se"]].mean()
+        ax.errorbar(g.index, g["rp"], yerr=g["rp_se"], marker="o", capsize=3, label=method)
+    ax.axhline(100, color="k", lw=0.8, ls=":", label="dense")
+    ax.set(xlabel="layers removed", ylabel="RP % (mean acc pruned / dense)",
+           title=f"{df['model'].iloc[0]}, {df['eval'].iloc[0]} tasks")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
 def patches(df: pd.DataFrame):
     metric = df["metric"].mode()[0]
     t = df[(df["distill"] == "none") & (df["metric"] == metric)].pivot_table(
