@@ -8,7 +8,7 @@ def tiny_config(model_type: str = "llama", layers: int = 6, hidden: int = 24, vo
     return AutoConfig.for_model(
         model_type, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
 
 
@@ -31,8 +31,9 @@ def llama():
     return tiny_model("llama")
 
 
-@pytest.fixture(params=["llama", "qwen2", "mistral"])
+@pytest.fixture(params=sorted(__import__("lp.models", fromlist=["LAYOUTS"]).LAYOUTS))
 def any_model(request):
+    """Every family lp supports, as a tiny random model."""
     return tiny_model(request.param)
 
 

@@ -79,7 +79,7 @@ def test_accuracy_table_in_the_paper_layout_with_a_missing_task(tmp_path):
     assert [float(x) for x in rows[("m", "d", "ppl", "3", "cosine + linearpatch")]] == pytest.approx(
         [72.0, 60.0, 66.0, 66 / 70 * 100])
     arc, piqa, avg, rp = rows[("m", "d", "ppl", "3", "cosine")]  # piqa missing: empty cell, RP over arc_e
-    assert "Whole splits" in (tmp_path / "tables" / "accuracy.md").read_text()
+    assert "m: whole splits" in (tmp_path / "tables" / "accuracy.md").read_text()
     assert (float(arc), piqa, float(rp)) == (pytest.approx(64.0), "", pytest.approx(80.0))
     assert [float(x) for x in rows[("m", "d", "ppl", "0", "dense")]] == pytest.approx([80.0, 60.0, 70.0, 100.0])
     assert set(k[3] for k in rows) == {"0", "3"}

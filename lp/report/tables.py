@@ -167,6 +167,7 @@ def accuracy(df: pd.DataFrame) -> Table | None:
     df = _with_dense(df, {**{f"acc_{t}": f"dense_{t}" for t in tasks}, "avg_pruned": "avg_dense"})
     df.loc[df["method"] == "dense", "rp"] = 100.0
     df.loc[(df["method"] == "dense") & df["rp_ac"].notna(), "rp_ac"] = 100.0
+    df.loc[df["method"] == "dense", "rp_se"] = float("nan")
     extra = {"avg_pruned": "Avg", "rp": "RP", "rp_se": "RP s.e.", "rp_ac": "RP above chance"}
     long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"],
                    value_vars=acc + list(extra), var_name="column", value_name="value")
@@ -178,11 +179,11 @@ def accuracy(df: pd.DataFrame) -> Table | None:
                ["model", "data", "eval", "n"], lower=False, order=tasks + ["Avg", "RP"] + present)
     t.no_best = ["RP s.e."]
     at_chance = sorted({(m, task) for m, c in zip(df["model"], df["at_chance"]) if isinstance(c, tuple) for task in c})
-    limits = sorted({f"{m}: {lim}" for m, lim in zip(df["model"], df["limit"]) if pd.notna(lim)})
+    limits = sorted({f"{m}: {int(lim) if pd.notna(lim) else 'whole splits'}" for m, lim in zip(df["model"], df["limit"])})
     t.note = ("RP above chance: RP over the tasks whose dense accuracy is more than 2 s.e. above chance. "
               "RP s.e.: standard error of RP from the per-task standard errors (dense and pruned taken as "
               "independent, so it overstates the error of a paired comparison). "
-              + (f"Documents per task (eval.limit): {', '.join(limits)}. " if limits else "Whole splits. ")
+              + f"Documents per task (eval.limit): {', '.join(limits)}. "
               + ("Dense model within 2 s.e. of chance, so its RP carries no signal: "
                  + ", ".join(f"{task} ({m})" for m, task in at_chance) if at_chance
                  else "Every task's dense accuracy is above chance by more than 2 s.e."))
