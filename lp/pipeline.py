@@ -34,6 +34,7 @@ from .zeroshot import RP_METRICS, evaluate_tasks, lm_eval_version, local_task_di
 log = logging.getLogger(__name__)
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
+PROBE_SAMPLES = 4  # calibration samples on which each patch is compared with no patch
 
 
 # ------------------------------------------------------------------ validation (before any weights load)
@@ -382,12 +383,22 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     params_dense = count_parameters(model)
     with _timed(timings, "teacher"):
         prepared = prepare_distill(cfg, model, data, removed)
+    check = {}
+    if variant != "none":  # the patch against no patch on held calibration samples: a patch can hurt (README)
+        probe = data.samples(PROBE_SAMPLES)
+        with pruned(model, removed, lambda *_: None):
+            check["none"] = perplexity(model, probe, cfg["data"].get("calib_batch_size", 1), progress=False)
     distilled, ppl_free = None, None
     with ExitStack() as stack:
         with _timed(timings, "patch"):
             spec = stack.enter_context(pruned(model, removed, lambda s, e_: build_patch(variant, pctx, s, e_)))
         params_pruned = count_parameters(model)
         patch_params = sum(count_parameters(p) for p in patches_of(model).values())
+        if check:
+            check["patched"] = perplexity(model, probe, cfg["data"].get("calib_batch_size", 1), progress=False)
+            if check["patched"] > check["none"]:
+                log.warning(f"patch={variant} raises calibration perplexity over no patch ({check['none']:.3f} -> "
+                            f"{check['patched']:.3f} on {PROBE_SAMPLES} calibration samples)")
         if prepared is not None:
             name = cfg["data"]["name"]
             ppl_free = _finite(perplexity(model, windows[name], e.get("batch_size", 1), cfg.get("progress", True),
@@ -400,6 +411,7 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
             pruned_eval = evaluate(cfg, model, tokenizer, windows, prefixes, label="pruned")
         record = make_record(cfg, rid, group, L, removed, joins, similarity, params_dense, params_pruned,
                              patch_params, dense, pruned_eval, ppl_free, distilled, data, stats, windows, timings)
+        record["patch_check"] = check or None
         write_json(record_path, record)  # the record first: a failed save below loses no evaluation
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], spec)

@@ -62,7 +62,9 @@ def test_run_writes_a_complete_record_and_reuses_dense_eval(tiny_dir, tmp_path, 
     assert rec["ppl"]["dense"] > 1 and rec["ppl"]["pruned"] > 1 and len(rec["similarity"]) == 1
     on_disk = json.loads((tmp_path / "records" / f"{rec['run_id']}.json").read_text())
     assert on_disk["ppl"] == rec["ppl"] and on_disk["config"]["patch"]["variant"] == "linearpatch"
-    assert sorted(calls) == ["collect_stats", "evaluate_tasks", "evaluate_tasks", "perplexity", "perplexity"]
+    # dense and pruned evaluation, and the patch against no patch on calibration samples (patch_check)
+    assert sorted(calls) == ["collect_stats", "evaluate_tasks", "evaluate_tasks"] + ["perplexity"] * 4
+    assert set(rec["patch_check"]) == {"none", "patched"}
     zs = rec["zeroshot"]
     assert set(zs["dense"]) == set(zs["pruned"]) == {"piqa_local"}
     d, p = zs["dense"]["piqa_local"], zs["pruned"]["piqa_local"]
@@ -419,3 +421,16 @@ def test_truncated_gguf_is_named(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ValueError, match=r"cut.gguf could not be read, the file may be damaged"):
         load_model(str(tmp_path), "cut.gguf", "float32")
+
+
+def test_a_patch_that_hurts_is_reported(tiny_dir, tmp_path, monkeypatch, caplog):
+    """Where the patched model does worse than no patch on calibration samples, the run says so and records
+    both (here the perplexity of any model holding a patch is made 10x worse)."""
+    from lp.pruning import patches_of
+
+    real = pipeline.perplexity
+    monkeypatch.setattr(pipeline, "perplexity", lambda model, *a, **k: real(model, *a, **k) * (10 if patches_of(model) else 1))
+    with caplog.at_level("WARNING"):
+        rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=diag"), workspace=pipeline.Workspace())
+    assert rec["patch_check"]["patched"] > rec["patch_check"]["none"]
+    assert "patch=diag raises calibration perplexity over no patch" in caplog.text
