@@ -84,6 +84,10 @@ def test_only_trainable_parameters_change(tmp_path, samples, train):
     assert changed and all(by_id[n] in trained for n in changed)  # frozen weights are bit-identical
     assert "model.layers.2.patch.weight" in changed
     assert any("norm" in n for n in changed) == (train == "patch+norms")
+    if train == "patch+norms":  # the final norm too (wrapped, it is named model.norm.inner), and each once
+        assert "model.norm.weight" in changed or "model.norm.inner.weight" in changed
+        params = trainable_parameters(student, train)
+        assert len(params) == len({id(p) for p in params})
     assert not any(p.requires_grad for p in student.parameters())
 
 

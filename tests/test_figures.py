@@ -29,9 +29,10 @@ def synthetic(tmp_path, L=6, d=12, T=9):
 def test_figures_render_without_a_display(tmp_path):
     recs = synthetic(tmp_path)
     out = tmp_path / "fig"
-    code = f"from experiments import figures; figures.main(['--records', r'{recs}', '--out', r'{out}'])"
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "experiments.figures", "--records", str(recs), "--out", str(out)],
+                   check=True, env=env, cwd=root)
     names = sorted(p.name for p in out.iterdir())
     figs = ("magnitude", "outliers", "cosine", "ppl_vs_n", "patches", "methods")
     assert names == sorted(f"{f}.{e}" for f in figs for e in ("png", "pdf"))
