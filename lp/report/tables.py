@@ -51,6 +51,13 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
     for r in records:
         row = {k: r[k] for k in KEY}
         config = r.get("config") or {}
+        bos = _field(config, "data.bos")
+        if bos not in (None, "auto"):  # BOS forced on or off: other windows, another data row
+            row["data"] += f" [bos={str(bos).lower()}]"
+        for name, default in (("similarity", "token"), ("token", "last")):  # a metric's variant, its own row
+            value = _field(config, f"prune.{name}")
+            if value not in (None, default):
+                row["metric"] += f" [{value}]"
         given = [f"{f}={_field(config, f)}" for f in by if _field(config, f) is not None]
         if given:  # only runs that have the field are labelled
             row["patch"] += f" [{', '.join(given)}]"
