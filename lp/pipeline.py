@@ -29,7 +29,7 @@ from .records import (DamagedFile, RECORD_VERSION, is_complete, key_of, locked, 
 from .keys import SETTING_GROUPS, group_settings
 from .selection import METRICS, MODEL_METRICS, SelectionContext, select_layers
 from .tracking import make_tracker
-from .zeroshot import RP_METRICS, evaluate_tasks, lm_eval_version, local_task_dir, retention
+from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def make_record(cfg, rid, group, L, removed, joins, similarity, params_dense, pa
         "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
                            "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
         "zeroshot": {"dense": zs_dense, "pruned": zs_pruned,
-                     "lm_eval": lm_eval_version() if zs_dense else None},
+                     "lm_eval": versions()["lm_eval"] if zs_dense else None},
         "retention": retention(zs_dense, zs_pruned, cfg["eval"].get("rp_metric", "acc")),
         "eval_tokens": windows[main].numel(), "calib_tokens": stats.tokens,
         "calib_stats": str(calib_stats_path(cfg)), "versions": versions(), "timings": timings, "config": cfg,

@@ -18,12 +18,6 @@ from .tasks import OLMO_EVAL_INSTALL, chance, local_task_dir  # noqa: F401  (loc
 RP_METRICS = ("acc", "acc_norm")
 
 
-def lm_eval_version() -> str:
-    import lm_eval
-
-    return lm_eval.__version__
-
-
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, include_path: str | Path | None = None,
                    seed: int = 0) -> dict[str, dict]:
