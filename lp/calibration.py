@@ -150,11 +150,12 @@ def stream_block_io(model, samples: torch.Tensor, s: int, e: int, batch_size: in
 
 @torch.no_grad()
 def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str | None = None,
-                  progress: bool = True) -> BoundaryStats:
-    """Stream calibration statistics of every boundary over ``samples`` (n, seqlen)."""
+                  progress: bool = True, hadamard_construction: str = "paley") -> BoundaryStats:
+    """Stream calibration statistics of every boundary over ``samples`` (n, seqlen); the Hadamard basis of
+    ``abs_mean_rot`` is ``hadamard_construction``'s (lp.hadamard.CONSTRUCTIONS)."""
     layout = Layout(model)
     L, d = layout.num_layers, layout.hidden_size
-    H = hadamard(d, torch.float32, "cpu")
+    H = hadamard(d, torch.float32, "cpu", hadamard_construction)
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
 

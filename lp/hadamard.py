@@ -10,6 +10,16 @@ with q any prime power (prime powers such as 25 and 27 use polynomial arithmetic
 every hidden size of the LLaMA, Mistral, Qwen and Gemma families, e.g. 576 = 36·16, 3584 = 28·128,
 4096 = 2^12, 5120 = 20·256 and 5376 = 84·64.  Orders that need Williamson-type constructions (156, 172) are
 not built here and raise a clear error.
+
+``construction="quarot"`` builds, instead, the matrix that the official LinearPatch code uses
+(chenxinrui-tsinghua/LinearPatch ``rotate_utils/hadamard_utils.py``: QuaRot/QuIP#'s tables, lines 5-55 pick
+the base order K, ``get_hadamard_matrix`` lines 92-95 applies the transform to the identity): the base K
+among 140, 108, 60, 36, 28, 40, 20, 12 (that priority, n / K a power of two), then H = (K_tab ⊗ S)ᵀ / sqrt(n)
+with S Sylvester's matrix.  Its tables are Paley constructions laid out differently from lp's: Paley I as
+[[1, -1ᵀ], [1, Q + I]] (12, 20, 60, 108, 140), Paley II as [[C + I, C - I], [C - I, -C - I]] (28, 36; the
+"had36.pal2" of Sloane's library), 40 = [[H20, H20], [H20, -H20]]; they are rebuilt here from those
+definitions (a test pins the result to the official matrix's SHA-256).  The same statistics give a
+different patch in another basis when n is not a power of two.
 """
 from __future__ import annotations
 
@@ -159,14 +169,66 @@ def _hadamard64(n: int) -> torch.Tensor:
     return H / n**0.5
 
 
-def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """Orthonormal n×n Hadamard matrix H (H @ H.T = I, entries ±1/sqrt(n))."""
-    return _hadamard64(int(n)).to(dtype=dtype, device=device)
+def _sylvester(m: int) -> torch.Tensor:
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < m:
+        H = torch.kron(H, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    return H
 
 
-def is_supported(n: int) -> bool:
+def _quarot_base(k: int) -> torch.Tensor:
+    """The official code's base table of order k, rebuilt from its definition."""
+    if k == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if k == 40:
+        h20 = _quarot_base(20)
+        return torch.cat([torch.cat([h20, h20], 1), torch.cat([h20, -h20], 1)])
+    eye = torch.eye(k // 2, dtype=torch.float64)
+    if k in (28, 36):  # Paley II, q = k/2 - 1, as one 2 x 2 block matrix
+        C = torch.zeros(k // 2, k // 2, dtype=torch.float64)
+        C[0, 1:] = C[1:, 0] = 1
+        C[1:, 1:] = _jacobsthal(k // 2 - 1)
+        return torch.cat([torch.cat([C + eye, C - eye], 1), torch.cat([C - eye, -C - eye], 1)])
+    S = torch.zeros(k, k, dtype=torch.float64)  # Paley I, q = k - 1, bordered by -1 (row) and +1 (column)
+    S[0, 1:], S[1:, 0] = -1, 1
+    S[1:, 1:] = _jacobsthal(k - 1)
+    return S + torch.eye(k, dtype=torch.float64)
+
+
+QUAROT_ORDERS = (172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12, 1)  # get_hadK's priority, lines 5-55
+WILLIAMSON = (172, 156, 52)  # tables of the official code that lp does not build
+
+
+@lru_cache(maxsize=16)
+def _quarot64(n: int) -> torch.Tensor:
+    if n < 1:
+        raise ValueError(f"Hadamard size must be positive, got {n}")
+    pow2 = lambda m: m >= 1 and m & (m - 1) == 0  # noqa: E731
+    k = next((k for k in QUAROT_ORDERS if n % k == 0 and pow2(n // k)), None)
+    if k is None:
+        raise ValueError(f"hadamard=quarot has no matrix of size {n}: the official code needs n = K·2^j with K in "
+                         f"{QUAROT_ORDERS[:-1]}, or a power of two")
+    if k in WILLIAMSON:
+        raise ValueError(f"hadamard=quarot of size {n} needs the official code's Williamson table of order {k}, "
+                         f"which lp does not build: use patch.hadamard=paley")
+    return torch.kron(_quarot_base(k), _sylvester(n // k)).T / n**0.5
+
+
+CONSTRUCTIONS = {"paley": _hadamard64, "quarot": _quarot64}
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+             construction: str = "paley") -> torch.Tensor:
+    """Orthonormal n×n Hadamard matrix H (H @ H.T = I, entries ±1/sqrt(n)): lp's Sylvester x Paley matrix
+    (``paley``) or the official LinearPatch code's (``quarot``)."""
+    if construction not in CONSTRUCTIONS:
+        raise ValueError(f"Hadamard construction {construction!r} is not one of {list(CONSTRUCTIONS)}")
+    return CONSTRUCTIONS[construction](int(n)).to(dtype=dtype, device=device)
+
+
+def is_supported(n: int, construction: str = "paley") -> bool:
     try:
-        _hadamard64(int(n))
+        CONSTRUCTIONS[construction](int(n))
         return True
     except ValueError:
         return False

@@ -159,9 +159,9 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[
     return name_or_path, gguf_file
 
 
-def model_config(m: dict) -> tuple[int, int | None]:
-    """(number of decoder layers, context length) from the model's config alone, before its weights load
-    (for a GGUF file: its header)."""
+def model_config(m: dict) -> tuple[int, int | None, int]:
+    """(number of decoder layers, context length, hidden size) from the model's config alone, before its
+    weights load (for a GGUF file: its header)."""
     from transformers import AutoConfig
 
     path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
@@ -175,7 +175,7 @@ def model_config(m: dict) -> tuple[int, int | None]:
         raise ValueError(f"model: the config of {Path(path) / (gguf or '')} could not be read, the file may be "
                          f"damaged ({type(e).__name__}: {e})") from e
     cfg = getattr(cfg, "text_config", None) or cfg
-    return cfg.num_hidden_layers, getattr(cfg, "max_position_embeddings", None)
+    return cfg.num_hidden_layers, getattr(cfg, "max_position_embeddings", None), cfg.hidden_size
 
 
 def load_model(

@@ -186,11 +186,12 @@ def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     layer e over that of layer s (layer_select.py, get_scale_params, lines 11-15 and 33-34), applied to the
     output of layer s-1, i.e. the input of the first kept layer (block_scaling.py, register_linear_patch,
     lines 28-44). Differences: r here is the ratio of means over all calibration tokens, the official code
-    averages 128 per-sample ratios (line 46); H is lp's Sylvester x Paley matrix, the official code uses
-    QuaRot's hard-coded tables (rotate_utils/hadamard_utils.py), a different matrix for sizes that are not
-    powers of two (576 = 36 x 16)."""
+    averages 128 per-sample ratios (line 46). H is ``patch.hadamard``'s: ``quarot`` the official code's matrix
+    (rotate_utils/hadamard_utils.py), ``paley`` lp's Sylvester x Paley matrix; they differ for sizes that are
+    not powers of two (576 = 36 x 16). The statistics must be measured in the same basis (the pipeline keys
+    the calibration cache on it)."""
     r = _ratio(ctx.stats.abs_mean_rot[e], ctx.stats.abs_mean_rot[s])
-    H = hadamard(r.numel(), torch.float32)
+    H = hadamard(r.numel(), torch.float32, construction=ctx.settings.get("hadamard", "paley"))
     return LinearPatch(H @ torch.diag(r) @ H.T)
 
 

@@ -21,6 +21,7 @@ from . import data as data_lib
 from .calibration import BoundaryStats, collect_stats
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity
+from .hadamard import CONSTRUCTIONS, is_supported
 from .models import Layout, count_parameters, load_model, model_config
 from .patches import NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
@@ -46,8 +47,10 @@ def _int_in(value, name: str, lo: int, hi: float = math.inf, none_ok: bool = Fal
         raise ValueError(f"{name}={value!r} is not valid: it must be {valid}{' or null' if none_ok else ''}")
 
 
-def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None) -> None:
-    """Checks that need no weights: the config alone, then (given them) the model's layer count and context."""
+def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
+             hidden_size: int | None = None) -> None:
+    """Checks that need no weights: the config alone, then (given them) the model's layer count, context and
+    hidden size."""
     p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
     if p["metric"] not in METRICS:
         raise ValueError(f"prune.metric={p['metric']!r} is not one of {sorted(METRICS)}")
@@ -55,6 +58,12 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
         raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
     if cfg["patch"].get("precision", "model") not in PRECISIONS:
         raise ValueError(f"patch.precision={cfg['patch']['precision']!r} is not one of {list(PRECISIONS)}")
+    construction = hadamard_of(cfg)
+    if construction not in CONSTRUCTIONS:
+        raise ValueError(f"patch.hadamard={construction!r} is not one of {list(CONSTRUCTIONS)}")
+    if hidden_size is not None and not is_supported(hidden_size, construction):
+        raise ValueError(f"patch.hadamard={construction}: no Hadamard matrix of the model's hidden size {hidden_size} "
+                         f"(valid: {[c for c in CONSTRUCTIONS if is_supported(hidden_size, c)]})")
     if dist["method"] not in DISTILL_METHODS:
         raise ValueError(f"distill.method={dist['method']!r} is not one of {DISTILL_METHODS}")
     if dist["method"] == "mse" and cfg["patch"]["variant"] == "streamline_layer":
@@ -140,10 +149,17 @@ def data_key(cfg: dict) -> dict:
     return {**cfg["data"], "bos": cfg["data"].get("bos", "auto")}
 
 
+def hadamard_of(cfg: dict) -> str:
+    """The Hadamard construction of the run's rotated statistics (patch.hadamard; lp's ``paley`` by default)."""
+    return cfg["patch"].get("hadamard", "paley")
+
+
 def calib_stats_path(cfg: dict) -> Path:
-    """Calibration statistics of (model, data, seed, versions): small (a few (L+1) x d tensors), kept beside
-    the records so that figures never need the model again."""
-    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], versions())
+    """Calibration statistics of (model, data, seed, Hadamard basis, versions): small (a few (L+1) x d
+    tensors), kept beside the records so that figures never need the model again. The basis enters the key
+    only when it is not lp's default, so that files keyed before the choice existed stay valid."""
+    basis = [] if hadamard_of(cfg) == "paley" else [{"hadamard": hadamard_of(cfg)}]
+    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], *basis, versions())
     return Path(cfg["results_dir"]) / "stats" / f"calib_{key}.pt"
 
 
@@ -223,8 +239,9 @@ def calibrate(cfg: dict, model, data: Data) -> BoundaryStats:
             except DamagedFile as e:
                 set_aside(path, str(e))
         stats = collect_stats(model, data.samples(), cfg["data"].get("calib_batch_size", 1),
-                              progress=cfg.get("progress", True))
-        stats.save(path, {"model": model_key(cfg), "data": data_key(cfg), "seed": cfg["seed"], **versions()})
+                              progress=cfg.get("progress", True), hadamard_construction=hadamard_of(cfg))
+        stats.save(path, {"model": model_key(cfg), "data": data_key(cfg), "seed": cfg["seed"],
+                          "hadamard": hadamard_of(cfg), **versions()})
     return stats
 
 

@@ -5,7 +5,7 @@ compare the hidden-state error after the patch with the perplexity it gives.
     python -m experiments.checks.interface --model ~/.cache/lp/models --gguf-file gemma-3-270m-q4_k_m.gguf \
         --start S --end E > results/diagnose_interface_gemma3.md     # after one model=gemma3_270m run
 
-Patches compared: none, diag (plain basis), linearpatch (Hadamard basis), the same two with the first token
+Patches compared: none, diag (plain basis), linearpatch (the official code's Hadamard basis, and lp's), the same two with the first token
 of every window (the attention sink, whose norm is ~100x the others) left out of the ratio, one scalar, and
 LinearPatch's construction in a random orthonormal basis instead of the Hadamard one.
 """
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     s, e = a.start, a.end
     xs, xe = map(torch.cat, zip(*[(b[s].float(), b[e].float()) for b in stream_boundaries(model, samples, 8, progress=False)]))
     d = xs.shape[-1]
-    H = hadamard(d)
+    H, H_lp = hadamard(d, construction="quarot"), hadamard(d, construction="paley")
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(a.seed)))
     ratio = lambda x, y: y.abs().mean((0, 1)) / x.abs().mean((0, 1))  # noqa: E731
     rotated = lambda B, x, y: LinearPatch(B @ torch.diag(ratio(x @ B, y @ B)) @ B.T)  # noqa: E731
@@ -54,6 +54,7 @@ def main(argv=None) -> None:
         "none": None,
         "diag": ChannelScale(ratio(xs, xe)),
         "linearpatch": rotated(H, xs, xe),
+        "linearpatch, lp's Paley basis": rotated(H_lp, xs, xe),
         "diag, sink token left out": ChannelScale(ratio(xs[:, 1:], xe[:, 1:])),
         "linearpatch, sink token left out": rotated(H, xs[:, 1:], xe[:, 1:]),
         "scalar (mean norm ratio)": ChannelScale(torch.full((d,), (xe.norm(dim=-1).mean() / xs.norm(dim=-1).mean()).item())),

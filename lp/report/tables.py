@@ -58,6 +58,8 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
             value = _field(config, f"prune.{name}")
             if value not in (None, default):
                 row["metric"] += f" [{value}]"
+        if r["patch"] == "linearpatch" and (_field(config, "patch.hadamard") or "paley") != "quarot":
+            row["patch"] += " [H=paley]"  # lp's own Hadamard basis (records before patch.hadamard: paley too)
         given = [f"{f}={_field(config, f)}" for f in by if _field(config, f) is not None]
         if given:  # only runs that have the field are labelled
             row["patch"] += f" [{', '.join(given)}]"
