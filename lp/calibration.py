@@ -71,7 +71,10 @@ class BoundaryStats:
 
 
 def _capture_boundaries(layout: Layout):
-    """Pre-hooks that record the hidden state entering every layer and the final norm."""
+    """Pre-hooks that record the hidden state entering every layer and the final norm, as the layer computes
+    with it: after the patch of a patched layer (what Prune&Comp's rounds measure on a compensated model)."""
+    from .patches import unwrap
+
     captured: list[torch.Tensor | None] = [None] * (layout.num_layers + 1)
 
     def make(i):
@@ -79,7 +82,7 @@ def _capture_boundaries(layout: Layout):
             captured[i] = args[0] if args else kwargs["hidden_states"]
         return hook
 
-    modules = list(layout.layers) + [layout.norm]
+    modules = [unwrap(m) for m in list(layout.layers) + [layout.norm]]
     handles = [m.register_forward_pre_hook(make(i), with_kwargs=True) for i, m in enumerate(modules)]
     return captured, handles
 

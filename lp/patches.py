@@ -11,12 +11,15 @@ Variants (``PATCHES``, one config each in conf/patch/):
 * ``linearpatch`` (LinearPatch, arXiv 2505.24680): P = H diag(r) Hᵀ with H an orthonormal Hadamard matrix and
   r = mean|x_e H| / mean|x_s H|, measured in the Hadamard basis, where the massive per-token outliers are
   spread over all channels.
-* ``prunecomp`` (after Prune&Comp, 2025): one scalar per interface, mean ||x_e|| / mean ||x_s||, one shot.
-  NOT Prune&Comp's full method (its per-channel statistic and iterative prune-compensate loop).
+* ``prunecomp`` (Prune&Comp, arXiv 2507.18212): the layers are removed one at a time, each round scoring
+  the layers of the pruned, compensated model and compensating the removal by one scalar (lp.prunecomp);
+  here a scalar patch per interface, the product of its rounds' scalars (folded into the weights on save).
+* ``replaceme`` (ReplaceMe, arXiv 2505.02819): a d×d map T fitted by least squares from the MLP output of
+  layer s-1 to what the block adds to it, folded into that layer's down_proj: zero extra parameters
+  (:class:`Fold`).
 * ``lstsq``: the d×d map M minimising ||X_s M - X_e||² from the block's input to its output over calibration
   tokens, closed form from streamed Gram matrices (ridge ``ridge`` · mean diagonal). Training-free, like
-  ReplaceMe (2025), but NOT ReplaceMe's estimator (which fits on the MLP output of layer s-1 and folds into
-  its down_proj): a separate, more expressive d×d patch.
+  ReplaceMe, but not its estimator: a separate, more expressive d×d patch.
 * ``streamline_ffn`` (LLM-Streamline, arXiv 2403.19135): the block replaced by one residual SwiGLU FFN,
   initialised from the block's first layer's MLP and trained with MSE to map X_s to X_e.
 * ``streamline_layer`` (LLM-Streamline): the block replaced by one decoder layer, initialised from the block's
@@ -163,6 +166,7 @@ class PatchContext:
     model: nn.Module | None = None
     samples: torch.Tensor | None = None
     batch_size: int = 1
+    fitted: dict = field(default_factory=dict)  # what selection fitted for the patch (prunecomp's scalars)
 
     def require_hidden_states(self) -> None:
         if self.model is None or self.samples is None:
@@ -196,7 +200,76 @@ def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
 
 
 def prunecomp_patch(ctx: PatchContext, s: int, e: int) -> ChannelScale:
-    return ChannelScale(_ratio(ctx.stats.norm_mean[e], ctx.stats.norm_mean[s]).reshape(1))
+    """Prune&Comp's compensation of the interface (s, e): the product of the scalars of the rounds that
+    removed its layers (``ctx.fitted['prunecomp']``, dense layer -> scalar, from lp.prunecomp.select). The
+    official code folds each scalar into the embeddings and the branch outputs of every layer before the
+    removed one (magcomp.py fuse_scale, lines 44-49); with pre-norm layers that equals scaling the stream
+    entering the first kept layer, which is what this patch does (save_model folds it back into weights)."""
+    scales = ctx.fitted.get("prunecomp")
+    if scales is None:
+        raise ValueError("patch=prunecomp compensates Prune&Comp's iterative removal: its scalars come from "
+                         "lp.prunecomp.select (the pipeline runs it for patch=prunecomp)")
+    return ChannelScale(torch.tensor([math.prod(scales[i] for i in range(s, e))], dtype=torch.float32))
+
+
+@dataclass
+class Fold:
+    """A d×d map T folded into the linear map that ends the MLP of dense layer ``layer``: the layer then
+    writes ``mlp(x) T`` to the stream (weight Tᵀ W, bias b T). Adds no parameter; ``pruning.pruned`` puts the
+    original module back on exit, and a saved model carries the folded weights."""
+
+    layer: int
+    T: torch.Tensor
+    kind: str = "replaceme"
+    target: str = "mlp.down_proj"
+
+    def apply(self, layers: nn.ModuleList) -> None:
+        owner_name, name = self.target.rsplit(".", 1)
+        owner = unwrap(layers[self.layer]).get_submodule(owner_name)
+        old = getattr(owner, name)
+        T = self.T.to(old.weight.device, torch.float64)
+        new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                        device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(T.T @ old.weight.double())
+            if old.bias is not None:
+                new.bias.copy_(old.bias.double() @ T)
+        new.requires_grad_(False)
+        setattr(owner, name, new)
+
+
+def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
+    """ReplaceMe's least-squares estimator (mts-ai/ReplaceMe ReplaceMe/lstsq.py): on calibration tokens, M the
+    MLP output of layer s-1 and Y = x_s - M the stream before it (lines 185-196), T = (MᵀM + αI)⁻¹ Mᵀ(x_e - Y)
+    in float64 (lines 201-222: a2 = h_n + mlp - h_i), folded into layer s-1's down_proj as Tᵀ W (lines 240-246).
+    The block itself is chosen by ReplaceMe's last-token angular distance (``+experiment=replaceme``:
+    prune=angular). Differences: lp's calibration samples (official: its calib dataset, padded batches whose
+    padding tokens also enter the fit); ``ridge`` is α as a fraction of MᵀM's mean diagonal (official α = 0)."""
+    ctx.require_hidden_states()
+    if s == 0:
+        raise ValueError("patch=replaceme folds its map into layer s-1, but the block starts at layer 0: use a "
+                         "selection whose block starts at 1 or later (ReplaceMe's own starts at 1 or later)")
+    layer = unwrap(Layout(ctx.model).layers[s - 1])
+    names = dict(layer.named_modules())
+    if not isinstance(names.get("mlp.down_proj"), nn.Linear) or any(n.endswith("post_feedforward_layernorm")
+                                                                      for n in names):
+        raise ValueError(f"patch=replaceme needs layers whose MLP ends in mlp.down_proj added to the stream "
+                         f"(LLaMA, Qwen, Mistral layouts); {type(layer).__name__} does not")
+    got = {}
+    hook = names["mlp"].register_forward_hook(lambda m, a, out: got.__setitem__("mlp", out))
+    gram = cross = None
+    try:
+        for xs in stream_boundaries(ctx.model, ctx.samples, ctx.batch_size, progress=False):
+            d = xs[s].shape[-1]
+            M = got["mlp"].reshape(-1, d).double().cpu()
+            target = (xs[e].reshape(-1, d).double().cpu() - xs[s].reshape(-1, d).double().cpu()) + M
+            gram = M.T @ M if gram is None else gram + M.T @ M
+            cross = M.T @ target if cross is None else cross + M.T @ target
+    finally:
+        hook.remove()
+    ridge = float(ctx.settings.get("ridge", 0.0)) * gram.diagonal().mean()
+    T = torch.linalg.lstsq(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), cross).solution
+    return Fold(s - 1, T)
 
 
 def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
@@ -278,11 +351,13 @@ PATCHES: dict[str, Callable[[PatchContext, int, int], nn.Module | None]] = {
     "diag": diag_patch,
     "linearpatch": linear_patch,
     "prunecomp": prunecomp_patch,
+    "replaceme": replaceme_patch,
     "lstsq": lstsq_patch,
     "streamline_ffn": streamline_ffn_patch,
     "streamline_layer": streamline_layer_patch,
 }
-NEEDS_HIDDEN_STATES = {"lstsq", "streamline_ffn", "streamline_layer"}
+NEEDS_HIDDEN_STATES = {"lstsq", "replaceme", "streamline_ffn", "streamline_layer"}
+CHANGES_EARLIER_LAYER = {"replaceme"}  # folds into layer s-1: hidden states entering layer s change too
 REPLACES_BLOCK = {"streamline_layer"}  # selects n+1 layers and puts one trained layer in their place
 
 

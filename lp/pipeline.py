@@ -7,6 +7,7 @@ the dense hidden states of the evaluation windows) lives in a :class:`Workspace`
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -23,7 +24,9 @@ from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity
 from .hadamard import CONSTRUCTIONS, is_supported
 from .models import Layout, count_parameters, load_model, model_config
-from .patches import NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext, build_patch
+from . import prunecomp
+from .patches import (CHANGES_EARLIER_LAYER, NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext,
+                      build_patch)
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
 from .records import (DamagedFile, RECORD_VERSION, is_complete, key_of, locked, read_cache_json, read_json,
                       set_aside, versions, write_json)
@@ -69,6 +72,14 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     if dist["method"] == "mse" and cfg["patch"]["variant"] == "streamline_layer":
         raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
                          "layer already trained so: use distill=none or distill=offline_kl")
+    variant = cfg["patch"]["variant"]
+    if variant == "replaceme" and dist["method"] != "none":
+        raise ValueError("patch=replaceme folds its map into the model's weights and leaves no patch to train: "
+                         "use distill=none")
+    if variant == "prunecomp" and (p["metric"] == "manual" or p.get("start") is not None):
+        raise ValueError("patch=prunecomp chooses the layers itself, one per round, with prune.metric: use a "
+                         "scoring metric (block_influence, cosine, angular, taylor, ppl, ...), not prune.metric="
+                         "manual or prune.start")
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
     if e.get("rp_metric", "acc") not in RP_METRICS:
@@ -275,9 +286,10 @@ def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
     return dense
 
 
-def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> list[int]:
-    """The layers to remove. ``patch=streamline_layer`` replaces n+1 contiguous layers by one trained layer,
-    as LLM-Streamline's official code does, so that n layers are removed net."""
+def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int], dict]:
+    """The layers to remove, and what the selection fitted for the patch. ``patch=streamline_layer`` replaces
+    n+1 contiguous layers by one trained layer, as LLM-Streamline's official code does, so that n layers are
+    removed net; ``patch=prunecomp`` removes them one at a time, compensating each (lp.prunecomp)."""
     p = cfg["prune"]
     scored = p["metric"] in MODEL_METRICS
     replaces = cfg["patch"]["variant"] in REPLACES_BLOCK
@@ -285,11 +297,60 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> list[int]:
                            model=model if scored else None, settings=p,
                            samples=data.samples(p.get("score_samples"), p.get("score_seqlen")) if scored else None,
                            batch_size=cfg["data"].get("calib_batch_size", 1))
+    if cfg["patch"]["variant"] == "prunecomp":
+        pick = lambda m, st: select_layers(p["metric"], dataclasses.replace(ctx, stats=st, n=1, model=m if scored else None))[0]  # noqa: E731
+        removed, scales = prunecomp.select(model, data.samples(), p["n"], pick, ctx.batch_size, cfg.get("progress", True))
+        return removed, {"prunecomp": scales}
     removed = select_layers(p["metric"], ctx)
     if replaces and len(interfaces(removed)) != 1:
         raise ValueError(f"patch={cfg['patch']['variant']} replaces one contiguous block, but prune.metric="
                          f"{p['metric']} chose {removed}: use a contiguous metric (cosine, angular, last)")
-    return removed
+    return removed, {}
+
+
+def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict):
+    """make_patch for :func:`lp.pruning.pruned`: the configured patch of each interface."""
+    variant = cfg["patch"]["variant"]
+    fits = variant in NEEDS_HIDDEN_STATES
+    ctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, fitted=fitted,
+                       model=model if fits else None, samples=data.samples(cfg["patch"].get("fit_samples")) if fits else None,
+                       batch_size=cfg["data"].get("calib_batch_size", 1))
+    return lambda s, e: build_patch(variant, ctx, s, e)
+
+
+def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[int]) -> dict:
+    """The dense hidden states entering the first layer that pruning changes, per evaluation data set (the
+    layers before it need not run again); layer s-1 itself when the patch folds into it (replaceme)."""
+    e = cfg["eval"]
+    if not e.get("prefix_reuse", True):
+        return {}
+    first = max(min(removed, default=0) - (cfg["patch"]["variant"] in CHANGES_EARLIER_LAYER), 0)
+    ekey = key_of(model_key(cfg), data_key(cfg), group_settings(cfg, "eval"))
+    return {name: ws.prefix(model, w, first, e.get("batch_size", 1), f"{ekey}/{name}") for name, w in windows.items()}
+
+
+class PatchCheck:
+    """The patch against no patch on held calibration samples: a patch can hurt (README). ``none`` is
+    measured on the pruned, unpatched model before patching, ``patched`` after."""
+
+    def __init__(self, cfg: dict, model, data: Data, removed: list[int]):
+        self.cfg, self.result = cfg, {}
+        if cfg["patch"]["variant"] != "none":
+            self.probe = data.samples(PROBE_SAMPLES)
+            with pruned(model, removed, lambda *_: None):
+                self.result["none"] = self._ppl(model)
+
+    def _ppl(self, model) -> float:
+        return perplexity(model, self.probe, self.cfg["data"].get("calib_batch_size", 1), progress=False)
+
+    def patched(self, model) -> dict | None:
+        if not self.result:
+            return None
+        self.result["patched"] = self._ppl(model)
+        if self.result["patched"] > self.result["none"]:
+            log.warning(f"patch={self.cfg['patch']['variant']} raises calibration perplexity over no patch "
+                        f"({self.result['none']:.3f} -> {self.result['patched']:.3f} on {PROBE_SAMPLES} samples)")
+        return self.result
 
 
 def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
@@ -341,6 +402,22 @@ def _restored(params):
                 p.copy_(v)
 
 
+def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict, prefixes: dict, stack: ExitStack,
+                  timings: dict, tracker) -> tuple[float | None, object]:
+    """Training-free perplexity, then distillation of the patch (its trained parameters restored when the
+    run's pruned context closes): (training-free perplexity, distillation result), or (None, None)."""
+    if prepared is None:
+        return None, None
+    name, e = cfg["data"]["name"], cfg["eval"]
+    ppl_free = _finite(perplexity(model, windows[name], e.get("batch_size", 1), cfg.get("progress", True),
+                                  "training-free perplexity", prefixes.get(name)), "training-free perplexity")
+    stack.enter_context(_restored(trainable_parameters(model, cfg["distill"].get("train", "patch"))))
+    with _timed(timings, "distill"):
+        result = distill(cfg, model, removed, prepared,
+                         on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
+    return ppl_free, result
+
+
 # ------------------------------------------------------------------ the run
 def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None) -> dict:
     ws = workspace or WORKSPACE
@@ -373,8 +450,7 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     torch.manual_seed(cfg["seed"])
     with _timed(timings, "load"):
         model, tokenizer = ws.model(cfg["model"])
-    L = Layout(model).num_layers
-    validate(cfg, L)
+    validate(cfg, Layout(model).num_layers)
     data = Data(cfg, tokenizer)
     with _timed(timings, "calibration"):
         stats = calibrate(cfg, model, data)
@@ -383,71 +459,50 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     with _timed(timings, "dense_eval"):
         dense = evaluate_dense(cfg, model, tokenizer, windows)
     with _timed(timings, "selection"):
-        removed = select(cfg, model, stats, data)
-    joins = interfaces(removed)
-    similarity = [_finite(round(stats.cos[s, t].item(), 6), f"cosine similarity of boundaries {s} and {t}")
-                  for s, t in joins]
+        removed, fitted = select(cfg, model, stats, data)
     tracker.log({"removed": str(removed), "time/selection": timings["selection"]})
-    e = cfg["eval"]
-    ekey = key_of(model_key(cfg), data_key(cfg), group_settings(cfg, "eval"))
-    prefixes = {name: ws.prefix(model, w, min(removed, default=0), e.get("batch_size", 1), f"{ekey}/{name}")
-                for name, w in windows.items()} if e.get("prefix_reuse", True) else {}
-    variant = cfg["patch"]["variant"]
-    fits = variant in NEEDS_HIDDEN_STATES
-    pctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, model=model if fits else None,
-                        samples=data.samples(cfg["patch"].get("fit_samples")) if fits else None,
-                        batch_size=cfg["data"].get("calib_batch_size", 1))
-    params_dense = count_parameters(model)
+    prefixes = eval_prefixes(cfg, ws, model, windows, removed)
+    out = {"removed": removed, "fitted": fitted, "num_layers": Layout(model).num_layers,
+           "params_dense": count_parameters(model)}
     with _timed(timings, "teacher"):
         prepared = prepare_distill(cfg, model, data, removed)
-    check = {}
-    if variant != "none":  # the patch against no patch on held calibration samples: a patch can hurt (README)
-        probe = data.samples(PROBE_SAMPLES)
-        with pruned(model, removed, lambda *_: None):
-            check["none"] = perplexity(model, probe, cfg["data"].get("calib_batch_size", 1), progress=False)
-    distilled, ppl_free = None, None
+    check = PatchCheck(cfg, model, data, removed)
     with ExitStack() as stack:
         with _timed(timings, "patch"):
-            spec = stack.enter_context(pruned(model, removed, lambda s, e_: build_patch(variant, pctx, s, e_)))
-        params_pruned = count_parameters(model)
-        patch_params = sum(count_parameters(p) for p in patches_of(model).values())
-        if check:
-            check["patched"] = perplexity(model, probe, cfg["data"].get("calib_batch_size", 1), progress=False)
-            if check["patched"] > check["none"]:
-                log.warning(f"patch={variant} raises calibration perplexity over no patch ({check['none']:.3f} -> "
-                            f"{check['patched']:.3f} on {PROBE_SAMPLES} calibration samples)")
-        if prepared is not None:
-            name = cfg["data"]["name"]
-            ppl_free = _finite(perplexity(model, windows[name], e.get("batch_size", 1), cfg.get("progress", True),
-                                          "training-free perplexity", prefixes.get(name)), "training-free perplexity")
-            stack.enter_context(_restored(trainable_parameters(model, cfg["distill"].get("train", "patch"))))
-            with _timed(timings, "distill"):
-                distilled = distill(cfg, model, removed, prepared,
-                                    on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
+            spec = stack.enter_context(pruned(model, removed, patch_maker(cfg, model, stats, data, fitted)))
+        out.update(params_pruned=count_parameters(model), patch_check=check.patched(model), maps=spec.maps,
+                   patch_params=sum(count_parameters(p) for p in patches_of(model).values()))
+        out["ppl_free"], out["distilled"] = distill_stage(cfg, model, removed, prepared, windows, prefixes, stack,
+                                                          timings, tracker)
         with _timed(timings, "pruned_eval"):
             pruned_eval = evaluate(cfg, model, tokenizer, windows, prefixes, label="pruned")
-        record = make_record(cfg, rid, group, L, removed, joins, similarity, params_dense, params_pruned,
-                             patch_params, dense, pruned_eval, ppl_free, distilled, data, stats, windows, timings)
-        record["patch_check"] = check or None
+        record = make_record(cfg, rid, group, data, stats, windows, timings, dense, pruned_eval, **out)
         write_json(record_path, record)  # the record first: a failed save below loses no evaluation
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], spec)
     return record
 
 
-def make_record(cfg, rid, group, L, removed, joins, similarity, params_dense, params_pruned, patch_params, dense,
-                pruned_eval, ppl_free, distilled, data: Data, stats, windows, timings) -> dict:
+def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: BoundaryStats, windows: dict, timings: dict,
+                dense: dict, pruned_eval: dict, *, removed: list[int], fitted: dict, num_layers: int,
+                params_dense: int, params_pruned: int, patch_params: int, patch_check: dict | None, maps: dict,
+                ppl_free: float | None, distilled) -> dict:
     main = cfg["data"]["name"]
     zs_dense, zs_pruned = dense["zeroshot"], pruned_eval["zeroshot"]
+    joins = interfaces(removed)
     return {
         "version": RECORD_VERSION, "status": "complete", "run_id": rid, "group": group,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": cfg["model"]["name"], "data": main, "metric": cfg["prune"]["metric"], "n": cfg["prune"]["n"],
         "patch": cfg["patch"]["variant"], "distill": cfg["distill"]["method"], "eval": cfg["eval"]["name"],
         "seed": cfg["seed"], "bos": data.bos is not None,
-        "num_layers": L, "removed": removed, "interfaces": [list(j) for j in joins], "similarity": similarity,
+        "num_layers": num_layers, "removed": removed, "interfaces": [list(j) for j in joins],
+        "similarity": [_finite(round(stats.cos[s, t].item(), 6), f"cosine similarity of boundaries {s} and {t}")
+                       for s, t in joins],
         "params_dense": params_dense, "params_pruned": params_pruned, "patch_params": patch_params,
         "prune_ratio": round(1 - params_pruned / params_dense, 6),
+        "fitted": {k: {str(i): v for i, v in d.items()} for k, d in fitted.items()} or None,
+        "folded_maps": maps or None, "patch_check": patch_check,
         "ppl": {"dense": dense["ppl"][main], "pruned": pruned_eval["ppl"][main],
                 **({"training_free": ppl_free} if ppl_free is not None else {}),
                 "datasets": {k: {"dense": dense["ppl"][k], "pruned": v} for k, v in pruned_eval["ppl"].items()}},

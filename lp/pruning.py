@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .models import Layout, module_device
-from .patches import PATCH_MODULES, ChannelScale, Patched, ReplacementLayer, ResidualFFN, unwrap
+from .patches import PATCH_MODULES, ChannelScale, Fold, Patched, ReplacementLayer, ResidualFFN, unwrap
 
 SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
 PATCHED_PREFIX = "lp-patched-"  # config.json's model_type of a folder with patches: plain loading fails loudly
@@ -46,6 +46,7 @@ class PruneSpec:
     replaced: list[int] = field(default_factory=list)  # removed layers whose place a ReplacementLayer took
     folded: dict[str, float] = field(default_factory=dict)  # scalar patches folded into the saved weights
     precision: dict[str, str] = field(default_factory=dict)  # position -> patch.precision of weight patches
+    maps: dict[str, str] = field(default_factory=dict)  # dense layer -> kind of a d x d map folded into it (replaceme)
 
 
 def interface_position(removed: list[int], e: int, replaced=()) -> int:
@@ -100,12 +101,17 @@ def prune_and_patch(model: nn.Module, removed: list[int], make_patch) -> PruneSp
     """Remove layers, then for each interface (s, e) attach ``make_patch(s, e)`` (skipped if it is None); a
     :class:`ReplacementLayer` takes the place of layer s instead.
 
-    Patches are built first, on the dense model, so builders that run it see the dense hidden states."""
+    Patches are built first, on the dense model, so builders that run it see the dense hidden states; a
+    :class:`Fold` goes into the weights of a kept layer instead."""
     made = {(s, e): make_patch(s, e) for s, e in interfaces(removed)}
     replace = {s: p for (s, e), p in made.items() if isinstance(p, ReplacementLayer)}
+    folds = [p for p in made.values() if isinstance(p, Fold)]
+    for fold in folds:
+        fold.apply(Layout(model).layers)
     spec = remove_layers(model, removed, replace)
+    spec.maps = {str(f.layer): f.kind for f in folds}
     for (s, e), patch in made.items():
-        if patch is not None and s not in replace:
+        if patch is not None and s not in replace and not isinstance(patch, Fold):
             pos = interface_position(spec.removed, e, spec.replaced)
             attach_patch(model, pos, patch)
             spec.patches[str(pos)] = patch.kind
@@ -124,10 +130,14 @@ def pruned(model: nn.Module, removed: list[int], make_patch):
     cfg = model.config
     saved_cfg = {k: getattr(cfg, k) for k in ("num_hidden_layers", "layer_types") if hasattr(cfg, k)}
     idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
+    branches = [(owner, name, getattr(owner, name)) for layer in layers for path in BRANCH_OUTPUTS
+                if (owner := _owner(layer, path)) is not None and hasattr(owner, name := path.rsplit(".", 1)[1])]
     try:
         yield prune_and_patch(model, removed, make_patch)
     finally:
         layout.layers, layout.norm = layers, norm
+        for owner, name, module in branches:  # undo folds (replaceme)
+            setattr(owner, name, module)
         for k, v in saved_cfg.items():
             setattr(cfg, k, v)
         for m, i in idx:
@@ -145,6 +155,13 @@ def patches_of(model: nn.Module) -> dict[int, nn.Module]:
 
 
 BRANCH_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")  # the linear maps that end a layer's two branches
+
+
+def _owner(layer: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return unwrap(layer).get_submodule(path.rsplit(".", 1)[0])
+    except AttributeError:
+        return None
 
 
 def foldable(layer: nn.Module) -> bool:
