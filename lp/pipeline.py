@@ -161,8 +161,9 @@ def data_key(cfg: dict) -> dict:
 
 
 def hadamard_of(cfg: dict) -> str:
-    """The Hadamard construction of the run's rotated statistics (patch.hadamard; lp's ``paley`` by default)."""
-    return cfg["patch"].get("hadamard", "paley")
+    """The Hadamard basis of the run's rotated statistics: patch.hadamard, or for patches without the setting
+    the official code's (``quarot``, LinearPatch's default), so that a sweep over patches calibrates once."""
+    return cfg["patch"].get("hadamard", "quarot")
 
 
 def calib_stats_path(cfg: dict) -> Path:

@@ -200,31 +200,27 @@ def accuracy(df: pd.DataFrame) -> Table | None:
 
 
 # ------------------------------------------------------------------ output
-def cells(t: Table, bold: tuple[str, str] = ("", "")) -> pd.DataFrame:
-    """Formatted cells: 'mean' or 'mean ± std', the best of each column per block wrapped in ``bold``."""
-    best = t.best()
-    out = pd.DataFrame(index=t.mean.index, columns=t.mean.columns, dtype=object)
-    for c in t.mean.columns:
-        for i in t.mean.index:
-            m, s = t.mean.at[i, c], t.std.at[i, c]
-            if pd.isna(m):
-                out.at[i, c] = ""
-                continue
-            text = f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
-            out.at[i, c] = f"{bold[0]}{text}{bold[1]}" if best.at[i, c] else text
-    return out.reset_index()
+def text(t: Table, pm: str = " ± ") -> pd.DataFrame:
+    """Cells as text: 'mean' or 'mean ± std' (std over seeds), empty where there is no value."""
+    fmt = lambda df, head="": df.astype(object).map(lambda v: f"{head}{v:.2f}" if pd.notna(v) else "")  # noqa: E731
+    return fmt(t.mean) + fmt(t.std, pm).where(t.mean.notna(), "")
 
 
 def markdown(t: Table) -> str:
-    return cells(t, ("**", "**")).to_markdown(index=False, disable_numparse=True)
+    cells = text(t)
+    return cells.where(~t.best(), "**" + cells + "**").reset_index().to_markdown(index=False, disable_numparse=True)
 
 
 def latex(t: Table) -> str:
-    table = cells(t, ("\\textbf{", "}"))
-    esc = lambda v: str(v).replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")  # noqa: E731
-    table = table.map(esc)
-    table.columns = [esc(c) for c in table.columns]
-    return table.to_latex(index=False, escape=False)
+    """LaTeX through pandas' Styler: the best of each column per block in bold (CSS converted to \\bfseries),
+    labels escaped."""
+    cells = text(t, " $\\pm$ ")
+    labels = list(cells.index.names)
+    bold = t.best().reset_index(drop=True).map(lambda b: "font-weight: bold;" if b else "")
+    style = (cells.reset_index().style.hide(axis="index")
+             .apply(lambda d: bold.reindex(columns=d.columns, fill_value=""), axis=None)
+             .format(escape="latex", subset=labels).format_index(escape="latex", axis=1))
+    return style.to_latex(convert_css=True, hrules=True)
 
 
 def numbers(t: Table) -> pd.DataFrame:
