@@ -149,7 +149,7 @@ def methods(df: pd.DataFrame):
 
 def load(records_dir: str | Path) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
     """Records, their table (one evaluation setting: the most common), the calibration statistics of the
-    first record (None if not saved) and the records that share them."""
+    first LinearPatch run (or of the first record; None if not saved) and the records that share them."""
     records = load_records(records_dir)
     if not records:
         raise SystemExit(f"--records {records_dir}: no complete records found")
@@ -159,6 +159,6 @@ def load(records_dir: str | Path) -> tuple[list[dict], pd.DataFrame, BoundarySta
     df = df[(df["model"] == top[0]) & (df["data"] == top[1]) & (df["eval"] == top[2])]
     records = [r for r in records if (r["model"], r["data"], r["eval"]) == top]
     stats_of = lambda r: Path(r.get("calib_stats") or calib_stats_path(r["config"]))  # noqa: E731
-    path = stats_of(records[0])
+    path = stats_of((_linearpatch_runs(records) or records)[0])
     stats = BoundaryStats.load(path) if path.is_file() else None
     return records, df, stats, [r for r in records if stats_of(r) == path]

@@ -58,8 +58,9 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
             value = _field(config, f"prune.{name}")
             if value not in (None, default):
                 row["metric"] += f" [{value}]"
-        if r["patch"] == "linearpatch" and (_field(config, "patch.hadamard") or "paley") != "quarot":
-            row["patch"] += " [H=paley]"  # lp's own Hadamard basis (records before patch.hadamard: paley too)
+        basis = _field(config, "patch.hadamard") or ("paley" if _field(config, "patch.variant") else None)
+        if r["patch"] == "linearpatch" and basis == "paley":  # lp's own basis (records before patch.hadamard too)
+            row["patch"] += " [H=paley]"
         given = [f"{f}={_field(config, f)}" for f in by if _field(config, f) is not None]
         if given:  # only runs that have the field are labelled
             row["patch"] += f" [{', '.join(given)}]"
@@ -212,15 +213,14 @@ def markdown(t: Table) -> str:
 
 
 def latex(t: Table) -> str:
-    """LaTeX through pandas' Styler: the best of each column per block in bold (CSS converted to \\bfseries),
-    labels escaped."""
+    """LaTeX through pandas' Styler: the best of each column per block in bold (\\textbf), labels escaped."""
     cells = text(t, " $\\pm$ ")
     labels = list(cells.index.names)
-    bold = t.best().reset_index(drop=True).map(lambda b: "font-weight: bold;" if b else "")
+    bold = t.best().reset_index(drop=True).map(lambda b: "textbf: --rwrap;" if b else "")
     style = (cells.reset_index().style.hide(axis="index")
              .apply(lambda d: bold.reindex(columns=d.columns, fill_value=""), axis=None)
              .format(escape="latex", subset=labels).format_index(escape="latex", axis=1))
-    return style.to_latex(convert_css=True, hrules=True)
+    return style.to_latex(hrules=True)
 
 
 def numbers(t: Table) -> pd.DataFrame:
