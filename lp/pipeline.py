@@ -50,29 +50,27 @@ def _int_in(value, name: str, lo: int, hi: float = math.inf, none_ok: bool = Fal
         raise ValueError(f"{name}={value!r} is not valid: it must be {valid}{' or null' if none_ok else ''}")
 
 
-def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
-             hidden_size: int | None = None) -> None:
-    """Checks that need no weights: the config alone, then (given them) the model's layer count, context and
-    hidden size."""
-    p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
-    if p["metric"] not in METRICS:
-        raise ValueError(f"prune.metric={p['metric']!r} is not one of {sorted(METRICS)}")
-    if cfg["patch"]["variant"] not in PATCHES:
-        raise ValueError(f"patch.variant={cfg['patch']['variant']!r} is not one of {sorted(PATCHES)}")
-    if cfg["patch"].get("precision", "model") not in PRECISIONS:
-        raise ValueError(f"patch.precision={cfg['patch']['precision']!r} is not one of {list(PRECISIONS)}")
-    construction = hadamard_of(cfg)
-    if construction not in CONSTRUCTIONS:
-        raise ValueError(f"patch.hadamard={construction!r} is not one of {list(CONSTRUCTIONS)}")
-    if hidden_size is not None and not is_supported(hidden_size, construction):
-        raise ValueError(f"patch.hadamard={construction}: no Hadamard matrix of the model's hidden size {hidden_size} "
+def _one_of(value, name: str, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not one of {sorted(valid) if isinstance(valid, dict) else list(valid)}")
+
+
+def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
+    """Every named choice is one that exists, and the choices go together."""
+    p, dist, variant = cfg["prune"], cfg["distill"], cfg["patch"]["variant"]
+    _one_of(p["metric"], "prune.metric", METRICS)
+    _one_of(variant, "patch.variant", PATCHES)
+    _one_of(cfg["patch"].get("precision", "model"), "patch.precision", PRECISIONS)
+    _one_of(hadamard_of(cfg), "patch.hadamard", CONSTRUCTIONS)
+    _one_of(dist["method"], "distill.method", DISTILL_METHODS)
+    _one_of(cfg["eval"].get("rp_metric", "acc"), "eval.rp_metric", RP_METRICS)
+    _one_of(cfg["data"].get("bos", "auto"), "data.bos", data_lib.BOS_CHOICES)
+    if hidden_size is not None and not is_supported(hidden_size, hadamard_of(cfg)):
+        raise ValueError(f"patch.hadamard={hadamard_of(cfg)}: no Hadamard matrix of the model's hidden size {hidden_size} "
                          f"(valid: {[c for c in CONSTRUCTIONS if is_supported(hidden_size, c)]})")
-    if dist["method"] not in DISTILL_METHODS:
-        raise ValueError(f"distill.method={dist['method']!r} is not one of {DISTILL_METHODS}")
-    if dist["method"] == "mse" and cfg["patch"]["variant"] == "streamline_layer":
+    if dist["method"] == "mse" and variant == "streamline_layer":
         raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
                          "layer already trained so: use distill=none or distill=offline_kl")
-    variant = cfg["patch"]["variant"]
     if variant == "replaceme" and dist["method"] != "none":
         raise ValueError("patch=replaceme folds its map into the model's weights and leaves no patch to train: "
                          "use distill=none")
@@ -82,10 +80,14 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
                          "manual or prune.start")
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
-    if e.get("rp_metric", "acc") not in RP_METRICS:
-        raise ValueError(f"eval.rp_metric={e.get('rp_metric')!r} is not one of {list(RP_METRICS)}")
-    if d.get("bos", "auto") not in data_lib.BOS_CHOICES:
-        raise ValueError(f"data.bos={d.get('bos')!r} is not one of {list(data_lib.BOS_CHOICES)}")
+
+
+def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
+             hidden_size: int | None = None) -> None:
+    """Checks that need no weights: the config alone, then (given them) the model's layer count, context and
+    hidden size."""
+    validate_choices(cfg, hidden_size)
+    p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
     L = num_layers if num_layers is not None else math.inf
     _int_in(p["n"], "prune.n", 0, L - 1)
     if p.get("start") is not None:

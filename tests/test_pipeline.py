@@ -141,6 +141,9 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("eval.max_windows=0", r"eval.max_windows=0 is not valid: it must be an integer >= 1 or null"),
     ("eval.max_windows=-1", r"eval.max_windows=-1 is not valid"),
     ("data.bos=maybe", r"data.bos='maybe' is not one of"),
+    ("patch.hadamard=sloane", r"patch.hadamard='sloane' is not one of \['paley', 'quarot'\]"),
+    ("patch=replaceme distill=offline_kl", r"patch=replaceme folds its map into the model's weights"),
+    ("patch=prunecomp prune.metric=manual prune.indices=[1,2] prune.n=2", r"patch=prunecomp chooses the layers itself"),
     ("model.name_or_path=/no/such/model", r"model.name_or_path='/no/such/model'"),
     ("model.name_or_path=null", r"model.name_or_path is missing"),
     ("+eval.datasets.wiki=nope", r"eval.datasets.wiki must be a data config \(as in conf/data/\) whose source is one of \['brown', 'hf'\]"),
@@ -307,6 +310,25 @@ def test_prefix_reuse_in_a_sweep_gives_the_plain_numbers(tiny_dir, tmp_path):
     assert [k[1] for k in ws._prefixes] == [2]
     assert reused["ppl"]["pruned"] == pytest.approx(plain["ppl"]["pruned"], rel=1e-6)
     assert reused["run_id"] == plain["run_id"]  # an execution setting, not part of the run's identity
+
+
+def test_replaceme_runs_folded_and_its_prefix_starts_before_layer_s_minus_1(tiny_dir, tmp_path):
+    """The fold changes layer s-1: reusing the dense hidden states entering layer s would skip it."""
+    ws = pipeline.Workspace()
+    args = ("+experiment=replaceme", "prune.n=2", "prune.start=2")
+    plain = pipeline.run(cfg_for(tiny_dir, tmp_path / "a", *args, "eval.prefix_reuse=false"), workspace=ws)
+    reused = pipeline.run(cfg_for(tiny_dir, tmp_path / "b", *args, "eval.prefix_reuse=true"), workspace=ws)
+    assert [k[1] for k in ws._prefixes] == [1]
+    assert reused["ppl"]["pruned"] == pytest.approx(plain["ppl"]["pruned"], rel=1e-6)
+    assert plain["metric"] == "angular" and plain["patch_params"] == 0 and plain["folded_maps"] == {"1": "replaceme"}
+    none = pipeline.run(cfg_for(tiny_dir, tmp_path / "c", *args[1:], "prune=angular", "patch=none"), workspace=ws)
+    assert none["params_pruned"] == plain["params_pruned"] and none["ppl"]["pruned"] != plain["ppl"]["pruned"]
+
+
+def test_prunecomp_run_records_each_rounds_scalar(tiny_dir, tmp_path):
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "+experiment=prunecomp", "prune.n=2"), workspace=pipeline.Workspace())
+    assert sorted(map(int, rec["fitted"]["prunecomp"])) == rec["removed"] and rec["metric"] == "block_influence"
+    assert rec["patch_params"] == len(rec["interfaces"])  # one scalar per interface
 
 
 def test_prefix_budget_drops_the_least_recently_used(tiny_dir, tmp_path):
