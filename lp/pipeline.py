@@ -264,7 +264,7 @@ def _zeroshot_settings(cfg: dict) -> dict:
     tasks = list(e.get("tasks") or [])
     return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"),
                 batch_size=e.get("zeroshot_batch_size") or e.get("batch_size", 1),
-                include_path=local_task_dir(cfg["cache_dir"]) if tasks else None, seed=cfg["seed"])
+                include_path=local_task_dir() if tasks else None, seed=cfg["seed"])
 
 
 def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None = None, label: str = "") -> dict:

