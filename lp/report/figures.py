@@ -92,7 +92,16 @@ def cosine(stats: BoundaryStats):
     return fig
 
 
+def _top(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the most common (model, data, evaluation) of ``df``: a figure never averages over several."""
+    if df.empty:
+        return df
+    top = df.groupby(["model", "data", "eval"]).size().idxmax()
+    return df[(df["model"] == top[0]) & (df["data"] == top[1]) & (df["eval"] == top[2])]
+
+
 def ppl_vs_n(df: pd.DataFrame):
+    df = _top(df)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for method, g in df.groupby("method"):
         g = g.groupby("n")["ppl_pruned"].mean()
@@ -107,7 +116,7 @@ def ppl_vs_n(df: pd.DataFrame):
 def rp_vs_n(df: pd.DataFrame):
     """Retention (RP %, with its standard error) against the number of removed layers, one line per method;
     None if no record has zero-shot results."""
-    df = df[df["rp"].notna()]
+    df = _top(df[df["rp"].notna()])
     if df.empty:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -122,6 +131,7 @@ def rp_vs_n(df: pd.DataFrame):
 
 
 def patches(df: pd.DataFrame):
+    df = _top(df)
     metric = df["metric"].mode()[0]
     t = df[(df["distill"] == "none") & (df["metric"] == metric)].pivot_table(
         index="n", columns="patch", values="ppl_pruned", aggfunc="mean")
@@ -135,6 +145,8 @@ def patches(df: pd.DataFrame):
 
 
 def methods(df: pd.DataFrame):
+    most = df.groupby("eval")["metric"].nunique().idxmax()  # the evaluation that compares the most metrics
+    df = _top(df[df["eval"] == most])
     n = df["n"].mode()[0]
     t = df[(df["n"] == n) & (df["distill"] == "none") & df["patch"].isin(["none", "linearpatch"])].pivot_table(
         index="metric", columns="patch", values="ppl_pruned", aggfunc="mean")
@@ -148,16 +160,16 @@ def methods(df: pd.DataFrame):
 
 
 def load(records_dir: str | Path) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
-    """Records, their table (one evaluation setting: the most common), the calibration statistics of the
+    """Records, their table (one model and data set: the most common), the calibration statistics of the
     first LinearPatch run (or of the first record; None if not saved) and the records that share them."""
     records = load_records(records_dir)
     if not records:
         raise SystemExit(f"--records {records_dir}: no complete records found")
     df = frame(records)
-    # one model, calibration data and evaluation (the most common): never an average over several
-    top = df.groupby(["model", "data", "eval"]).size().idxmax()
-    df = df[(df["model"] == top[0]) & (df["data"] == top[1]) & (df["eval"] == top[2])]
-    records = [r for r in records if (r["model"], r["data"], r["eval"]) == top]
+    # one model and calibration data (the most common); each figure takes its own evaluation (_top)
+    top = df.groupby(["model", "data"]).size().idxmax()
+    df = df[(df["model"] == top[0]) & (df["data"] == top[1])]
+    records = [r for r in records if (r["model"], r["data"]) == top]
     stats_of = lambda r: Path(r.get("calib_stats") or calib_stats_path(r["config"]))  # noqa: E731
     path = stats_of((_linearpatch_runs(records) or records)[0])
     stats = BoundaryStats.load(path) if path.is_file() else None
