@@ -67,7 +67,8 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     _one_of(cfg["data"].get("bos", "auto"), "data.bos", data_lib.BOS_CHOICES)
     if hidden_size is not None and not is_supported(hidden_size, hadamard_of(cfg)):
         raise ValueError(f"patch.hadamard={hadamard_of(cfg)}: no Hadamard matrix of the model's hidden size {hidden_size} "
-                         f"(valid: {[c for c in CONSTRUCTIONS if is_supported(hidden_size, c)]})")
+                         f"(valid: {[c for c in CONSTRUCTIONS if is_supported(hidden_size, c)]}; ++patch.hadamard=... for a "
+                         f"patch without the setting, whose statistics use the official basis)")
     if dist["method"] == "mse" and variant == "streamline_layer":
         raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
                          "layer already trained so: use distill=none or distill=offline_kl")
@@ -171,7 +172,7 @@ def hadamard_of(cfg: dict) -> str:
 def calib_stats_path(cfg: dict) -> Path:
     """Calibration statistics of (model, data, seed, Hadamard basis, versions): small (a few (L+1) x d
     tensors), kept beside the records so that figures never need the model again. The basis enters the key
-    only when it is not lp's default, so that files keyed before the choice existed stay valid."""
+    unless it is lp's Paley basis, the only one before the choice existed, so that those files stay valid."""
     basis = [] if hadamard_of(cfg) == "paley" else [{"hadamard": hadamard_of(cfg)}]
     key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], *basis, versions())
     return Path(cfg["results_dir"]) / "stats" / f"calib_{key}.pt"
