@@ -146,6 +146,13 @@ def _base(m: int) -> torch.Tensor | None:
     return None
 
 
+def _sylvester(m: int) -> torch.Tensor:
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < m:
+        H = torch.kron(H, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    return H
+
+
 @lru_cache(maxsize=16)
 def _hadamard64(n: int) -> torch.Tensor:
     if n < 1:
@@ -162,18 +169,7 @@ def _hadamard64(n: int) -> torch.Tensor:
                 f"108, 140, ...); orders 156 and 172 (Williamson constructions) are not built."
             )
         m *= 2
-    H = base
-    sylvester = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    while H.shape[0] < n:
-        H = torch.kron(H, sylvester)
-    return H / n**0.5
-
-
-def _sylvester(m: int) -> torch.Tensor:
-    H = torch.ones(1, 1, dtype=torch.float64)
-    while H.shape[0] < m:
-        H = torch.kron(H, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
-    return H
+    return torch.kron(base, _sylvester(n // m)) / n**0.5
 
 
 def _quarot_base(k: int) -> torch.Tensor:
