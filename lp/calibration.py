@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .hadamard import hadamard
+from .hadamard import OFFICIAL, hadamard
 from .models import Layout
 from .records import DamagedFile, atomic_write
 
@@ -38,6 +38,10 @@ class BoundaryStats:
     # per sample and channel, the cosine of two boundaries along the sequence, averaged over channels then
     # samples: the official LinearPatch selection (torch.cosine_similarity on (1, T, d), i.e. dim=1)
     cos_seq: torch.Tensor | None = None  # (L+1, L+1)
+    # the Hadamard construction of abs_mean_rot (lp.hadamard.CONSTRUCTIONS): a patch built from these
+    # statistics must rotate with the same matrix. Files of older lp versions name it in their meta, or
+    # predate the choice (lp's Paley basis).
+    hadamard: str = OFFICIAL
 
     @property
     def num_layers(self) -> int:
@@ -52,6 +56,7 @@ class BoundaryStats:
         """Raises :class:`lp.records.DamagedFile` naming ``path`` if it cannot be read."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            state.setdefault("hadamard", (state.pop("meta", None) or {}).get("hadamard", "paley"))
             state.pop("meta", None)
             stats = cls(**state)
         except Exception as e:  # a truncated zip, a pickle error, missing or unknown fields
@@ -153,7 +158,7 @@ def stream_block_io(model, samples: torch.Tensor, s: int, e: int, batch_size: in
 
 @torch.no_grad()
 def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str | None = None,
-                  progress: bool = True, hadamard_construction: str = "paley") -> BoundaryStats:
+                  progress: bool = True, hadamard_construction: str = OFFICIAL) -> BoundaryStats:
     """Stream calibration statistics of every boundary over ``samples`` (n, seqlen); the Hadamard basis of
     ``abs_mean_rot`` is ``hadamard_construction``'s (lp.hadamard.CONSTRUCTIONS)."""
     layout = Layout(model)
@@ -210,6 +215,7 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         token_absmax_rot=first["rot"],
         cos_last=(sums["cos_last"] / n_samples).float(),
         cos_seq=(sums["cos_seq"] / n_samples).float(),
+        hadamard=hadamard_construction,
     )
     stats.check_finite("computed from the calibration samples")
     return stats

@@ -211,6 +211,7 @@ def _quarot64(n: int) -> torch.Tensor:
 
 
 CONSTRUCTIONS = {"paley": _hadamard64, "quarot": _quarot64}
+OFFICIAL = "quarot"  # the official LinearPatch code's matrix: the default basis of lp's statistics and patches
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,

@@ -192,10 +192,14 @@ def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     lines 28-44). Differences: r here is the ratio of means over all calibration tokens, the official code
     averages 128 per-sample ratios (line 46). H is ``patch.hadamard``'s: ``quarot`` the official code's matrix
     (rotate_utils/hadamard_utils.py), ``paley`` lp's Sylvester x Paley matrix; they differ for sizes that are
-    not powers of two (576 = 36 x 16). The statistics must be measured in the same basis (the pipeline keys
-    the calibration cache on it)."""
+    not powers of two (576 = 36 x 16). H is the matrix the statistics were measured with (``stats.hadamard``);
+    a ``hadamard`` setting that names another is refused (the pipeline keys the calibration cache on it)."""
     r = _ratio(ctx.stats.abs_mean_rot[e], ctx.stats.abs_mean_rot[s])
-    H = hadamard(r.numel(), torch.float32, construction=ctx.settings.get("hadamard", "paley"))
+    basis = ctx.stats.hadamard
+    if ctx.settings.get("hadamard", basis) != basis:
+        raise ValueError(f"patch.hadamard={ctx.settings['hadamard']}, but the calibration statistics were measured "
+                         f"in the {basis!r} basis: recalibrate with hadamard_construction={ctx.settings['hadamard']!r}")
+    H = hadamard(r.numel(), torch.float32, construction=basis)
     return LinearPatch(H @ torch.diag(r) @ H.T)
 
 

@@ -23,7 +23,8 @@ def test_stats_match_direct_computation(llama, ids):
     stats = collect_stats(llama, ids, batch_size=1, progress=False)  # two batches: streaming sums
     L = len(xs) - 1
     assert stats.num_layers == L == 6 and stats.tokens == ids.numel()
-    H = hadamard(24)
+    assert stats.hadamard == "quarot"  # the official code's basis by default
+    H = hadamard(24, construction="quarot")
     for i in range(L + 1):
         torch.testing.assert_close(stats.abs_mean[i], xs[i].abs().mean(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats.abs_mean_rot[i], (xs[i] @ H).abs().mean(0), rtol=1e-4, atol=1e-6)

@@ -26,15 +26,22 @@ def test_linearpatch_is_identity_for_equal_statistics():
     assert torch.allclose(P, torch.eye(24), atol=1e-5)
 
 
-def test_linearpatch_scales_in_the_hadamard_basis():
+@pytest.mark.parametrize("basis", ["quarot", "paley"])
+def test_linearpatch_scales_in_the_basis_of_its_statistics(basis):
     from lp.hadamard import hadamard
+    from lp.patches import PatchContext
 
     stats = _stats(4, 24)
+    stats.hadamard = basis
     P = build_patch("linearpatch", stats, 0, 2).weight
-    H = hadamard(24)
+    H = hadamard(24, construction=basis)
+    assert not torch.equal(H, hadamard(24, construction={"quarot": "paley", "paley": "quarot"}[basis]))
     r = stats.abs_mean_rot[2] / stats.abs_mean_rot[0]
     assert torch.allclose(H.T @ P @ H, torch.diag(r), atol=1e-5)  # P = H diag(r) H^T
     assert torch.allclose(P, P.T, atol=1e-6)
+    other = "paley" if basis == "quarot" else "quarot"  # a patch in another basis than its statistics': refused
+    with pytest.raises(ValueError, match=f"patch.hadamard={other}.*{basis}"):
+        build_patch("linearpatch", PatchContext(stats, {"hadamard": other}), 0, 2)
 
 
 def test_removing_zero_layers_changes_nothing(any_model, ids):

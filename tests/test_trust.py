@@ -1,6 +1,7 @@
 """No silent wrong numbers, no lost work: records, caches, damaged files, bad input."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,19 @@ def test_damaged_statistics_file_is_named(tmp_path, llama, ids):
         BoundaryStats.load(path)
 
 
+def test_statistics_files_keep_their_hadamard_basis(tmp_path, llama, ids):
+    from dataclasses import asdict
+
+    stats = collect_stats(llama, ids, progress=False, hadamard_construction="paley")
+    stats.save(tmp_path / "new.pt")
+    assert BoundaryStats.load(tmp_path / "new.pt").hadamard == "paley"
+    state = {k: v for k, v in asdict(stats).items() if k != "hadamard"}  # files of lp before the field:
+    torch.save({**state, "meta": {"hadamard": "quarot"}}, tmp_path / "meta.pt")  # the basis in their meta,
+    torch.save({**state, "meta": {}}, tmp_path / "old.pt")  # or none (made before the choice: lp's Paley)
+    assert BoundaryStats.load(tmp_path / "meta.pt").hadamard == "quarot"
+    assert BoundaryStats.load(tmp_path / "old.pt").hadamard == "paley"
+
+
 def test_non_finite_statistics_stop_the_run_naming_the_boundaries(llama, ids):
     with torch.no_grad():
         llama.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")
@@ -63,7 +77,8 @@ def test_two_processes_writing_one_cache_entry_never_tear_it(tmp_path):
     script = tmp_path / "w.py"
     script.write_text(_WRITER)
     root = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(k)], cwd=root,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(k)], cwd=root, env=env,
                               stderr=subprocess.PIPE, text=True) for k in range(2)]
     torn = 0
     while any(p.poll() is None for p in procs):
