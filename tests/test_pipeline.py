@@ -120,6 +120,26 @@ def test_perplexity_on_several_eval_datasets(tiny_dir, tmp_path):
     assert by_data["local"]["dense"] > 1 and by_data["local"]["pruned"] != by_data["brown"]["pruned"]
 
 
+def test_text_data_is_read_from_files_and_keyed_on_their_content(tiny_dir, tmp_path, monkeypatch):
+    from lp.data import brown_split
+
+    calib, test = tmp_path / "calib.txt", tmp_path / "test.txt"
+    calib.write_text(brown_split("calib")[:30_000])
+    test.write_text(brown_split("eval")[:20_000])
+    calls = []
+    _count(monkeypatch, "collect_stats", calls)
+    files = ("data=text", f"data.data_files.train={calib}", f"data.data_files.test={test}", "data.seqlen=32",
+             "data.calib_samples=4", "prune.n=2")
+    first = pipeline.run(cfg_for(tiny_dir, tmp_path, *files))
+    again = pipeline.run(cfg_for(tiny_dir, tmp_path, *files))
+    assert first["status"] == "complete" and first["ppl"]["dense"] > 1 and calls == ["collect_stats"]
+    assert again["run_id"] == first["run_id"] and again["ppl"] == first["ppl"]  # the caches served the same text
+    calib.write_text(brown_split("calib")[30_000:60_000])  # the same file name, other text
+    edited = pipeline.run(cfg_for(tiny_dir, tmp_path, *files))
+    assert calls == ["collect_stats"] * 2 and edited["run_id"] != first["run_id"]
+    assert edited["ppl"]["dense"] == first["ppl"]["dense"]  # the evaluation file did not change: same text
+
+
 def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="distill=mse .* patch=streamline_layer"):
         pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=streamline_layer", "distill=mse"))
@@ -146,6 +166,8 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("patch=prunecomp prune.metric=manual prune.indices=[1,2] prune.n=2", r"patch=prunecomp chooses the layers itself"),
     ("model.name_or_path=/no/such/model", r"model.name_or_path='/no/such/model'"),
     ("model.name_or_path=null", r"model.name_or_path is missing"),
+    ("data=text", r"data.data_files.train='\?\?\?': no such file \(valid: a path or glob"),
+    ("data=text data.data_files.train=/no/such.txt data.data_files.test=/no/such.txt", r"data.data_files.train='/no/such.txt'"),
     ("+eval.datasets.wiki=nope", r"eval.datasets.wiki must be a data config \(as in conf/data/\) whose source is one of \['brown', 'hf'\]"),
 ])
 def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match, monkeypatch):
@@ -167,14 +189,16 @@ def test_unknown_group_option_lists_the_valid_ones():
     assert "patch" in str(e.value) and "linearpatch" in str(e.value)
 
 
-def test_every_config_group_option_composes():
+def test_every_config_group_option_composes(tmp_path):
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONF).iterdir() if p.is_dir()}
     assert {"model", "data", "prune", "patch", "distill", "eval", "logger"} <= set(groups)
+    (tmp_path / "a.txt").write_text("text\n")
+    given = {"text": [f"data.data_files.train={tmp_path / 'a.txt'}", f"data.data_files.test={tmp_path / 'a.txt'}"]}
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for group, options in groups.items():
             for option in options:
                 prefix = "+" if group == "experiment" else ""  # presets are appended, not swapped
-                cfg = compose("config", overrides=[f"{prefix}{group}={option}"])
+                cfg = compose("config", overrides=[f"{prefix}{group}={option}", *given.get(option, [])])
                 pipeline.validate(OmegaConf.to_container(cfg, resolve=True))
 
 
