@@ -3,12 +3,14 @@
     python -m experiments.aggregate
     python -m experiments.aggregate --records DIR --out DIR
     python -m experiments.aggregate --by patch.lr         # runs that differ in patch.lr get rows of their own
+    python -m experiments.aggregate --readme README.md    # also refill its <!-- table NAME col=v --> blocks
 """
 import argparse
 import logging
 from pathlib import Path
 
-from lp.report.tables import TITLES, build
+from lp.records import atomic_write
+from lp.report.tables import TITLES, build, fill_blocks
 
 
 def main(argv=None):
@@ -18,9 +20,13 @@ def main(argv=None):
     ap.add_argument("--out", default="results/tables")
     ap.add_argument("--by", action="append", default=[], metavar="FIELD",
                     help="a config field (e.g. patch.lr) that tells runs apart; repeatable")
+    ap.add_argument("--readme", help="a markdown file whose <!-- table NAME col=v1,v2 --> blocks to refill")
     args = ap.parse_args(argv)
     try:
         found, skipped = build(args.records, args.out, args.by)
+        if args.readme:
+            text = fill_blocks(Path(args.readme).read_text(), args.out)
+            atomic_write(args.readme, lambda tmp: Path(tmp).write_text(text))
     except ValueError as e:
         raise SystemExit(str(e))
     for path, why in skipped:

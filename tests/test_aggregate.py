@@ -129,3 +129,32 @@ def test_aggregate_command_does_not_import_torch(tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "t" / "ppl.md").is_file()
+
+
+def test_readme_blocks_are_refilled_from_the_tables(tmp_path):
+    import experiments.aggregate as cli
+
+    recs = tmp_path / "records"
+    dense = {"arc_e": 0.8, "piqa": 0.6}
+    write_json(recs / "a.json", record(3, "linearpatch", 20.0, "2026-01-01", acc={"arc_e": 0.72, "piqa": 0.6},
+                                       dense_acc=dense))
+    write_json(recs / "b.json", record(3, "none", 25.0, "2026-01-01", acc={"arc_e": 0.64}, dense_acc={"arc_e": 0.8},
+                                       data="other"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n<!-- table accuracy data=other n=0,3 -->\nstale rows\n<!-- /table -->\nkept text\n"
+                      "<!-- table ppl data=d -->\n<!-- /table -->\n")
+    cli.main(["--records", str(recs), "--out", str(tmp_path / "t"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "stale rows" not in text and text.startswith("# Results\n") and "\nkept text\n" in text
+    acc_block = text.split("<!-- table accuracy data=other n=0,3 -->\n")[1].split("<!-- /table -->")[0]
+    rows = [line for line in acc_block.splitlines() if line.startswith("| m ")]
+    assert [r.split("|")[5].strip() for r in rows] == ["dense", "cosine"]  # data=other only, both depths
+    assert "piqa" not in acc_block and "arc_e" in acc_block  # a column none of its rows fills is dropped
+    ppl_block = text.split("<!-- table ppl data=d -->")[1]
+    assert "| linearpatch |" in ppl_block and "| other " not in ppl_block  # the other block: data=d alone
+    readme.write_text("<!-- table nope eval=x -->\n<!-- /table -->\n")
+    with pytest.raises(SystemExit, match="nope.md does not exist"):
+        cli.main(["--records", str(recs), "--out", str(tmp_path / "t"), "--readme", str(readme)])
+    readme.write_text("<!-- table ppl modle=m -->\n<!-- /table -->\n")
+    with pytest.raises(SystemExit, match=r"table columns \['modle'\] do not exist"):
+        cli.main(["--records", str(recs), "--out", str(tmp_path / "t"), "--readme", str(readme)])

@@ -13,6 +13,7 @@ Tables:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,6 +242,39 @@ def write(t: Table, out: Path, name: str) -> str:
     (out / f"{name}.md").write_text(md + "\n")
     (out / f"{name}.tex").write_text(latex(t))
     return md
+
+
+def rows_of(md: str, where: dict[str, list[str]]) -> str:
+    """The rows of markdown table ``md`` (as :func:`markdown` writes it) whose column ``k`` holds one of
+    ``where[k]``, without the columns that none of them fills; the text below the table is left out."""
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    df = pd.DataFrame([split(line) for line in lines[2:]], columns=split(lines[0]))
+    unknown = sorted(set(where) - set(df.columns))
+    if unknown:
+        raise ValueError(f"table columns {unknown} do not exist (valid: {list(df.columns)})")
+    for column, values in where.items():
+        df = df[df[column].isin(values)]
+    if df.empty:
+        raise ValueError(f"no row of the table has {where}")
+    return df.loc[:, (df != "").any()].to_markdown(index=False, disable_numparse=True)
+
+
+_BLOCK = re.compile(r"(<!-- table (\w+)((?: [\w.]+=\S+)*) -->\n).*?(<!-- /table -->)", re.S)
+
+
+def fill_blocks(text: str, tables_dir: str | Path) -> str:
+    """``text`` (a README) with every block ``<!-- table NAME col=v1,v2 ... -->`` ... ``<!-- /table -->``
+    replaced by the rows of ``tables_dir/NAME.md`` that match (:func:`rows_of`): its tables are the
+    aggregate's, never typed."""
+    def fill(m: re.Match) -> str:
+        path = Path(tables_dir) / f"{m.group(2)}.md"
+        if not path.is_file():
+            raise ValueError(f"README block 'table {m.group(2)}': {path} does not exist (valid: "
+                             f"{sorted(p.stem for p in Path(tables_dir).glob('*.md'))})")
+        where = dict(kv.split("=", 1) for kv in m.group(3).split())
+        return f"{m.group(1)}{rows_of(path.read_text(), {k: v.split(',') for k, v in where.items()})}\n{m.group(4)}"
+    return _BLOCK.sub(fill, text)
 
 
 def tables(df: pd.DataFrame) -> dict[str, Table]:
