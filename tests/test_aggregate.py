@@ -142,7 +142,7 @@ def test_readme_blocks_are_refilled_from_the_tables(tmp_path):
                                        data="other"))
     readme = tmp_path / "README.md"
     readme.write_text("# Results\n<!-- table accuracy data=other n=0,3 -->\nstale rows\n<!-- /table -->\nkept text\n"
-                      "<!-- table ppl data=d -->\n<!-- /table -->\n")
+                      "<!-- table ppl data=d patch=\"linearpatch,no such\" -->\n<!-- /table -->\n")
     cli.main(["--records", str(recs), "--out", str(tmp_path / "t"), "--readme", str(readme)])
     text = readme.read_text()
     assert "stale rows" not in text and text.startswith("# Results\n") and "\nkept text\n" in text
@@ -150,7 +150,7 @@ def test_readme_blocks_are_refilled_from_the_tables(tmp_path):
     rows = [line for line in acc_block.splitlines() if line.startswith("| m ")]
     assert [r.split("|")[5].strip() for r in rows] == ["dense", "cosine"]  # data=other only, both depths
     assert "piqa" not in acc_block and "arc_e" in acc_block  # a column none of its rows fills is dropped
-    ppl_block = text.split("<!-- table ppl data=d -->")[1]
+    ppl_block = text.split('<!-- table ppl data=d patch="linearpatch,no such" -->')[1]
     assert "| linearpatch |" in ppl_block and "| other " not in ppl_block  # the other block: data=d alone
     readme.write_text("<!-- table nope eval=x -->\n<!-- /table -->\n")
     with pytest.raises(SystemExit, match="nope.md does not exist"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,19 +261,19 @@ def rows_of(md: str, where: dict[str, list[str]]) -> str:
     return df.loc[:, (df != "").any()].to_markdown(index=False, disable_numparse=True)
 
 
-_BLOCK = re.compile(r"(<!-- table (\w+)((?: [\w.]+=\S+)*) -->\n).*?(<!-- /table -->)", re.S)
+_BLOCK = re.compile(r'(<!-- table (\w+)((?: [\w.]+=(?:"[^"]*"|\S+))*) -->\n).*?(<!-- /table -->)', re.S)
 
 
 def fill_blocks(text: str, tables_dir: str | Path) -> str:
-    """``text`` (a README) with every block ``<!-- table NAME col=v1,v2 ... -->`` ... ``<!-- /table -->``
-    replaced by the rows of ``tables_dir/NAME.md`` that match (:func:`rows_of`): its tables are the
-    aggregate's, never typed."""
+    """``text`` (a README) with every block ``<!-- table NAME col=v1,v2 col="v 3" ... -->`` ...
+    ``<!-- /table -->`` replaced by the rows of ``tables_dir/NAME.md`` that match (:func:`rows_of`): its
+    tables are the aggregate's, never typed."""
     def fill(m: re.Match) -> str:
         path = Path(tables_dir) / f"{m.group(2)}.md"
         if not path.is_file():
             raise ValueError(f"README block 'table {m.group(2)}': {path} does not exist (valid: "
                              f"{sorted(p.stem for p in Path(tables_dir).glob('*.md'))})")
-        where = dict(kv.split("=", 1) for kv in m.group(3).split())
+        where = dict(kv.split("=", 1) for kv in shlex.split(m.group(3)))
         return f"{m.group(1)}{rows_of(path.read_text(), {k: v.split(',') for k, v in where.items()})}\n{m.group(4)}"
     return _BLOCK.sub(fill, text)
 
