@@ -38,6 +38,9 @@ class BoundaryStats:
     # per sample and channel, the cosine of two boundaries along the sequence, averaged over channels then
     # samples: the official LinearPatch selection (torch.cosine_similarity on (1, T, d), i.e. dim=1)
     cos_seq: torch.Tensor | None = None  # (L+1, L+1)
+    # the mean token-wise cosine of every boundary with the final norm's OUTPUT (HF's last hidden_states entry,
+    # which LLM-Streamline's official selection compares a block that ends at the last layer with)
+    cos_normed: torch.Tensor | None = None  # (L+1,)
     # the Hadamard construction of abs_mean_rot (lp.hadamard.CONSTRUCTIONS): a patch built from these
     # statistics must rotate with the same matrix. Files of older lp versions name it in their meta, or
     # predate the choice (lp's Paley basis).
@@ -161,6 +164,8 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
                   progress: bool = True, hadamard_construction: str = OFFICIAL) -> BoundaryStats:
     """Stream calibration statistics of every boundary over ``samples`` (n, seqlen); the Hadamard basis of
     ``abs_mean_rot`` is ``hadamard_construction``'s (lp.hadamard.CONSTRUCTIONS)."""
+    from .patches import unwrap
+
     layout = Layout(model)
     L, d = layout.num_layers, layout.hidden_size
     H = hadamard(d, torch.float32, "cpu", hadamard_construction)
@@ -195,6 +200,9 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         unit = torch.stack([torch.nn.functional.normalize(x.float().to(dev0), dim=-1) for x in xs])  # (L+1, t, d)
         cos = torch.einsum("itd,jtd->tij", unit, unit).clamp_(-1, 1)  # (tokens, L+1, L+1)
         add("cos", cos.sum(0))
+        normed = unwrap(layout.norm)(captured[L]).reshape(-1, d).float().to(dev0)
+        add("cos_normed", torch.einsum("itd,td->it", unit, torch.nn.functional.normalize(normed, dim=-1))
+            .clamp_(-1, 1).sum(1))
         add("ang", (torch.arccos(cos) / torch.pi).sum(0))
         tokens += unit.shape[1]
         b = captured[0].shape[0]
@@ -215,6 +223,7 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
         token_absmax_rot=first["rot"],
         cos_last=(sums["cos_last"] / n_samples).float(),
         cos_seq=(sums["cos_seq"] / n_samples).float(),
+        cos_normed=(sums["cos_normed"] / tokens).float(),
         hadamard=hadamard_construction,
     )
     stats.check_finite("computed from the calibration samples")

@@ -322,6 +322,10 @@ def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, settings: dict, 
 
 
 def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
+    """LLM-Streamline's FFN replacement as lp builds it: x + mlp(norm(x)) with the norm and SwiGLU MLP of layer s,
+    trained with MSE. Not the official code's: its README trains Transformer layers (``streamline_layer``) and
+    calls them better than an FFN or SwiGLU; its FFN example (examples/mlp_mseloss_train_without_memory_issue,
+    modeling_llama.py lines 59-70) is a randomly initialised ReLU MLP d -> 4d -> d without residual."""
     layer = unwrap(Layout(ctx.model).layers[s])
     dev, dtype = module_device(layer), next(layer.parameters()).dtype
     net = ResidualFFN(copy.deepcopy(layer.post_attention_layernorm), copy.deepcopy(layer.mlp)).to(dev)
@@ -335,6 +339,15 @@ def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
 
 
 def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLayer:
+    """LLM-Streamline's layer replacement as its official code (RUCKBReasoning/LLM-Streamline): the block
+    [s, e) holds n+1 layers (the pipeline selects with interval n+1, train_mseloss.py line 120); one decoder
+    layer initialised from layer s (train_lightweightnetwork.py, init_layer, lines 147-179) is trained with MSE
+    from the block's input to its output (get_train_data.py lines 38-39; lines 211-252: AdamW lr 2e-4, weight
+    decay 1e-3, cosine schedule to 5e-5, gradient norm clipped at 5) and takes the block's place (train_mseloss.py
+    lines 16-52). Differences: ``epochs`` passes over lp's calibration samples, one batch a step (official: one
+    epoch over 100,000 SlimPajama sequences of 2048 tokens, 16 batches of 8 accumulated a step, 0.5% warm-up,
+    the best state by validation MSE kept); the layer is given the model's attention mask and position
+    embeddings (official: position ids only)."""
     ctx.require_hidden_states()
     layer = unwrap(Layout(ctx.model).layers[s])
     dev, dtype = module_device(layer), next(layer.parameters()).dtype

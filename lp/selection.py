@@ -5,6 +5,7 @@ Each metric is a function registered in ``METRICS`` under its config name.  It g
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +16,8 @@ from .calibration import BoundaryStats
 from .evaluation import perplexity
 from .keys import USES, used_prune_settings  # noqa: F401  (re-exported)
 from .pruning import pruned
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,7 +77,12 @@ def cosine(ctx: SelectionContext) -> list[int]:
     """The contiguous block whose input and output are most similar.
 
     ``similarity=token`` (LLM-Streamline; lp's default): the mean token-wise cosine of boundaries s and s+n,
-    any start in [0, L-n]. ``similarity=linearpatch``, the official LinearPatch code (layer_select.py,
+    any start in [0, L-n], as the official code (RUCKBReasoning/LLM-Streamline, LLM_Streamline/get_cosine.py,
+    lines 44-60: per sample trace(0.5 + 0.5 cos) / T between HF's hidden_states j and j+n, averaged over
+    samples, the argmax; a monotone map of the mean cosine, equal to lp's mean over tokens for windows of one
+    length). Its hidden_states[L] is the final norm's output, so a block that ends at the last layer is scored
+    against the normed output here too (``stats.cos_normed``). LLM-Streamline's layer replacement asks for
+    n+1 layers (train_mseloss.py line 120). ``similarity=linearpatch``, the official LinearPatch code (layer_select.py,
     get_pruned_layer_with_cosine, lines 80-81): ``torch.cosine_similarity(act[i], act[i+n])`` on (1, T, d)
     inputs of layers i and i+n, i.e. a cosine along the sequence per channel, averaged over channels then
     samples; start i in range(1, L-n), i.e. [1, L-n-1] (layer 0 and the final norm's input never used)."""
@@ -84,6 +92,11 @@ def cosine(ctx: SelectionContext) -> list[int]:
         raise ValueError(f"prune.similarity={kind!r} is not one of {list(SIMILARITIES)}")
     if kind == "token":
         score = torch.tensor([ctx.stats.cos[s, s + n].item() for s in range(L - n + 1)])
+        if ctx.stats.cos_normed is not None:  # a block ending at the last layer: against the normed output
+            score[L - n] = ctx.stats.cos_normed[L - n].item()
+        else:
+            log.warning("calibration statistics without cos_normed (made by an older lp): the block ending at the "
+                        "last layer is scored against the final norm's input, not its output")
     else:
         if ctx.stats.cos_seq is None:
             raise ValueError("prune.similarity=linearpatch needs calibration statistics with cos_seq (recompute them)")

@@ -28,6 +28,9 @@ def test_stats_match_direct_computation(llama, ids):
     for i in range(L + 1):
         torch.testing.assert_close(stats.abs_mean[i], xs[i].abs().mean(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats.abs_mean_rot[i], (xs[i] @ H).abs().mean(0), rtol=1e-4, atol=1e-6)
+        normed = llama.model.norm(xs[L])  # HF's last hidden state
+        c = torch.nn.functional.cosine_similarity(xs[i], normed, dim=-1)
+        assert math.isclose(stats.cos_normed[i].item(), c.mean().item(), abs_tol=1e-5)
         for j in range(L + 1):
             c = torch.nn.functional.cosine_similarity(xs[i], xs[j], dim=-1)
             assert math.isclose(stats.cos[i, j].item(), c.mean().item(), abs_tol=1e-5)

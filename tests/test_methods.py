@@ -1,4 +1,4 @@
-"""The rules that define Prune&Comp and ReplaceMe, checked against by-hand versions of their official code."""
+"""The rules that define Prune&Comp, ReplaceMe and LLM-Streamline, checked against by-hand versions of their official code."""
 import copy
 
 import pytest
@@ -125,3 +125,47 @@ def test_replaceme_needs_a_layer_before_the_block_and_an_unnormed_mlp(llama, ids
     gemma = tiny_model("gemma2")
     with pytest.raises(ValueError, match="down_proj"):
         build_patch("replaceme", PatchContext(collect_stats(gemma, ids, progress=False), {}, gemma, ids), 2, 4)
+
+
+def official_streamline(model, ids, n):
+    """LLM-Streamline's official rule, by hand: get_cosine.py (lines 44-60) scores every start j by the mean
+    over samples of trace(0.5 + 0.5 cos(h_j, h_{j+k})) / T, the token-wise cosine of HF's hidden_states j and
+    j+k, with k = n + 1 (train_mseloss.py line 120); layer j is replaced by a copy of itself and layers
+    j+1 .. j+n are dropped (train_mseloss.py lines 16-17, train_lightweightnetwork.py lines 147-179)."""
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    k, L = n + 1, len(hs) - 1
+    score = []
+    for j in range(L - k + 1):
+        per_sample = []
+        for v1, v2 in zip(hs[j], hs[j + k]):
+            cos = (v1 @ v2.T) / (v1.norm(dim=1)[:, None] * v2.norm(dim=1))
+            per_sample.append(((0.5 + 0.5 * cos).trace() / cos.shape[0]).item())
+        score.append(sum(per_sample) / len(per_sample))
+    j = max(range(len(score)), key=score.__getitem__)
+    reference = copy.deepcopy(model)
+    lay = Layout(reference)
+    lay.layers = torch.nn.ModuleList([layer for i, layer in enumerate(lay.layers) if not j < i <= j + n])
+    for i, layer in enumerate(lay.layers):
+        layer.self_attn.layer_idx = i
+    reference.config.num_hidden_layers = len(lay.layers)
+    return j, k, L, reference
+
+
+@pytest.mark.parametrize("seed, n", [(0, 2), (1, 3)])  # the official block: inside the model; the last one
+def test_streamline_layer_is_the_official_block_and_initialisation(ids, seed, n, caplog):
+    import dataclasses
+
+    model = tiny_model("llama", layers=8)
+    with torch.no_grad():  # a final norm that weighs channels, as trained ones do: the normed output differs
+        model.model.norm.weight.copy_(torch.rand(24, generator=torch.Generator().manual_seed(seed)) * 2)
+    j, k, L, reference = official_streamline(model, ids, n)
+    stats = collect_stats(model, ids, progress=False)
+    removed = select_layers("cosine", SelectionContext(stats, n + 1))  # what the pipeline asks for this patch
+    assert removed == list(range(j, j + k)) and (j + k == L) == (seed == 1)
+    if j + k < L:  # scored against the norm's input (statistics of an older lp), the last block would win
+        older = select_layers("cosine", SelectionContext(dataclasses.replace(stats, cos_normed=None), n + 1))
+        assert older == list(range(L - k, L)) != removed and "without cos_normed" in caplog.text
+    ctx = PatchContext(stats, {"epochs": 0}, model=model, samples=ids, batch_size=2)  # untrained: its initialisation
+    with pruned(model, removed, lambda s, e: build_patch("streamline_layer", ctx, s, e)):
+        torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
