@@ -19,6 +19,9 @@ from .models import Layout
 from .records import DamagedFile, atomic_write
 
 
+STATS_FORMAT = 3  # of the statistics files (in their cache key): 3 added cos_normed
+
+
 @dataclass
 class BoundaryStats:
     """Calibration statistics of the L+1 layer boundaries of a dense model."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_lib
-from .calibration import BoundaryStats, collect_stats
+from .calibration import STATS_FORMAT, BoundaryStats, collect_stats
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity
 from .hadamard import CONSTRUCTIONS, is_supported
@@ -173,11 +173,10 @@ def hadamard_of(cfg: dict) -> str:
 
 
 def calib_stats_path(cfg: dict) -> Path:
-    """Calibration statistics of (model, data, seed, Hadamard basis, versions): small (a few (L+1) x d
-    tensors), kept beside the records so that figures never need the model again. The basis enters the key
-    unless it is lp's Paley basis, the only one before the choice existed, so that those files stay valid."""
-    basis = [] if hadamard_of(cfg) == "paley" else [{"hadamard": hadamard_of(cfg)}]
-    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], *basis, versions())
+    """Calibration statistics of (model, data, seed, Hadamard basis, what they hold, versions): small (a few
+    (L+1) x d tensors), kept beside the records so that figures never need the model again."""
+    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {"hadamard": hadamard_of(cfg), "format": STATS_FORMAT},
+                 versions())
     return Path(cfg["results_dir"]) / "stats" / f"calib_{key}.pt"
 
 
