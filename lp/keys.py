@@ -21,11 +21,4 @@ def group_settings(cfg: dict, group: str) -> dict:
     """A config group's settings that can change results (what keys records and caches)."""
     if group == "prune":
         return used_prune_settings(cfg["prune"])
-    out = {k: v for k, v in cfg[group].items() if k not in EXECUTION}
-    if group == "eval":  # the text of local files that eval.datasets name, as data_key does for data
-        from .data import content_key
-
-        content = {name: content_key(ds) for name, ds in (cfg["eval"].get("datasets") or {}).items()}
-        if any(content.values()):
-            out["datasets_content"] = content
-    return out
+    return {k: v for k, v in cfg[group].items() if k not in EXECUTION}

@@ -166,6 +166,15 @@ def data_key(cfg: dict) -> dict:
     return {**cfg["data"], "bos": cfg["data"].get("bos", "auto"), **data_lib.content_key(cfg["data"])}
 
 
+def eval_key(cfg: dict) -> dict:
+    """eval's settings, with the SHA-256 of the local files that eval.datasets read, as data_key does for data."""
+    out = group_settings(cfg, "eval")
+    content = {name: data_lib.content_key(ds) for name, ds in (cfg["eval"].get("datasets") or {}).items()}
+    if any(content.values()):
+        out["datasets_content"] = content
+    return out
+
+
 def hadamard_of(cfg: dict) -> str:
     """The Hadamard basis of the run's rotated statistics: patch.hadamard, or for patches without the setting
     the official code's (``quarot``, LinearPatch's default), so that a sweep over patches calibrates once."""
@@ -185,7 +194,8 @@ def run_id(cfg: dict) -> str:
     block = f"-s{p['start']}" if p.get("start") is not None else ""
     readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
                 f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
-    return f"{readable}__{key_of(*(group_settings(cfg, g) for g in SETTING_GROUPS), data_key(cfg), cfg['seed'])}"
+    settings = [eval_key(cfg) if g == "eval" else group_settings(cfg, g) for g in SETTING_GROUPS]
+    return f"{readable}__{key_of(*settings, data_key(cfg), cfg['seed'])}"
 
 
 @contextmanager
@@ -282,7 +292,7 @@ def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None =
 
 def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
     """The dense model's evaluation, cached per (model, data, eval settings, seed, versions)."""
-    key = key_of(model_key(cfg), data_key(cfg), group_settings(cfg, "eval"), cfg["seed"], versions())
+    key = key_of(model_key(cfg), data_key(cfg), eval_key(cfg), cfg["seed"], versions())
     path = Path(cfg["cache_dir"]) / "dense" / f"{key}.json"
     with locked(path):
         dense = read_cache_json(path)
@@ -331,7 +341,7 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
     if not e.get("prefix_reuse", True):
         return {}
     first = max(min(removed, default=0) - (cfg["patch"]["variant"] in CHANGES_EARLIER_LAYER), 0)
-    ekey = key_of(model_key(cfg), data_key(cfg), group_settings(cfg, "eval"))
+    ekey = key_of(model_key(cfg), data_key(cfg), eval_key(cfg))
     return {name: ws.prefix(model, w, first, e.get("batch_size", 1), f"{ekey}/{name}") for name, w in windows.items()}
 
 
