@@ -4,6 +4,7 @@
     python -m experiments.aggregate --records DIR --out DIR
     python -m experiments.aggregate --by patch.lr         # runs that differ in patch.lr get rows of their own
     python -m experiments.aggregate --readme README.md    # also refill its <!-- table NAME col=v --> blocks
+    python -m experiments.aggregate --vs metric=cosine,patch=linearpatch   # dRP against LP[L] instead of no patch
 """
 import argparse
 import logging
@@ -21,9 +22,14 @@ def main(argv=None):
     ap.add_argument("--by", action="append", default=[], metavar="FIELD",
                     help="a config field (e.g. patch.lr) that tells runs apart; repeatable")
     ap.add_argument("--readme", help="a markdown file whose <!-- table NAME col=v1,v2 --> blocks to refill")
+    ap.add_argument("--vs", default="patch=none,distill=none", metavar="FIELD=VALUE,...",
+                    help="dRP's reference run: these fields set, the others (model, data, eval, n, metric, seed) "
+                         "the run's own")
+    ap.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     args = ap.parse_args(argv)
     try:
-        found, skipped = build(args.records, args.out, args.by)
+        vs = dict(kv.split("=", 1) for kv in args.vs.split(",") if kv)
+        found, skipped = build(args.records, args.out, args.by, vs, args.resamples)
         if args.readme:
             text = fill_blocks(Path(args.readme).read_text(), args.out)
             atomic_write(args.readme, lambda tmp: Path(tmp).write_text(text))

@@ -226,9 +226,33 @@ def calibration_samples(stream: torch.Tensor, n: int, seqlen: int, seed: int, bo
     if body < 1 or stream.numel() <= body:
         raise ValueError(f"data.seqlen={seqlen} must be in [{1 + (bos is not None)}, {stream.numel() + (bos is not None) - 1}] "
                          f"for this calibration text ({stream.numel()} tokens)")
+    return _with_bos(torch.stack([stream[s : s + body] for s in _starts(stream, n, body, seed)]), bos)
+
+
+def _starts(stream: torch.Tensor, n: int, body: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - body, (n,), generator=g)
-    return _with_bos(torch.stack([stream[s : s + body] for s in starts.tolist()]), bos)
+    return torch.randint(0, stream.numel() - body, (n,), generator=g).tolist()
+
+
+def held_out_samples(stream: torch.Tensor, n: int, seqlen: int, seed: int, exclude: tuple[int, int, int],
+                     bos: int | None = None) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at seeded random offsets that share no token with the calibration
+    windows ``exclude`` = (their count, their seqlen, their seed), as :func:`calibration_samples` draws them:
+    data a selection can score on that the statistics never saw."""
+    taken = sorted(_starts(stream, exclude[0], exclude[1] - (bos is not None), exclude[2]))
+    span, body = exclude[1] - (bos is not None), seqlen - (bos is not None)
+    if body < 1 or stream.numel() <= body:
+        raise ValueError(f"seqlen={seqlen} must be in [{1 + (bos is not None)}, {stream.numel() + (bos is not None) - 1}]")
+    g = torch.Generator().manual_seed(seed)
+    starts: list[int] = []
+    for _ in range(1000 * n):
+        s = int(torch.randint(0, stream.numel() - body, (1,), generator=g))
+        if all(s + body <= t or s >= t + span for t in taken) and all(s + body <= t or s >= t + body for t in starts):
+            starts.append(s)
+            if len(starts) == n:
+                return _with_bos(torch.stack([stream[s : s + body] for s in starts]), bos)
+    raise ValueError(f"the calibration text ({stream.numel()} tokens) has no room for {n} windows of {seqlen} tokens "
+                     f"apart from the {exclude[0]} calibration windows: lower prune.score_samples or data.calib_samples")
 
 
 def eval_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None) -> torch.Tensor:

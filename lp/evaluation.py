@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -45,32 +46,54 @@ class _Skip(torch.nn.Module):
         return (hidden_states,) if self.tuple_output else hidden_states
 
 
+def check_prefix_reuse(model) -> None:
+    """Prefix reuse feeds a layer's dense input back as ``inputs_embeds``: only for families whose embeddings
+    enter layer 0 untransformed and whose layers are all of one type. Otherwise a ValueError."""
+    types = getattr(model.config, "layer_types", None) or []
+    if model.config.model_type not in PREFIX_REUSE_TYPES or len(set(types)) > 1:
+        raise ValueError(f"prefix reuse is not supported for {type(model).__name__}")
+
+
+@contextmanager
+def layer_output_kind(model):
+    """Yields a list that, after a forward pass inside the block, holds whether a decoder layer of this model
+    returns a tuple (what :class:`_Skip` must mimic)."""
+    from .models import Layout
+
+    returns: list = []
+    hook = Layout(model).layers[0].register_forward_hook(lambda m, a, out: returns.append(isinstance(out, tuple)))
+    try:
+        yield returns
+    finally:
+        hook.remove()
+
+
 class Prefix:
     """Dense hidden states entering decoder layer ``layer`` for a fixed set of evaluation windows.
 
     Pruning that removes only layers >= ``layer`` leaves layers [0, layer) and their output unchanged, so
-    a sweep computes that output once and every pruned variant runs only the layers after it.
+    a sweep computes that output once (:meth:`compute`) and every pruned variant runs only the layers after it.
     """
 
-    def __init__(self, model, windows: torch.Tensor, layer: int, batch_size: int = 1):
+    def __init__(self, hidden: torch.Tensor, layer: int, tuple_output: bool):
+        self.hidden, self.layer, self._tuple = hidden, layer, tuple_output
+
+    @classmethod
+    def compute(cls, model, windows: torch.Tensor, layer: int, batch_size: int = 1) -> "Prefix":
         from .calibration import stream_boundaries
         from .models import Layout
 
+        check_prefix_reuse(model)
         lay = Layout(model)
-        types = getattr(model.config, "layer_types", None) or []
-        if model.config.model_type not in PREFIX_REUSE_TYPES or len(set(types)) > 1:
-            raise ValueError(f"prefix reuse is not supported for {type(model).__name__}")
-        self.layer = layer
         kept = lay.layers
-        returns: list = []  # what a decoder layer of this class returns (a tuple, or a tensor): _Skip mimics it
-        hook = kept[0].register_forward_hook(lambda m, a, out: returns.append(isinstance(out, tuple)))
         try:  # run only layers [0, layer): the boundary ``layer`` is then the final norm's input
-            lay.layers = torch.nn.ModuleList(list(kept)[:layer])
-            self.hidden = torch.cat([b[layer].cpu() for b in stream_boundaries(model, windows, batch_size, progress=False)])
+            with layer_output_kind(model) as returns:
+                lay.layers = torch.nn.ModuleList(list(kept)[:max(layer, 1)])
+                hidden = torch.cat([b[layer].cpu() for b in stream_boundaries(model, windows, batch_size,
+                                                                              progress=False)])
         finally:
             lay.layers = kept
-            hook.remove()
-        self._tuple = returns[0]
+        return cls(hidden, layer, returns[0])
 
     @property
     def nbytes(self) -> int:

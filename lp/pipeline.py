@@ -23,6 +23,7 @@ from .calibration import STATS_FORMAT, BoundaryStats, collect_stats
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity
 from .hadamard import CONSTRUCTIONS, is_supported
+from .intervals import outcomes_path, rp_interval, save_outcomes
 from .models import Layout, count_parameters, load_model, model_config
 from . import prunecomp
 from .patches import (CHANGES_EARLIER_LAYER, NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext,
@@ -31,7 +32,7 @@ from .pruning import interface_position, interfaces, patches_of, pruned, save_pr
 from .records import (DamagedFile, RECORD_VERSION, is_complete, key_of, locked, read_cache_json, read_json,
                       set_aside, versions, write_json)
 from .keys import SETTING_GROUPS, group_settings
-from .selection import METRICS, MODEL_METRICS, SelectionContext, select_layers
+from .selection import CHEAP_PATCHES, METRICS, MODEL_METRICS, SCORES, SelectionContext, patched_scores, select_layers
 from .tracking import make_tracker
 from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 
@@ -79,6 +80,12 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
         raise ValueError("patch=prunecomp chooses the layers itself, one per round, with prune.metric: use a "
                          "scoring metric (block_influence, cosine, angular, taylor, ppl, ...), not prune.metric="
                          "manual or prune.start")
+    if p["metric"] == "patched":
+        if variant == "prunecomp":
+            raise ValueError("prune.metric=patched scores whole blocks; patch=prunecomp removes layers one round at a "
+                             "time: use prune=block_influence (Prune&Comp's) or another metric with patch=prunecomp")
+        scoring_patch(cfg)
+        _one_of(p.get("score", "kl"), "prune.score", SCORES)
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
 
@@ -98,6 +105,10 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
         if len(set(idx)) != p["n"] or any(not isinstance(i, int) or not 0 <= i < L for i in idx):
             raise ValueError(f"prune.indices={idx} must hold prune.n={p['n']} distinct layers in [0, {L - 1}]")
     ctx = max_positions or math.inf
+    if p["metric"] == "patched":
+        _int_in(p.get("score_samples"), "prune.score_samples", 1)
+        _int_in(p.get("topk", 50), "prune.topk", 1)
+        _int_in(p.get("score_seqlen"), "prune.score_seqlen", 2, ctx, none_ok=True)
     for name, ds in {"data": d, **{f"eval.datasets.{k}": v for k, v in (e.get("datasets") or {}).items()}}.items():
         if not isinstance(ds, dict) or ds.get("source") not in data_lib.SOURCES:
             raise ValueError(f"{name} must be a data config (as in conf/data/) whose source is one of "
@@ -144,7 +155,7 @@ class Workspace:
         k = (key, layer)
         if k not in self._prefixes:
             try:
-                prefix = Prefix(model, windows, layer, batch_size)
+                prefix = Prefix.compute(model, windows, layer, batch_size)
             except ValueError:  # a family whose embeddings enter layer 0 transformed: the plain path
                 return None
             self._prefixes[k] = prefix
@@ -287,7 +298,8 @@ def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None =
                                     (prefixes or {}).get(name)), f"{label} perplexity on {name}")
            for name, w in windows.items()}
     zs = _zeroshot_settings(cfg)
-    return {"ppl": ppl, "zeroshot": evaluate_tasks(model, tokenizer, zs.pop("tasks"), **zs)}
+    results, outcomes = evaluate_tasks(model, tokenizer, zs.pop("tasks"), **zs)
+    return {"ppl": ppl, "zeroshot": results, "outcomes": outcomes}
 
 
 def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
@@ -296,32 +308,79 @@ def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
     path = Path(cfg["cache_dir"]) / "dense" / f"{key}.json"
     with locked(path):
         dense = read_cache_json(path)
+        if dense is not None and set(dense.get("outcomes") or {}) != set(dense.get("zeroshot") or {}):
+            set_aside(path, "no per-document outcomes (made by an older lp)")
+            dense = None
         if dense is None:
             dense = evaluate(cfg, model, tokenizer, windows, label="dense")
             write_json(path, dense)
     return dense
 
 
-def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int], dict]:
-    """The layers to remove, and what the selection fitted for the patch. ``patch=streamline_layer`` replaces
-    n+1 contiguous layers by one trained layer, as LLM-Streamline's official code does, so that n layers are
-    removed net; ``patch=prunecomp`` removes them one at a time, compensating each (lp.prunecomp)."""
+def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int], dict, dict | None]:
+    """The layers to remove, what the selection fitted for the patch, and the score of every candidate
+    (``prune=patched``; else None). ``patch=streamline_layer`` replaces n+1 contiguous layers by one trained
+    layer, as LLM-Streamline's official code does, so that n layers are removed net; ``patch=prunecomp``
+    removes them one at a time, compensating each (lp.prunecomp)."""
     p = cfg["prune"]
     scored = p["metric"] in MODEL_METRICS
     replaces = cfg["patch"]["variant"] in REPLACES_BLOCK
     ctx = SelectionContext(stats=stats, n=p["n"] + replaces, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
-                           model=model if scored else None, settings=p,
-                           samples=data.samples(p.get("score_samples"), p.get("score_seqlen")) if scored else None,
+                           model=model if scored else None, settings=p, samples=_score_samples(cfg, data) if scored else None,
                            batch_size=cfg["data"].get("calib_batch_size", 1))
     if cfg["patch"]["variant"] == "prunecomp":
         pick = lambda m, st: select_layers(p["metric"], dataclasses.replace(ctx, stats=st, n=1, model=m if scored else None))[0]  # noqa: E731
         removed, scales = prunecomp.select(model, data.samples(), p["n"], pick, ctx.batch_size, cfg.get("progress", True))
-        return removed, {"prunecomp": scales}
+        return removed, {"prunecomp": scales}, None
+    if p["metric"] == "patched" and ctx.n:
+        scoring = {**cfg, "patch": {**cfg["patch"], "variant": scoring_patch(cfg)}}
+        ctx.make_patch = patch_maker(scoring, model, stats, data, {})
+        ctx.scores = _cached_scores(cfg, lambda: patched_scores(ctx))
     removed = select_layers(p["metric"], ctx)
     if replaces and len(interfaces(removed)) != 1:
         raise ValueError(f"patch={cfg['patch']['variant']} replaces one contiguous block, but prune.metric="
                          f"{p['metric']} chose {removed}: use a contiguous metric (cosine, angular, last)")
-    return removed, {}
+    return removed, {}, ctx.scores
+
+
+def scoring_patch(cfg: dict) -> str:
+    """The training-free patch that ``prune=patched`` scores each block with: prune.patch, or the run's."""
+    variant = cfg["prune"].get("patch") or cfg["patch"]["variant"]
+    if variant not in CHEAP_PATCHES:
+        raise ValueError(f"prune.metric=patched scores blocks with a patch built from the calibration statistics "
+                         f"alone; patch={variant} is not one: set ++prune.patch to one of {list(CHEAP_PATCHES)}")
+    return variant
+
+
+def _score_samples(cfg: dict, data: Data) -> torch.Tensor:
+    """What model-scoring metrics score on: calibration samples (ppl, sleb, taylor: their official protocol),
+    or for ``patched`` held-out calibration windows that share no token with the statistics' samples."""
+    p, d = cfg["prune"], cfg["data"]
+    if p["metric"] != "patched":
+        return data.samples(p.get("score_samples"), p.get("score_seqlen"))
+    return data_lib.held_out_samples(data.stream(), p["score_samples"], p.get("score_seqlen") or d["seqlen"],
+                                     cfg["seed"] + 2, (d["calib_samples"], d["seqlen"], cfg["seed"]), data.bos)
+
+
+def _cached_scores(cfg: dict, compute) -> dict[int, float]:
+    """Candidate scores of ``prune=patched``, cached on everything that changes them: the model, data, seed,
+    the prune and patch settings, the statistics they are built from, versions."""
+    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {**group_settings(cfg, "prune"), "patch": None},
+                 {"variant": scoring_patch(cfg), "hadamard": hadamard_of(cfg),
+                  "precision": cfg["patch"].get("precision", "model")}, calib_stats_path(cfg).name, versions())
+    path = Path(cfg["cache_dir"]) / "selection" / f"{key}.json"
+    with locked(path):
+        cached = read_cache_json(path)
+        if cached is not None:
+            try:
+                return {int(s): float(v) for s, v in cached["scores"].items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                set_aside(path, f"not a score table ({e!r})")
+        scores = compute()
+        finite = {str(s): v for s, v in scores.items() if math.isfinite(v)}  # JSON holds no inf / nan
+        if len(finite) == len(scores):
+            write_json(path, {"scores": finite})
+    return scores
 
 
 def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict):
@@ -475,10 +534,10 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     with _timed(timings, "dense_eval"):
         dense = evaluate_dense(cfg, model, tokenizer, windows)
     with _timed(timings, "selection"):
-        removed, fitted = select(cfg, model, stats, data)
+        removed, fitted, scores = select(cfg, model, stats, data)
     tracker.log({"removed": str(removed), "time/selection": timings["selection"]})
     prefixes = eval_prefixes(cfg, ws, model, windows, removed)
-    out = {"removed": removed, "fitted": fitted, "num_layers": Layout(model).num_layers,
+    out = {"removed": removed, "fitted": fitted, "selection_scores": scores, "num_layers": Layout(model).num_layers,
            "params_dense": count_parameters(model)}
     with _timed(timings, "teacher"):
         prepared = prepare_distill(cfg, model, data, removed)
@@ -493,6 +552,8 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
         with _timed(timings, "pruned_eval"):
             pruned_eval = evaluate(cfg, model, tokenizer, windows, prefixes, label="pruned")
         record = make_record(cfg, rid, group, data, stats, windows, timings, dense, pruned_eval, **out)
+        if pruned_eval["outcomes"]:  # the side file first: a complete record always has its outcomes
+            save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
         write_json(record_path, record)  # the record first: a failed save below loses no evaluation
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], spec)
@@ -500,7 +561,8 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
 
 
 def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: BoundaryStats, windows: dict, timings: dict,
-                dense: dict, pruned_eval: dict, *, removed: list[int], fitted: dict, num_layers: int,
+                dense: dict, pruned_eval: dict, *, removed: list[int], fitted: dict, selection_scores: dict | None,
+                num_layers: int,
                 params_dense: int, params_pruned: int, patch_params: int, patch_check: dict | None, maps: dict,
                 ppl_free: float | None, distilled) -> dict:
     main = cfg["data"]["name"]
@@ -518,6 +580,8 @@ def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: Bound
         "params_dense": params_dense, "params_pruned": params_pruned, "patch_params": patch_params,
         "prune_ratio": round(1 - params_pruned / params_dense, 6),
         "fitted": {k: {str(i): v for i, v in d.items()} for k, d in fitted.items()} or None,
+        "selection_scores": {str(i): v if math.isfinite(v) else None for i, v in selection_scores.items()}
+                            if selection_scores else None,
         "folded_maps": maps or None, "patch_check": patch_check,
         "ppl": {"dense": dense["ppl"][main], "pruned": pruned_eval["ppl"][main],
                 **({"training_free": ppl_free} if ppl_free is not None else {}),
@@ -526,10 +590,23 @@ def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: Bound
                            "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
         "zeroshot": {"dense": zs_dense, "pruned": zs_pruned,
                      "lm_eval": versions()["lm_eval"] if zs_dense else None},
-        "retention": retention(zs_dense, zs_pruned, cfg["eval"].get("rp_metric", "acc")),
+        "retention": _retention(cfg, dense, pruned_eval),
+        "outcomes": outcomes_path(f"{rid}.json").name if pruned_eval["outcomes"] else None,
         "eval_tokens": windows[main].numel(), "calib_tokens": stats.tokens,
         "calib_stats": str(calib_stats_path(cfg)), "versions": versions(), "timings": timings, "config": cfg,
     }
+
+
+def _retention(cfg: dict, dense: dict, pruned_eval: dict) -> dict:
+    """RP with its standard error and its paired bootstrap interval (``ci``, settings ``bootstrap.*``)."""
+    metric = cfg["eval"].get("rp_metric", "acc")
+    out = retention(dense["zeroshot"], pruned_eval["zeroshot"], metric)
+    if out:
+        b = cfg.get("bootstrap") or {}
+        ci = rp_interval(dense["outcomes"], pruned_eval["outcomes"], metric, b.get("resamples", 1000),
+                         b.get("seed", 0), b.get("level", 0.95))
+        out["rp_ci"] = {k: v for k, v in ci.items() if k != "rp"}
+    return out
 
 
 def _summary(record: dict, path: Path) -> None:
@@ -549,6 +626,9 @@ def format_table(dense: dict, pruned: dict, rp: dict) -> str:
         flag = "  (dense at chance)" if t in rp.get("at_chance", []) else ""
         rows.append(f"     {t:<22}{dense[t][m]:>8.4f}{pruned[t][m]:>8.4f}{rp['per_task'][t]:>8.2f}{flag}")
     err = f" ± {rp['rp_stderr']:.2f}" if "rp_stderr" in rp else ""
+    if (rp.get("rp_ci") or {}).get("ci"):
+        ci = rp["rp_ci"]
+        err = f"  [{ci['ci'][0]:.2f}, {ci['ci'][1]:.2f}] ({100 * ci['level']:.0f}% paired bootstrap)"
     rows.append(f"     {'average (' + m + ')':<22}{rp['avg_dense']:>8.4f}{rp['avg_pruned']:>8.4f}{rp['rp']:>8.2f}{err}")
     if rp.get("at_chance"):
         rows.append(f"     RP rests on tasks where the dense model is at chance: {rp['at_chance']}")

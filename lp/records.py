@@ -144,8 +144,9 @@ REQUIRED = ("run_id", "model", "data", "metric", "n", "patch", "distill", "eval"
 
 
 def load_records(root: str | Path, skipped: list | None = None) -> list[dict]:
-    """Every complete record under ``root`` (any number of sweeps). Files that are not (damaged, of another
-    format version, incomplete, missing a field) are left out and listed in ``skipped`` as (path, why)."""
+    """Every complete record under ``root`` (any number of sweeps), each with the in-memory ``_path`` it was
+    read from. Files that are not (damaged, of another format version, incomplete, missing a field) are left
+    out and listed in ``skipped`` as (path, why)."""
     out = []
     for p in sorted(Path(root).rglob("*.json")):
         try:
@@ -159,7 +160,7 @@ def load_records(root: str | Path, skipped: list | None = None) -> list[dict]:
             elif missing:
                 why = f"missing fields {missing}"
             else:
-                out.append(r)
+                out.append({**r, "_path": str(p)})
                 continue
         if skipped is not None:
             skipped.append((str(p), why))

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from .calibration import BoundaryStats
-from .evaluation import perplexity
+from .calibration import BoundaryStats, stream_boundaries
+from .evaluation import Prefix, check_prefix_reuse, layer_output_kind, perplexity
 from .keys import USES, used_prune_settings  # noqa: F401  (re-exported)
 from .pruning import pruned
 
@@ -31,6 +32,8 @@ class SelectionContext:
     samples: torch.Tensor | None = None  # calibration token windows those metrics score on
     batch_size: int = 1
     settings: dict | None = None  # the prune config (protect_ends, token, ...)
+    make_patch: Callable | None = None  # (s, e) -> the training-free patch of an interface (for `patched`)
+    scores: dict | None = None  # a metric's score of every candidate, kept in the record (`patched` fills it)
 
     def setting(self, name: str, default):
         return (self.settings or {}).get(name, default)
@@ -41,7 +44,7 @@ class SelectionContext:
 
 
 METRICS: dict[str, Callable[[SelectionContext], list[int]]] = {}
-MODEL_METRICS = {"ppl", "sleb", "taylor"}  # these score layers by running the model on calibration samples
+MODEL_METRICS = {"ppl", "sleb", "taylor", "patched"}  # these score layers by running the model on calibration samples
 def register(name: str):
     def wrap(fn):
         METRICS[name] = fn
@@ -276,3 +279,89 @@ def taylor_scores(ctx: SelectionContext) -> torch.Tensor:
 def taylor(ctx: SelectionContext) -> list[int]:
     """Taylor+: remove the n layers of lowest first-order importance, never blocks 0-3 or the last two."""
     return _lowest(ctx, taylor_scores(ctx))
+
+
+# ------------------------------------------------------------------ lp's own: the block the patched model keeps best
+SCORES = ("kl", "ppl")
+CHEAP_PATCHES = ("none", "diag", "linearpatch")  # built from the one-pass statistics alone
+
+
+def _logits_from(model, batch: torch.Tensor):
+    """``logits(layer)``: the current model's logits on ``batch`` when the dense hidden state entering
+    ``layer`` is fed in and layers [0, layer) are skipped (one dense pass computes every boundary); for a
+    family where prefix reuse does not apply, the whole model on the tokens (``layer`` ignored)."""
+    try:
+        check_prefix_reuse(model)
+    except ValueError:
+        return lambda layer: model(input_ids=batch, use_cache=False).logits
+    with layer_output_kind(model) as returns:
+        xs = next(iter(stream_boundaries(model, batch, len(batch), progress=False)))
+    return lambda layer: Prefix(xs[layer], layer, returns[0]).forward(model, 0, len(batch))
+
+
+@torch.no_grad()
+def patched_scores(ctx: SelectionContext) -> dict[int, float]:
+    """For every start s of a contiguous block of n layers: the block removed, the interface patched with
+    ``ctx.make_patch`` (the training-free patch built from the one-pass statistics), and the model scored on
+    ``ctx.samples`` (held-out calibration windows) by ``score``: ``kl``, the mean over tokens of KL(dense top-k
+    || patched, renormalised over the top-k; ``topk`` tokens, as offline distillation's loss), or ``ppl``, the
+    perplexity. Lower is better; a non-finite score stays in the result (the metric skips and names it)."""
+    from .distill import topk_kl
+    from .pruning import pruned
+
+    model, samples = _needs_model(ctx, "patched")
+    if ctx.make_patch is None:
+        raise ValueError("prune.metric=patched scores each block with its patch: pass make_patch")
+    score, k = ctx.setting("score", "kl"), int(ctx.setting("topk", 50))
+    if score not in SCORES:
+        raise ValueError(f"prune.score={score!r} is not one of {list(SCORES)}")
+    L, n = ctx.num_layers, ctx.n
+    starts = [ctx.start] if ctx.start is not None else list(range(L - n + 1))
+    patches: dict = {}
+
+    def make(s: int, e: int):  # each candidate's patch built once, reused for every batch
+        if (s, e) not in patches:
+            patches[(s, e)] = ctx.make_patch(s, e)
+        return patches[(s, e)]
+
+    total, tokens = dict.fromkeys(starts, 0.0), 0
+    device = next(model.parameters()).device
+    for i in range(0, len(samples), ctx.batch_size):
+        batch = samples[i : i + ctx.batch_size].to(device)
+        logits = _logits_from(model, batch)
+        target = batch[:, 1:]
+        if score == "kl":
+            top = logits(L)[:, :-1].float().topk(k, dim=-1)
+            teacher = (top.values.softmax(-1), top.indices)
+        for s in starts:
+            with pruned(model, list(range(s, s + n)), make):
+                out = logits(s)[:, :-1].float()
+            if score == "kl":
+                value = topk_kl(out, *teacher).item() * target.numel()
+            else:
+                value = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="sum").item()
+            total[s] += value
+        tokens += target.numel()
+    mean = {s: v / tokens for s, v in total.items()}
+    return {s: (math.exp(v) if v < 700 else math.inf) if score == "ppl" and math.isfinite(v) else v
+            for s, v in mean.items()}
+
+
+@register("patched")
+def patched(ctx: SelectionContext) -> list[int]:
+    """lp's own selection (not a published method): the contiguous block whose removal, with the configured
+    training-free patch, leaves the model closest to the dense one on held-out calibration windows
+    (:func:`patched_scores`). Candidates whose score is not finite are skipped and named."""
+    if ctx.n == 0:
+        return []
+    scores = ctx.scores if ctx.scores is not None else patched_scores(ctx)
+    ctx.scores = scores
+    bad = sorted(s for s, v in scores.items() if not math.isfinite(v))
+    if bad:
+        log.warning(f"prune.metric=patched: blocks starting at {bad} give a non-finite score: skipped")
+    good = {s: v for s, v in scores.items() if math.isfinite(v)}
+    if not good:
+        raise ValueError(f"prune.metric=patched: every candidate block ({sorted(scores)}) gives a non-finite "
+                         f"score: the patched model's outputs overflow or the weights are damaged")
+    s = min(good, key=good.get)
+    return list(range(s, s + ctx.n))

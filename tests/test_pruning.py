@@ -288,7 +288,7 @@ def test_prefix_reuse_matches_the_plain_path(ids, model_type, removed):
 
     model = tiny_model(model_type)
     stats = collect_stats(model, ids, progress=False)
-    prefix = Prefix(model, ids, layer=min(removed), batch_size=1)
+    prefix = Prefix.compute(model, ids, layer=min(removed), batch_size=1)
     with pruned(model, removed, lambda s, e: build_patch("linearpatch", stats, s, e)):
         plain = perplexity(model, ids, batch_size=1, progress=False)
         reused = perplexity(model, ids, batch_size=1, progress=False, prefix=prefix)
@@ -302,7 +302,7 @@ def test_prefix_reuse_refuses_unsupported_models(ids):
     from lp.evaluation import Prefix
 
     with pytest.raises(ValueError, match="not supported for Gemma"):
-        Prefix(tiny_model("gemma"), ids, layer=1)
+        Prefix.compute(tiny_model("gemma"), ids, layer=1)
 
 
 def test_patch_precision_model_computes_in_the_hidden_dtype(ids):

