@@ -624,7 +624,9 @@ def format_table(dense: dict, pruned: dict, rp: dict) -> str:
     rows = [f"     {'task':<22}{'dense':>8}{'pruned':>8}{'RP %':>8}"]
     for t in dense:
         flag = "  (dense at chance)" if t in rp.get("at_chance", []) else ""
-        rows.append(f"     {t:<22}{dense[t][m]:>8.4f}{pruned[t][m]:>8.4f}{rp['per_task'][t]:>8.2f}{flag}")
+        task_rp = rp["per_task"][t]  # None where the dense model got none right
+        rows.append(f"     {t:<22}{dense[t][m]:>8.4f}{pruned[t][m]:>8.4f}"
+                    f"{'-' if task_rp is None else f'{task_rp:.2f}':>8}{flag}")
     err = f" ± {rp['rp_stderr']:.2f}" if "rp_stderr" in rp else ""
     if (rp.get("rp_ci") or {}).get("ci"):
         ci = rp["rp_ci"]
