@@ -324,17 +324,57 @@ def fill_blocks(text: str, tables_dir: str | Path) -> str:
     return _BLOCK.sub(fill, text)
 
 
+PAPER = Path(__file__).resolve().parents[2] / "results" / "paper" / "linearpatch.csv"
+PAPER_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande", "wsc273", "race", "copa"]
+PAPER_PPL = ["wikitext2", "c4", "ptb"]
+
+
+def paper_rows(path: str | Path = PAPER) -> pd.DataFrame:
+    """The LinearPatch paper's reported numbers (results/paper/linearpatch.csv: the official README's Tables
+    1-4 and the abstract, each row naming its table) as frame rows: method '<lp method> [paper]', data
+    wikitext2 and eval paper, the configuration lp's ``+experiment=paper_table`` runs them in."""
+    p = pd.read_csv(path)
+    p["method"] = [("dense" if m == "dense" else method_name(m, pa, d)) + " [paper]"
+                   for m, pa, d in zip(p["metric"], p["patch"], p["distill"])]
+    return p.assign(data="wikitext2", eval="paper", seed=0)
+
+
+def paper(df: pd.DataFrame, path: str | Path = PAPER) -> Table:
+    """The paper's numbers beside lp's runs of the same models (model, n): accuracy per task, Avg, RP and
+    the three perplexities; lp's rows from records with eval=paper on those models, if any."""
+    p = paper_rows(path)
+    ours = df[df["model"].isin(set(p["model"])) & (df["eval"] == "paper")] if not df.empty else df
+    rows = [p]
+    if len(ours):
+        o = ours.assign(**{t: ours.get(f"acc_{t}", float("nan")) * 100 for t in PAPER_TASKS},
+                        **{k: [d.get(k) for d in ours["ppl_by_data"]] for k in PAPER_PPL}, avg=ours["avg_pruned"] * 100)
+        rows.append(o[["model", "data", "eval", "n", "method", "seed", *PAPER_TASKS, "avg", "rp", *PAPER_PPL]])
+    both = pd.concat(rows, ignore_index=True)
+    cols = PAPER_TASKS + ["avg", "rp"] + PAPER_PPL
+    long = both.melt(id_vars=["model", "data", "eval", "n", "method", "seed"], value_vars=cols, var_name="column")
+    t = _table(long.dropna(subset=["value"]), ["model", "n", "method"], "column", "value", ["model", "n"],
+               lower=False, order=cols)
+    t.no_best = cols
+    t.note = ("Rows marked [paper]: the numbers the LinearPatch paper reports (results/paper/linearpatch.csv, "
+              "from the official repository's README Tables 1-4 and the paper's abstract; lm-eval 0.4.4, acc, "
+              "LLaMA-3-8B = Llama-3.1-8B as its download table links). Other rows: lp's runs with eval=paper "
+              "of the same model (python -m experiments.run -m +experiment=paper_table model=llama3.1_8b).")
+    return t
+
+
 def tables(df: pd.DataFrame) -> dict[str, Table]:
     found = {"ppl": ppl_by_depth(df), "methods": methods(df), "ppl_datasets": ppl_by_dataset(df)}
     acc = accuracy(df)
     if acc is not None:
         found["accuracy"] = acc
+    found["paper"] = paper(df)
     return found
 
 
 TITLES = {"ppl": "pruned perplexity by layers removed", "methods": "pruned perplexity by selection metric "
           "and patch", "ppl_datasets": "perplexity by evaluation data (n=0: dense)",
-          "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)"}
+          "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)",
+          "paper": "the LinearPatch paper's reported numbers beside lp's runs of the same models"}
 
 
 def build(records: str | Path, out: str | Path, by: list[str] = (), vs: dict | None = None,
