@@ -181,8 +181,10 @@ def corpus_text(data: dict, split: str) -> str:
         return brown_split(split, data.get("path"))
     if source == "hf":
         s = data["splits"][split]
+        local = {k: v for k, v in local_data_files(data).items() if v}  # ~ and globs expanded, as validated
+        files = {**(data["data_files"] if isinstance(data.get("data_files"), dict) else {}), **local} or data.get("data_files")
         return hf_text(data["hf_path"], s, data.get("hf_name"), data.get("text_field", "text"),
-                       data.get("data_files"), data.get("max_rows", {}).get(split) if data.get("max_rows") else None,
+                       files, data.get("max_rows", {}).get(split) if data.get("max_rows") else None,
                        data.get("separator", "\n\n"))
     raise ValueError(f"data.source={source!r} is not one of {list(SOURCES)}")
 

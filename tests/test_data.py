@@ -59,6 +59,16 @@ def test_hf_loader_reads_through_datasets(tmp_path):
                           "splits": {"calib": "train"}, "text_field": "sentence"}, "calib")
 
 
+def test_text_files_under_home_and_globs_are_read_as_validated(tmp_path, monkeypatch):
+    """A path with ~ (as conf/eval/ppl_austen.yaml has) or a glob reads the files the validation found."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "a.txt").write_text("one\n")
+    (tmp_path / "b.txt").write_text("two\n")
+    ds = {"source": "hf", "hf_path": "text", "data_files": {"test": "~/*.txt"}, "splits": {"eval": "test"}}
+    assert data.local_data_files(ds) == {"test": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]}
+    assert data.corpus_text(ds, "eval") == "one\n\ntwo"
+
+
 def test_unknown_source_is_refused():
     with pytest.raises(ValueError, match="data.source='web'"):
         data.corpus_text({"source": "web"}, "calib")
