@@ -21,18 +21,22 @@ def main(argv=None):
     ap.add_argument("--out", default="results/tables")
     ap.add_argument("--by", action="append", default=[], metavar="FIELD",
                     help="a config field (e.g. patch.lr) that tells runs apart; repeatable")
-    ap.add_argument("--readme", help="a markdown file whose <!-- table NAME col=v1,v2 --> blocks to refill")
+    ap.add_argument("--readme", action="append", default=[],
+                    help="a markdown file whose <!-- table NAME col=v1,v2 --> blocks to refill; repeatable")
     ap.add_argument("--vs", default="patch=none,distill=none", metavar="FIELD=VALUE,...",
                     help="dRP's reference run: these fields set, the others (model, data, eval, n, metric, seed) "
                          "the run's own")
     ap.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     args = ap.parse_args(argv)
     try:
+        bad = [kv for kv in args.vs.split(",") if kv and "=" not in kv]
+        if bad:
+            raise ValueError(f"--vs {args.vs!r}: {bad} is not FIELD=VALUE (e.g. --vs metric=cosine,patch=linearpatch)")
         vs = dict(kv.split("=", 1) for kv in args.vs.split(",") if kv)
         found, skipped = build(args.records, args.out, args.by, vs, args.resamples)
-        if args.readme:
-            text = fill_blocks(Path(args.readme).read_text(), args.out)
-            atomic_write(args.readme, lambda tmp: Path(tmp).write_text(text))
+        for readme in args.readme:
+            text = fill_blocks(Path(readme).read_text(), args.out)
+            atomic_write(readme, lambda tmp, text=text: Path(tmp).write_text(text))
     except ValueError as e:
         raise SystemExit(str(e))
     for path, why in skipped:

@@ -5,7 +5,8 @@
 import argparse
 from pathlib import Path
 
-from lp.report.figures import cosine, load, magnitude, methods, outliers, patches, ppl_vs_n, rp_vs_n, save
+from lp.report.figures import (cosine, load, magnitude, methods, outliers, patches, ppl_vs_n, rp_vs_n, save,
+                               selection_scores)
 
 
 def main(argv=None) -> list[Path]:
@@ -22,6 +23,8 @@ def main(argv=None) -> list[Path]:
     written += save(methods(df), out, "methods")
     if (fig := rp_vs_n(df)) is not None:
         written += save(fig, out, "rp_vs_n")
+    if (fig := selection_scores(records)) is not None:
+        written += save(fig, out, "selection_scores")
     if stats is None:
         print("calibration statistics not found: magnitude, outliers and cosine figures skipped")
     else:

@@ -26,7 +26,7 @@ import pandas as pd
 from ..calibration import BoundaryStats
 from ..pipeline import calib_stats_path
 from ..records import load_records
-from .tables import frame
+from .tables import frame, paired
 
 
 def save(fig, out: Path, name: str) -> list[Path]:
@@ -114,19 +114,49 @@ def ppl_vs_n(df: pd.DataFrame):
 
 
 def rp_vs_n(df: pd.DataFrame):
-    """Retention (RP %, with its standard error) against the number of removed layers, one line per method;
-    None if no record has zero-shot results."""
+    """Retention (RP %) against the number of removed layers, one line per method, with its 95% paired
+    bootstrap interval where the records have per-document outcomes, else its standard error (the legend says
+    which); None if no record has zero-shot results."""
     df = _top(df[df["rp"].notna()])
     if df.empty:
         return None
+    if "rp_lo" not in df:
+        df = paired(df)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for method, g in df.groupby("method"):
-        g = g.groupby("n")[["rp", "rp_se"]].mean()
-        ax.errorbar(g.index, g["rp"], yerr=g["rp_se"], marker="o", capsize=3, label=method)
+        g = g.groupby("n")[["rp", "rp_se", "rp_lo", "rp_hi"]].mean()
+        paired_ci = g["rp_lo"].notna().all()
+        yerr = [g["rp"] - g["rp_lo"], g["rp_hi"] - g["rp"]] if paired_ci else g["rp_se"]
+        ax.errorbar(g.index, g["rp"], yerr=yerr, marker="o", capsize=3,
+                    label=f"{method} ({'95% paired CI' if paired_ci else '± s.e.'})")
     ax.axhline(100, color="k", lw=0.8, ls=":", label="dense")
     ax.set(xlabel="layers removed", ylabel="RP % (mean acc pruned / dense)",
            title=f"{df['model'].iloc[0]}, {df['eval'].iloc[0]} tasks")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def selection_scores(records: list[dict]):
+    """prune=patched: every candidate start's score (solid, left axis) beside the cosine of boundaries s and
+    s+n that LLM-Streamline's selection maximises (dashed, right axis); None without such records."""
+    runs = [r for r in records if r.get("selection_scores")]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    right = ax.twinx()
+    for r in runs:
+        starts = sorted(int(k) for k in r["selection_scores"])
+        line, = ax.plot(starts, [r["selection_scores"][str(k)] for k in starts], marker="o", ms=3,
+                        label=f"n={r['n']}, {r['patch']} (chose {r['removed'][0]})")
+        path = Path(r.get("calib_stats") or "")
+        if path.is_file():
+            cos = BoundaryStats.load(path).cos
+            right.plot(starts, [cos[k, k + r["n"]].item() for k in starts], ls="--", color=line.get_color(), lw=0.8)
+    score = (runs[0].get("config") or {}).get("prune", {}).get("score", "kl")
+    ax.set(xlabel="block start s", ylabel=f"patched score ({score}, lower is better)", yscale="log",
+           title=f"{runs[0]['model']}: patch-aware scores (solid) and cosine (dashed)")
+    right.set_ylabel("cosine of boundaries s, s+n")
+    ax.legend(fontsize=7)
     return fig
 
 

@@ -307,7 +307,7 @@ def rows_of(md: str, where: dict[str, list[str]]) -> str:
     return df.loc[:, (df != "").any()].to_markdown(index=False, disable_numparse=True)
 
 
-_BLOCK = re.compile(r'(<!-- table (\w+)((?: [\w.]+=(?:"[^"]*"|\S+))*) -->\n).*?(<!-- /table -->)', re.S)
+_BLOCK = re.compile(r'(<!-- table ([\w/]+)((?: [\w.]+=(?:"[^"]*"|\S+))*) -->\n).*?(<!-- /table -->)', re.S)
 
 
 def fill_blocks(text: str, tables_dir: str | Path) -> str:
