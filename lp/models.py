@@ -84,6 +84,51 @@ def cache_root() -> Path:
     return Path(os.environ.get("LP_CACHE_DIR", "~/.cache/lp")).expanduser()
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.json", "*.model")  # what a model folder's content is
+
+
+def local_content(name_or_path: str | None, gguf_file: str | None = None) -> str | None:
+    """SHA-256 over the files of a model given as a local path (its GGUF file, or the weight, config and
+    tokenizer files of its folder): what keys caches and run ids, so a file changed in place is never served
+    from a cache of its old content. None for a hub id, ``package:NAME`` or ``parts`` (pinned by version and
+    SHA-256). Each file's digest is remembered on (path, size, mtime, inode): a large folder is hashed once."""
+    if not name_or_path or name_or_path == "parts" or name_or_path.startswith("package:"):
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return None
+    if path.is_dir():
+        files = [path / gguf_file] if gguf_file else sorted({f for pat in WEIGHT_FILES for f in path.glob(pat) if f.is_file()})
+    else:
+        files = [path]
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{_file_digest(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _file_digest(f: Path) -> str:
+    import json
+
+    from .records import atomic_write, locked
+
+    st = f.stat()
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    book = cache_root() / "digests.json"
+    with locked(book):
+        try:
+            known = json.loads(book.read_text()) if book.is_file() else {}
+        except (ValueError, OSError):
+            known = {}  # a damaged book of digests is rebuilt
+        if key not in known:
+            known[key] = sha256_of(f)
+            text = json.dumps(known)
+            atomic_write(book, lambda tmp: tmp.write_text(text))
+    return known[key]
+
+
 def _part_file(module: str, install: str) -> Path:
     """The one data file a part package ships (``<module>/data/<file>``)."""
     spec = importlib.util.find_spec(module)

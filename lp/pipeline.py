@@ -24,7 +24,7 @@ from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity
 from .hadamard import CONSTRUCTIONS, is_supported
 from .intervals import outcomes_path, rp_interval, save_outcomes
-from .models import Layout, count_parameters, load_model, model_config
+from .models import Layout, count_parameters, load_model, local_content, model_config
 from . import prunecomp
 from .patches import (CHANGES_EARLIER_LAYER, NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext,
                       build_patch)
@@ -163,7 +163,7 @@ class Workspace:
     _prefixes: dict = field(default_factory=dict)
 
     def model(self, m: dict):
-        key = key_of(m)
+        key = key_of(m, local_content(m.get("name_or_path"), m.get("gguf_file")))
         if key != self._model_key:
             self._model, self._prefixes = (), {}
             self._model = load_model(m["name_or_path"], m.get("gguf_file"), m.get("dtype", "auto"),
@@ -193,7 +193,11 @@ WORKSPACE = Workspace()
 
 # ------------------------------------------------------------------ keys
 def model_key(cfg: dict) -> dict:
-    return {k: cfg["model"].get(k) for k in ("name_or_path", "gguf_file", "dtype", "sha256", "parts")}
+    """What identifies the model: its settings, and for a local path the SHA-256 of its files."""
+    m = cfg["model"]
+    key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype", "sha256", "parts")}
+    content = local_content(m.get("name_or_path"), m.get("gguf_file"))
+    return {**key, "content_sha256": content} if content else key
 
 
 def data_key(cfg: dict) -> dict:
@@ -229,6 +233,9 @@ def run_id(cfg: dict) -> str:
     readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
                 f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
     settings = [eval_key(cfg) if g == "eval" else group_settings(cfg, g) for g in SETTING_GROUPS]
+    content = local_content(cfg["model"].get("name_or_path"), cfg["model"].get("gguf_file"))
+    if content:  # a local model: its files' content, so that a file changed in place is another run
+        settings[0] = {**settings[0], "content_sha256": content}
     return f"{readable}__{key_of(*settings, data_key(cfg), cfg['seed'])}"
 
 

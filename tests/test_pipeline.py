@@ -543,3 +543,26 @@ def test_resume_with_save_model_rebuilds_the_model(tiny_dir, tmp_path):
     again = pipeline.run({**cfg, "resume": True, "save_model": str(out)})
     assert again["ppl"] == rec["ppl"] and (out / "lp_pruning.json").is_file()
     assert len(load_pruned(out)[0].model.layers) == 4
+
+
+def test_a_local_model_changed_in_place_is_a_new_run_with_fresh_caches(tiny_dir, tmp_path):
+    """Same path, new weights: another run id, the dense evaluation and statistics recomputed (never the old
+    file's numbers), and the old run's record kept."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    cfg = lambda: cfg_for(folder, tmp_path / "res", "prune.n=2", "patch=linearpatch")  # noqa: E731
+    first = pipeline.run(cfg(), workspace=pipeline.Workspace())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(folder)  # in place: same path, same file names
+    second = pipeline.run(cfg(), workspace=pipeline.Workspace())
+    assert second["run_id"] != first["run_id"] and second["ppl"]["dense"] != first["ppl"]["dense"]
+    assert second["calib_stats"] != first["calib_stats"]
+    assert len(load_records(tmp_path / "res" / "records")) == 2
