@@ -566,3 +566,23 @@ def test_a_local_model_changed_in_place_is_a_new_run_with_fresh_caches(tiny_dir,
     assert second["run_id"] != first["run_id"] and second["ppl"]["dense"] != first["ppl"]["dense"]
     assert second["calib_stats"] != first["calib_stats"]
     assert len(load_records(tmp_path / "res" / "records")) == 2
+
+
+def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, tmp_path, monkeypatch):
+    from experiments import batch
+
+    loads = []
+    real = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    monkeypatch.setattr(pipeline, "WORKSPACE", pipeline.Workspace())
+    common = [f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
+              "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval=ppl", "eval.max_windows=3",
+              "eval.batch_size=2", f"results_dir={tmp_path}", "progress=false", "prune.n=2"]
+    runs = tmp_path / "runs.txt"
+    runs.write_text("# two methods\nprune=cosine patch=none\nprune=block_influence patch=linearpatch  # LP[S]\n")
+    assert batch.main([str(runs), *common]) == 0
+    assert len(load_records(tmp_path / "records")) == 2 and loads == [1]  # the model loaded once
+    runs.write_text("patch=none\nprune.n=99\n")
+    with pytest.raises(ValueError, match="prune.n=99"):
+        batch.main([str(runs), *common])
+    assert len(load_records(tmp_path / "records")) == 2  # a bad line stops the batch before any run
