@@ -46,3 +46,22 @@ def test_the_zoomed_interface_is_the_middle_linearpatch_depth(tmp_path):
     records, df, stats, same = figures.load(synthetic(tmp_path))
     assert figures.interface_of(same) == (1, 4)  # LinearPatch at n=2 and n=3: the second of the two
     assert stats.token_absmax.shape == (7, 9) and set(df["eval"]) == {"ppl"}
+
+
+def test_selection_scores_figure_draws_every_candidate_and_the_cosine(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lp.report import figures
+
+    recs = synthetic(tmp_path)
+    r = record(2, "linearpatch", 12.0, "2026-01-09", metric="patched")
+    r.update(calib_stats=str(tmp_path / "stats.pt"), selection_scores={str(s): 0.1 * (s + 1) for s in range(5)})
+    fig = figures.selection_scores([r])
+    score_line, = fig.axes[0].get_lines()
+    cos_line, = fig.axes[1].get_lines()
+    assert list(score_line.get_xdata()) == [0, 1, 2, 3, 4]
+    assert list(score_line.get_ydata()) == [0.1 * (s + 1) for s in range(5)]
+    stats = BoundaryStats.load(tmp_path / "stats.pt")
+    assert list(cos_line.get_ydata()) == [stats.cos[s, s + 2].item() for s in range(5)]
+    assert figures.selection_scores(figures.load(recs)[0]) is None  # no patched runs: no figure

@@ -71,7 +71,7 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         by_data = r["ppl"].get("datasets") or {r["data"]: {"dense": r["ppl"]["dense"], "pruned": r["ppl"]["pruned"]}}
         row.update(ppl_by_data={k: v["pruned"] for k, v in by_data.items()},
                    ppl_dense_by_data={k: v["dense"] for k, v in by_data.items()})
-        row.update(method=method_name(r["metric"], row["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
+        row.update(method=method_name(row["metric"], row["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
                    ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
                    created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
                    avg_dense=rp.get("avg_dense"), settings=r.get("run_id", "").rsplit("__", 1)[-1],
