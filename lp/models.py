@@ -135,7 +135,7 @@ def _part_file(module: str, install: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model part {module!r} is not installed: {install}")
     files = [f for f in (Path(list(spec.submodule_search_locations)[0]) / "data").glob("*")
-             if f.is_file() and ".part" in f.name or f.suffix == ".bin"]
+             if f.is_file() and (".part" in f.name or f.suffix == ".bin")]
     if len(files) != 1:
         raise FileNotFoundError(f"model part {module!r} should hold one data file, found {[f.name for f in files]}: "
                                 f"reinstall it ({install})")
@@ -161,7 +161,7 @@ def join_parts(parts: list[str], gguf_file: str, sha256: str | None, install: st
 
             atomic_write(out, write)
         if sha256:
-            got = sha256_of(out)
+            got = _file_digest(out)  # remembered on (path, size, mtime, inode): a 1.1 GB file is hashed once
             if got != sha256:
                 bad = out.with_name(out.name + ".bad")
                 os.replace(out, bad)
@@ -191,7 +191,7 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[
         folder = Path(spec.origin).parent
         if gguf_file and not (folder / gguf_file).is_file():
             raise FileNotFoundError(f"model.gguf_file={gguf_file!r} is not in {folder}")
-        if sha256 and gguf_file and sha256_of(folder / gguf_file) != sha256:
+        if sha256 and gguf_file and _file_digest(folder / gguf_file) != sha256:
             raise ValueError(f"model.sha256: {folder / gguf_file} does not have the pinned SHA-256 {sha256}; "
                              f"reinstall the package ({install or pkg})")
         return str(folder), gguf_file
