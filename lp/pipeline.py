@@ -241,9 +241,12 @@ def run_id(cfg: dict) -> str:
 
 @contextmanager
 def _timed(timings: dict, name: str):
+    """Time a phase into ``timings`` and say when it starts and ends (a long run is never silent)."""
+    log.info(f"{name} ...")
     t = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - t, 3)
+    log.info(f"{name} done in {timings[name]:.1f} s")
 
 
 def _finite(value: float, what: str) -> float:
@@ -589,7 +592,8 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
            "params_dense": count_parameters(model)}
     with _timed(timings, "teacher"):
         prepared = prepare_distill(cfg, model, data, removed)
-    check = PatchCheck(cfg, model, data, removed)
+    with _timed(timings, "patch_check"):
+        check = PatchCheck(cfg, model, data, removed)
     with ExitStack() as stack:
         with _timed(timings, "patch"):
             spec = stack.enter_context(pruned(model, removed, patch_maker(cfg, model, stats, data, fitted)))
