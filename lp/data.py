@@ -103,6 +103,28 @@ SOURCES = ("brown", "hf")  # what data.source may be
 FILE_BUILDERS = ("text", "json", "csv", "parquet", "arrow")  # datasets' builders of local files
 
 
+def check_text_file(path: str, where: str) -> None:
+    """A text file lp can read: not empty, UTF-8 (the error gives the byte offset of the first bad byte)."""
+    st = os.stat(path)
+    problem = _text_problem(path, st.st_mtime_ns, st.st_size)
+    if problem:
+        raise ValueError(f"{where}: {path} {problem}")
+
+
+@lru_cache(maxsize=256)
+def _text_problem(path: str, mtime_ns: int, size: int) -> str | None:  # once per file version
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        return "is empty (valid: a UTF-8 text file with the text to calibrate or evaluate on)"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        kind = "binary, not text" if b"\x00" in raw[:8192] else "not UTF-8"
+        return (f"is {kind}: byte {e.start} (0x{raw[e.start]:02x}) is not valid UTF-8; convert it, e.g. "
+                f"iconv -f latin1 -t utf-8")
+    return None
+
+
 def local_data_files(ds: dict, where: str = "data") -> dict[str, list[str]]:
     """The local files (globs expanded, sorted) that the ``data_files`` of a data config read by one of
     ``datasets``' file builders (``text``, ``json``, ...) names, by split; URLs, and the files of a hub dataset
@@ -123,6 +145,9 @@ def local_data_files(ds: dict, where: str = "data") -> dict[str, list[str]]:
             if not found:
                 raise FileNotFoundError(f"{where}.data_files.{split}={pattern!r}: no such file (valid: a path or glob "
                                         f"of text files, e.g. {where}.data_files.{split}=/path/to/{split}.txt)")
+            if ds.get("hf_path") == "text":
+                for f in found:
+                    check_text_file(f, f"{where}.data_files.{split}")
             out[split] += found
     return out
 

