@@ -158,3 +158,27 @@ def test_readme_blocks_are_refilled_from_the_tables(tmp_path):
     readme.write_text("<!-- table ppl modle=m -->\n<!-- /table -->\n")
     with pytest.raises(SystemExit, match=r"table columns \['modle'\] do not exist"):
         cli.main(["--records", str(recs), "--out", str(tmp_path / "t"), "--readme", str(readme)])
+
+
+def test_the_papers_numbers_sit_beside_lps_runs_of_the_same_model():
+    """results/paper/linearpatch.csv (the official README's Tables 1-4) as [paper] rows; an lp run of
+    llama3.1-8b with eval=paper joins them in the same (model, n) block."""
+    import pandas as pd
+
+    from lp.report.tables import frame, paper
+
+    tables = aggregate
+    p = pd.read_csv(tables.PAPER)
+    lp_s = p[(p["table"] == "4") & (p["metric"] == "block_influence") & (p["patch"] == "linearpatch")].iloc[0]
+    assert (lp_s["rp"], lp_s["avg"], lp_s["removed"]) == (87.82, 64.42, "[22, 23, 24, 25, 26, 27, 28]")
+    tasks = {t: {"acc": 0.5} for t in tables.PAPER_TASKS}
+    r = record(7, "linearpatch", 25.0, "2026-01-01", metric="block_influence", acc=tasks,
+               dense_acc={t: {"acc": 0.6} for t in tables.PAPER_TASKS})
+    r.update(model="llama3.1-8b", eval="paper",
+             ppl={"dense": 6.1, "pruned": 25.0, "datasets": {k: {"dense": 6.0, "pruned": 20.0} for k in tables.PAPER_PPL}})
+    t = paper(frame([r]))
+    block = t.mean.loc[("llama3.1-8b", 7)]
+    assert block.loc["block_influence + linearpatch [paper]", "rp"] == 87.82
+    assert block.loc["block_influence + linearpatch", "rp"] == pytest.approx(100 * 0.5 / 0.6)
+    assert block.loc["block_influence + linearpatch", "wikitext2"] == 20.0
+    assert t.mean.loc[("llama2-7b", 0, "dense [paper]"), "avg"] == 69.98
