@@ -266,8 +266,8 @@ def held_out_samples(stream: torch.Tensor, n: int, seqlen: int, seed: int, exclu
     """``n`` windows of ``seqlen`` tokens at seeded random offsets that share no token with the calibration
     windows ``exclude`` = (their count, their seqlen, their seed), as :func:`calibration_samples` draws them:
     data a selection can score on that the statistics never saw."""
-    taken = sorted(_starts(stream, exclude[0], exclude[1] - (bos is not None), exclude[2]))
     span, body = exclude[1] - (bos is not None), seqlen - (bos is not None)
+    taken = sorted(_starts(stream, exclude[0], span, exclude[2]))
     if body < 1 or stream.numel() <= body:
         raise ValueError(f"seqlen={seqlen} must be in [{1 + (bos is not None)}, {stream.numel() + (bos is not None) - 1}]")
     g = torch.Generator().manual_seed(seed)

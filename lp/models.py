@@ -87,11 +87,12 @@ def cache_root() -> Path:
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.json", "*.model")  # what a model folder's content is
 
 
-def local_content(name_or_path: str | None, gguf_file: str | None = None) -> str | None:
-    """SHA-256 over the files of a model given as a local path (its GGUF file, or the weight, config and
-    tokenizer files of its folder): what keys caches and run ids, so a file changed in place is never served
-    from a cache of its old content. None for a hub id, ``package:NAME`` or ``parts`` (pinned by version and
-    SHA-256). Each file's digest is remembered on (path, size, mtime, inode): a large folder is hashed once."""
+def local_content(m: dict) -> str | None:
+    """SHA-256 over the files of a model config ``m`` given as a local path (its GGUF file, or the weight,
+    config and tokenizer files of its folder): what keys caches and run ids, so a file changed in place is never
+    served from a cache of its old content. None for a hub id, ``package:NAME`` or ``parts`` (pinned by version
+    and SHA-256). Each file's digest is remembered on (path, size, mtime, inode): a large folder is hashed once."""
+    name_or_path, gguf_file = m.get("name_or_path"), m.get("gguf_file")
     if not name_or_path or name_or_path == "parts" or name_or_path.startswith("package:"):
         return None
     path = Path(name_or_path).expanduser()
@@ -109,13 +110,20 @@ def local_content(name_or_path: str | None, gguf_file: str | None = None) -> str
     return h.hexdigest()
 
 
+_DIGESTS: dict[str, str] = {}  # this process's memory of the book below
+
+
 def _file_digest(f: Path) -> str:
+    """SHA-256 of ``f``, remembered on (path, size, mtime, inode) in this process and, across processes, in
+    ``<cache>/digests.json``."""
     import json
 
     from .records import atomic_write, locked
 
     st = f.stat()
     key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     book = cache_root() / "digests.json"
     with locked(book):
         try:
@@ -126,6 +134,7 @@ def _file_digest(f: Path) -> str:
             known[key] = sha256_of(f)
             text = json.dumps(known)
             atomic_write(book, lambda tmp: tmp.write_text(text))
+    _DIGESTS[key] = known[key]
     return known[key]
 
 

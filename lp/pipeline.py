@@ -29,8 +29,8 @@ from . import prunecomp
 from .patches import (CHANGES_EARLIER_LAYER, NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext,
                       build_patch)
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
-from .records import (DamagedFile, RECORD_VERSION, is_complete, key_of, locked, read_cache_json, read_json,
-                      set_aside, versions, write_json)
+from .records import (DamagedFile, RECORD_VERSION, cached_json, is_complete, key_of, locked, read_json, set_aside,
+                      versions, write_json)
 from .keys import SETTING_GROUPS, group_settings
 from .selection import CHEAP_PATCHES, METRICS, MODEL_METRICS, SCORES, SelectionContext, patched_scores, select_layers
 from .tracking import make_tracker
@@ -163,7 +163,7 @@ class Workspace:
     _prefixes: dict = field(default_factory=dict)
 
     def model(self, m: dict):
-        key = key_of(m, local_content(m.get("name_or_path"), m.get("gguf_file")))
+        key = key_of(m, local_content(m))
         if key != self._model_key:
             self._model, self._prefixes = (), {}
             self._model = load_model(m["name_or_path"], m.get("gguf_file"), m.get("dtype", "auto"),
@@ -196,7 +196,7 @@ def model_key(cfg: dict) -> dict:
     """What identifies the model: its settings, and for a local path the SHA-256 of its files."""
     m = cfg["model"]
     key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype", "sha256", "parts")}
-    content = local_content(m.get("name_or_path"), m.get("gguf_file"))
+    content = local_content(m)
     return {**key, "content_sha256": content} if content else key
 
 
@@ -233,7 +233,7 @@ def run_id(cfg: dict) -> str:
     readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
                 f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
     settings = [eval_key(cfg) if g == "eval" else group_settings(cfg, g) for g in SETTING_GROUPS]
-    content = local_content(cfg["model"].get("name_or_path"), cfg["model"].get("gguf_file"))
+    content = local_content(cfg["model"])
     if content:  # a local model: its files' content, so that a file changed in place is another run
         settings[0] = {**settings[0], "content_sha256": content}
     return f"{readable}__{key_of(*settings, data_key(cfg), cfg['seed'])}"
@@ -338,17 +338,10 @@ def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None =
 def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
     """The dense model's evaluation, cached per (model, data, eval settings, seed, versions)."""
     key = key_of(model_key(cfg), data_key(cfg), eval_key(cfg), cfg["seed"], versions())
-    path = Path(cfg["cache_dir"]) / "dense" / f"{key}.json"
-    with locked(path):
-        dense = read_cache_json(path)
-        problem = _dense_problem(dense, windows, _zeroshot_settings(cfg)["tasks"]) if dense is not None else None
-        if problem:
-            set_aside(path, problem)
-            dense = None
-        if dense is None:
-            dense = evaluate(cfg, model, tokenizer, windows, label="dense")
-            write_json(path, dense)
-    return dense
+    tasks = _zeroshot_settings(cfg)["tasks"]
+    return cached_json(Path(cfg["cache_dir"]) / "dense" / f"{key}.json",
+                       lambda: evaluate(cfg, model, tokenizer, windows, label="dense"),
+                       lambda entry: _dense_problem(entry, windows, tasks))
 
 
 def _dense_problem(dense: dict, windows: dict, tasks: list[str]) -> str | None:
@@ -415,19 +408,18 @@ def _cached_scores(cfg: dict, compute) -> dict[int, float]:
     key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {**group_settings(cfg, "prune"), "patch": None},
                  {"variant": scoring_patch(cfg), "hadamard": hadamard_of(cfg),
                   "precision": cfg["patch"].get("precision", "model")}, calib_stats_path(cfg).name, versions())
-    path = Path(cfg["cache_dir"]) / "selection" / f"{key}.json"
-    with locked(path):
-        cached = read_cache_json(path)
-        if cached is not None:
-            try:
-                return {int(s): float(v) for s, v in cached["scores"].items()}
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                set_aside(path, f"not a score table ({e!r})")
-        scores = compute()
-        finite = {str(s): v for s, v in scores.items() if math.isfinite(v)}  # JSON holds no inf / nan
-        if len(finite) == len(scores):
-            write_json(path, {"scores": finite})
-    return scores
+    entry = cached_json(Path(cfg["cache_dir"]) / "selection" / f"{key}.json",
+                        lambda: {"scores": {str(s): v if math.isfinite(v) else None for s, v in compute().items()}},
+                        _score_table_problem)  # JSON holds no inf / nan: a non-finite score is kept as null
+    return {int(s): math.nan if v is None else float(v) for s, v in entry["scores"].items()}
+
+
+def _score_table_problem(entry: dict) -> str | None:
+    scores = entry.get("scores")
+    if not isinstance(scores, dict) or not scores or not all(
+            k.lstrip("-").isdigit() and (v is None or isinstance(v, (int, float))) for k, v in scores.items()):
+        return "not a score table: 'scores' should map block starts to numbers"
+    return None
 
 
 def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict):

@@ -136,6 +136,21 @@ def read_cache_json(path: Path) -> dict | None:
         return None
 
 
+def cached_json(path: Path, compute: Callable[[], dict], problem: Callable[[dict], str | None] = lambda e: None) -> dict:
+    """The JSON cache entry at ``path``, built once under its lock: ``compute()`` when it is absent, damaged,
+    or ``problem(entry)`` says why it cannot be used (then it is set aside and named)."""
+    with locked(path):
+        entry = read_cache_json(path)
+        why = problem(entry) if entry is not None else None
+        if why:
+            set_aside(path, why)
+            entry = None
+        if entry is None:
+            entry = compute()
+            write_json(path, entry)
+    return entry
+
+
 def is_complete(record: dict | None) -> bool:
     return bool(record) and record.get("status") == "complete" and record.get("version") == RECORD_VERSION
 

@@ -307,7 +307,6 @@ def patched_scores(ctx: SelectionContext) -> dict[int, float]:
     || patched, renormalised over the top-k; ``topk`` tokens, as offline distillation's loss), or ``ppl``, the
     perplexity. Lower is better; a non-finite score stays in the result (the metric skips and names it)."""
     from .distill import topk_kl
-    from .pruning import pruned
 
     model, samples = _needs_model(ctx, "patched")
     if ctx.make_patch is None:
@@ -354,8 +353,9 @@ def patched(ctx: SelectionContext) -> list[int]:
     (:func:`patched_scores`). Candidates whose score is not finite are skipped and named."""
     if ctx.n == 0:
         return []
-    scores = ctx.scores if ctx.scores is not None else patched_scores(ctx)
-    ctx.scores = scores
+    if ctx.scores is None:
+        ctx.scores = patched_scores(ctx)
+    scores = ctx.scores
     bad = sorted(s for s, v in scores.items() if not math.isfinite(v))
     if bad:
         log.warning(f"prune.metric=patched: blocks starting at {bad} give a non-finite score: skipped")

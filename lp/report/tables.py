@@ -7,8 +7,10 @@ Tables:
 * ppl           ablation: pruned perplexity per (metric, patch, distill), one column per depth n
 * methods       baselines: pruned perplexity per selection metric, one column per patch (+ distill)
 * ppl_datasets  the paper's Table 1/2 layout: one column per evaluation data set (WIKI-2, C4, PTB, ...) + avg
-* accuracy      the paper's Table 3/4 layout: accuracy per zero-shot task, Avg and RP, per method and depth
-                (written when some record has zero-shot results)
+* accuracy      the paper's Table 3/4 layout: accuracy per zero-shot task, Avg and RP, per method and depth,
+                with RP's paired interval and dRP against a reference run (written when some record has
+                zero-shot results)
+* paper         the paper's reported numbers (results/paper/linearpatch.csv) beside lp's runs of those models
 """
 from __future__ import annotations
 
