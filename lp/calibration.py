@@ -164,9 +164,11 @@ def stream_block_io(model, samples: torch.Tensor, s: int, e: int, batch_size: in
 
 @torch.no_grad()
 def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str | None = None,
-                  progress: bool = True, hadamard_construction: str = OFFICIAL) -> BoundaryStats:
+                  progress: bool = True, hadamard_construction: str = OFFICIAL,
+                  token_chunk: int = 512) -> BoundaryStats:
     """Stream calibration statistics of every boundary over ``samples`` (n, seqlen); the Hadamard basis of
-    ``abs_mean_rot`` is ``hadamard_construction``'s (lp.hadamard.CONSTRUCTIONS)."""
+    ``abs_mean_rot`` is ``hadamard_construction``'s (lp.hadamard.CONSTRUCTIONS). Per batch the reductions run
+    over chunks of about ``token_chunk`` tokens (speed and memory only: the statistics are the same)."""
     from .patches import unwrap
 
     layout = Layout(model)
@@ -190,29 +192,39 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
 
     first: dict = {}
     n_samples = 0
+    normalize = torch.nn.functional.normalize
     for captured in stream_boundaries(model, samples, batch_size, device, progress):
         # reductions in float32 or wider; boundaries on other devices (split models) join on dev0
         dev0 = captured[0].device
+        b, T = captured[0].shape[:2]
         if not first:
             first["plain"] = torch.stack([x[0].float().abs().amax(-1).cpu() for x in captured])
             first["rot"] = torch.stack([rotate(x[0]).float().abs().amax(-1).cpu() for x in captured])
-        xs = [x.reshape(-1, d) for x in captured]
-        add("abs", torch.stack([x.float().abs().sum(0).to(dev0) for x in xs]))
-        add("abs_rot", torch.stack([rotate(x).float().abs().sum(0).to(dev0) for x in xs]))
-        add("norm", torch.stack([x.float().norm(dim=-1).sum().to(dev0) for x in xs]))
-        unit = torch.stack([torch.nn.functional.normalize(x.float().to(dev0), dim=-1) for x in xs])  # (L+1, t, d)
-        cos = torch.einsum("itd,jtd->tij", unit, unit).clamp_(-1, 1)  # (tokens, L+1, L+1)
-        add("cos", cos.sum(0))
-        normed = unwrap(layout.norm)(captured[L]).reshape(-1, d).float().to(dev0)
-        add("cos_normed", torch.einsum("itd,td->it", unit, torch.nn.functional.normalize(normed, dim=-1))
-            .clamp_(-1, 1).sum(1))
-        add("ang", (torch.arccos(cos) / torch.pi).sum(0))
-        tokens += unit.shape[1]
-        b = captured[0].shape[0]
-        last = torch.stack([torch.nn.functional.normalize(x[:, -1].float().to(dev0), dim=-1) for x in captured])
+        normed_out = unwrap(layout.norm)(captured[L])
+        last = torch.stack([normalize(x[:, -1].float().to(dev0), dim=-1) for x in captured])
         add("cos_last", torch.einsum("ibd,jbd->ij", last, last).clamp_(-1, 1))
-        along = torch.stack([torch.nn.functional.normalize(x.float().to(dev0), dim=1, eps=1e-8) for x in captured])
-        add("cos_seq", torch.einsum("ibtd,jbtd->ij", along, along) / d)  # summed over samples, mean over channels
+        # the norm of every channel along the sequence (the official selection's cosine, dim=1)
+        seq_norm = torch.stack([x.float().norm(dim=1).to(dev0) for x in captured]).clamp_min_(1e-8)  # (L+1, b, d)
+        # The rest is summed over chunks of tokens: only the L+1 boundaries of the batch in the model's dtype
+        # and one chunk of them in float32 are held at once (memory above the weights stays small at 8B).
+        step = max(1, token_chunk // b)
+        for t0 in range(0, T, step):
+            chunk = [x[:, t0 : t0 + step] for x in captured]
+            xs = [x.reshape(-1, d) for x in chunk]
+            add("abs", torch.stack([x.float().abs().sum(0).to(dev0) for x in xs]))
+            add("abs_rot", torch.stack([rotate(x).float().abs().sum(0).to(dev0) for x in xs]))
+            add("norm", torch.stack([x.float().norm(dim=-1).sum().to(dev0) for x in xs]))
+            unit = torch.stack([normalize(x.float().to(dev0), dim=-1) for x in xs])  # (L+1, t, d)
+            cos = torch.einsum("itd,jtd->tij", unit, unit).clamp_(-1, 1)  # (tokens, L+1, L+1)
+            add("cos", cos.sum(0))
+            add("ang", (torch.arccos(cos) / torch.pi).sum(0))
+            normed = normed_out[:, t0 : t0 + step].reshape(-1, d).float().to(dev0)
+            add("cos_normed", torch.einsum("itd,td->it", unit, normalize(normed, dim=-1)).clamp_(-1, 1).sum(1))
+            del unit, cos
+            along = torch.stack([x.float().to(dev0) for x in chunk]) / seq_norm[:, :, None, :]  # (L+1, b, t, d)
+            add("cos_seq", torch.einsum("ibtd,jbtd->ij", along, along) / d)  # summed over samples, mean over channels
+            del along
+        tokens += b * T
         n_samples += b
     sums = {k: v.cpu() for k, v in sums.items()}
     stats = BoundaryStats(

@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 import torch
 
 from lp.calibration import collect_stats
@@ -18,9 +20,10 @@ def direct_boundaries(model, ids):
     return [x.reshape(-1, x.shape[-1]) for x in out.hidden_states[:-1]] + [seen["x"].reshape(-1, seen["x"].shape[-1])]
 
 
-def test_stats_match_direct_computation(llama, ids):
+@pytest.mark.parametrize("token_chunk", [512, 5])  # the whole window at once, or uneven chunks of it
+def test_stats_match_direct_computation(llama, ids, token_chunk):
     xs = direct_boundaries(llama, ids)
-    stats = collect_stats(llama, ids, batch_size=1, progress=False)  # two batches: streaming sums
+    stats = collect_stats(llama, ids, batch_size=1, progress=False, token_chunk=token_chunk)  # two batches
     L = len(xs) - 1
     assert stats.num_layers == L == 6 and stats.tokens == ids.numel()
     assert stats.hadamard == "quarot"  # the official code's basis by default
@@ -36,6 +39,9 @@ def test_stats_match_direct_computation(llama, ids):
             assert math.isclose(stats.cos[i, j].item(), c.mean().item(), abs_tol=1e-5)
             ang = torch.arccos(c.clamp(-1, 1)) / math.pi
             assert math.isclose(stats.angular[i, j].item(), ang.mean().item(), abs_tol=1e-4)
+            seq = [torch.nn.functional.cosine_similarity(a, b, dim=0).mean()  # along the sequence, per sample
+                   for a, b in zip(xs[i].view(len(ids), -1, 24), xs[j].view(len(ids), -1, 24))]
+            assert math.isclose(stats.cos_seq[i, j].item(), torch.stack(seq).mean().item(), abs_tol=1e-5)
 
 
 def test_metrics_agree_with_direct_definitions(llama, ids):

