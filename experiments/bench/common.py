@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import torch
@@ -83,8 +84,7 @@ def device_name(device: str) -> str:
 
 def spread(values: list[float]) -> dict:
     """Median, min and max of repeated measurements (rounded for the JSON)."""
-    v = sorted(values)
-    return {"median": round(v[len(v) // 2], 4), "min": round(v[0], 4), "max": round(v[-1], 4)}
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
 
 
 def emit(out: dict, path: str | None) -> dict:
