@@ -199,6 +199,16 @@ def random_document_windows(tokenizer, documents: list[str], n: int, seqlen: int
     return _with_bos(torch.stack(out), bos)
 
 
+def describe_source(data: dict, split: str) -> str:
+    """Where ``split`` ('calib' or 'eval') of a data config is read from, for error messages: its local files,
+    or the data set's name."""
+    if data["source"] == "brown":
+        return f"the Brown corpus ({split} split)"
+    s = data["splits"][split]
+    files = local_data_files(data).get(s) or []
+    return ", ".join(files) if files else f"{data['hf_path']} split {s!r}"
+
+
 def corpus_text(data: dict, split: str) -> str:
     """Text of ``split`` ('calib' or 'eval') for a data config (a plain dict, see conf/data/)."""
     source = data["source"]

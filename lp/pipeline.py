@@ -273,8 +273,12 @@ class Data:
 
     def samples(self, n: int | None = None, seqlen: int | None = None, seed: int | None = None) -> torch.Tensor:
         d = self.cfg["data"]
-        return data_lib.calibration_samples(self.stream(), n or d["calib_samples"], seqlen or d["seqlen"],
-                                            self.cfg["seed"] if seed is None else seed, self.bos)
+        try:
+            return data_lib.calibration_samples(self.stream(), n or d["calib_samples"], seqlen or d["seqlen"],
+                                                self.cfg["seed"] if seed is None else seed, self.bos)
+        except ValueError as err:  # a text too short for one window: name the file it came from
+            raise ValueError(f"data ({data_lib.describe_source(d, 'calib')}): {err}; use a longer text or a "
+                             f"smaller data.seqlen") from err
 
     def eval_windows(self) -> dict[str, torch.Tensor]:
         """Perplexity windows of the data config's evaluation split and of each of eval.datasets."""
@@ -295,8 +299,13 @@ class Data:
                 where = "data" if ds is d else f"eval.datasets.{name}"
                 raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl, eval=quick and "
                                 f"eval=local evaluate data's own split only)") from err
-            out[name] = data_lib.eval_windows(data_lib.tokenize(self.tokenizer, text), seqlen, e.get("max_windows"),
-                                              self.bos)
+            try:
+                out[name] = data_lib.eval_windows(data_lib.tokenize(self.tokenizer, text), seqlen,
+                                                  e.get("max_windows"), self.bos)
+            except ValueError as err:  # a text too short for one window: name the file it came from
+                where = "data" if ds is d else f"eval.datasets.{name}"
+                raise ValueError(f"{where} ({data_lib.describe_source(ds, 'eval')}): {err}; use a longer text or "
+                                 f"a smaller data.seqlen") from err
         return out
 
 

@@ -149,6 +149,20 @@ def test_text_data_is_read_from_files_and_keyed_on_their_content(tiny_dir, tmp_p
     assert edited["ppl"]["dense"] == first["ppl"]["dense"]  # the evaluation file did not change: same text
 
 
+@pytest.mark.parametrize("short", ["train", "test"])
+def test_a_text_file_too_short_for_one_window_is_named(tiny_dir, tmp_path, short):
+    from lp.data import brown_split
+
+    files = {"train": tmp_path / "calib.txt", "test": tmp_path / "test.txt"}
+    for split, f in files.items():
+        f.write_text("A few words." if split == short else brown_split("calib")[:20_000])
+    overrides = ("data=text", f"data.data_files.train={files['train']}", f"data.data_files.test={files['test']}",
+                 "data.seqlen=64", "data.calib_samples=4", "prune.n=2")
+    with pytest.raises(ValueError, match=rf"data \({files[short]}\): data.seqlen=64 .*(calibration|evaluation) "
+                                         rf"text \(\d+ tokens\).*smaller data.seqlen"):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, *overrides))
+
+
 def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="distill=mse .* patch=streamline_layer"):
         pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=streamline_layer", "distill=mse"))
