@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -46,10 +46,6 @@ def versions() -> dict:
             "transformers": transformers.__version__, "lm_eval": lm_eval_version}
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def key_of(*parts) -> str:
     """A short stable hash of JSON-able parts (config sub-trees): equal inputs, equal key."""
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -60,9 +56,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the content to a temporary file that then replaces ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the usual permissions: the umask applies
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as fh:

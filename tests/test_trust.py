@@ -126,3 +126,15 @@ def test_package_lookup_never_runs_the_packages_code(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert "is not installed" in out.stdout and not (tmp_path / "RAN").exists(), out.stderr
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_write_gives_the_usual_permissions_and_leaves_the_umask_alone(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        records.atomic_write(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+        assert os.umask(umask) == umask  # nothing in lp changed the process umask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
