@@ -58,17 +58,33 @@ class BoundaryStats:
         atomic_write(path, lambda tmp: torch.save({**asdict(self), "meta": meta or {}}, tmp))
 
     @classmethod
-    def load(cls, path: str | Path) -> "BoundaryStats":
-        """Raises :class:`lp.records.DamagedFile` naming ``path`` if it cannot be read."""
+    def load(cls, path: str | Path, num_layers: int | None = None, hidden_size: int | None = None) -> "BoundaryStats":
+        """Raises :class:`lp.records.DamagedFile` naming ``path`` if it cannot be read, or if its tensors are not
+        of one model's shapes (of ``num_layers`` layers and ``hidden_size`` channels, when given)."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state.setdefault("hadamard", (state.pop("meta", None) or {}).get("hadamard", "paley"))
             state.pop("meta", None)
             stats = cls(**state)
-        except Exception as e:  # a truncated zip, a pickle error, missing or unknown fields
+            stats.check_shapes(num_layers, hidden_size)
+        except Exception as e:  # a truncated zip, a pickle error, missing or unknown fields, wrong shapes
             raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
         stats.check_finite(str(path))
         return stats
+
+    def check_shapes(self, num_layers: int | None = None, hidden_size: int | None = None) -> None:
+        """Every tensor of one model's L+1 boundaries and d channels (those given must match)."""
+        B, d = self.abs_mean.shape[0], self.abs_mean.shape[-1]
+        want = {"abs_mean": (B, d), "abs_mean_rot": (B, d), "cos": (B, B), "angular": (B, B), "norm_mean": (B,),
+                "cos_last": (B, B), "cos_seq": (B, B), "cos_normed": (B,)}
+        for name, shape in want.items():
+            t = getattr(self, name)
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+                raise ValueError(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, not {shape}")
+        if num_layers is not None and B != num_layers + 1:
+            raise ValueError(f"statistics of {B - 1} layers, not this model's {num_layers}")
+        if hidden_size is not None and d != hidden_size:
+            raise ValueError(f"statistics of {d} channels, not this model's hidden size {hidden_size}")
 
     def check_finite(self, where: str) -> None:
         """Non-finite statistics (a damaged model, an overflow) stop the run, naming the boundaries."""

@@ -25,7 +25,7 @@ import logging
 
 from .models import Layout
 from .pruning import patches_of
-from .records import DamagedFile, atomic_write, write_json
+from .records import DamagedFile, atomic_write, read_cache_json, set_aside, write_json
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,45 @@ class TeacherCache:
         return self.root / f"shard_{i:05d}.pt"
 
     @property
+    def meta(self) -> dict:
+        return {"num_samples": self.num_samples, "seqlen": self.seqlen, "k": self.k, "shard_size": self.shard_size}
+
+    @property
     def complete(self) -> bool:
         return (self.root / "meta.json").is_file() and all(self.shard_path(i).is_file() for i in range(self.num_shards))
 
+    def shard_problem(self, i: int) -> str | None:
+        """Why shard ``i`` cannot be used (unreadable, or not fp16 probs and int32 indices of this cache's
+        shape), or None. Reads only its header (memory-mapped), not its data."""
+        n = min(self.shard_size, self.num_samples - i * self.shard_size)
+        try:
+            shard = torch.load(self.shard_path(i), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a truncated zip, bytes that are no torch file
+            return f"unreadable ({type(e).__name__}: {e})"
+        if not isinstance(shard, dict) or set(shard) != {"probs", "indices"}:
+            return "not a dict of probs and indices"
+        for name, dtype in (("probs", torch.float16), ("indices", torch.int32)):
+            t = shard[name]
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != (n, self.seqlen, self.k):
+                return (f"{name} is {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}, not "
+                        f"{dtype} {(n, self.seqlen, self.k)}")
+        return None
+
+    def set_aside_damaged(self) -> None:
+        """Every shard, and meta.json, that cannot be used is named and moved aside (then rebuilt)."""
+        meta = self.root / "meta.json"
+        if meta.is_file() and read_cache_json(meta) not in (None, self.meta):
+            set_aside(meta, f"it describes another cache than {self.meta}")
+        for i in range(self.num_shards):
+            if self.shard_path(i).is_file() and (why := self.shard_problem(i)):
+                set_aside(self.shard_path(i), why)
+
     @torch.no_grad()
     def build(self, teacher, samples: torch.Tensor, progress: bool = True) -> "TeacherCache":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.set_aside_damaged()
         if self.complete:
             return self
-        self.root.mkdir(parents=True, exist_ok=True)
         missing = [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
         log.info(f"teacher cache: {self.num_samples} x {self.seqlen} tokens, top-{self.k} -> "
               f"{self.nbytes / 2**20:.1f} MiB (fp16 probs + int32 indices) in {self.root}; "
@@ -73,8 +104,7 @@ class TeacherCache:
             top = logits.topk(self.k, dim=-1)
             shard = {"probs": top.values.softmax(-1).half().cpu(), "indices": top.indices.int().cpu()}
             atomic_write(self.shard_path(i), lambda tmp: torch.save(shard, tmp))
-        write_json(self.root / "meta.json",
-                   {"num_samples": self.num_samples, "seqlen": self.seqlen, "k": self.k, "shard_size": self.shard_size})
+        write_json(self.root / "meta.json", self.meta)
         return self
 
     def shard(self, i: int) -> dict:

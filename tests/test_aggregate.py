@@ -182,3 +182,15 @@ def test_the_papers_numbers_sit_beside_lps_runs_of_the_same_model():
     assert block.loc["block_influence + linearpatch", "rp"] == pytest.approx(100 * 0.5 / 0.6)
     assert block.loc["block_influence + linearpatch", "wikitext2"] == 20.0
     assert t.mean.loc[("llama2-7b", 0, "dense [paper]"), "avg"] == 69.98
+
+
+def test_a_distilled_run_is_labelled_with_how_much_it_trained():
+    """distill=paper and the CPU preset share the method offline_kl: the label says samples x seqlen."""
+    runs = []
+    for samples, seqlen, created in ((1000, 2048, "2026-01-01"), (64, 128, "2026-01-02")):
+        r = record(3, "linearpatch", 20.0, created)
+        r.update(distill="offline_kl", run_id=f"m-{samples}",
+                 config={"distill": {"method": "offline_kl", "samples": samples, "seqlen": seqlen}})
+        runs.append(r)
+    methods = set(aggregate.frame(runs)["method"])
+    assert methods == {"cosine + linearpatch + offline_kl [1000 x 2048]", "cosine + linearpatch + offline_kl [64 x 128]"}

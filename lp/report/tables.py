@@ -66,6 +66,8 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         basis = _field(config, "patch.hadamard") or ("paley" if _field(config, "patch.variant") else None)
         if r["patch"] == "linearpatch" and basis == "paley":  # lp's own basis (records before patch.hadamard too)
             row["patch"] += " [H=paley]"
+        if r["distill"] != "none" and _field(config, "distill.samples"):  # how much it trained, not only how:
+            row["distill"] += f" [{_field(config, 'distill.samples')} x {_field(config, 'distill.seqlen')}]"  # paper vs CPU preset
         given = [f"{f}={_field(config, f)}" for f in by if _field(config, f) is not None]
         if given:  # only runs that have the field are labelled
             row["patch"] += f" [{', '.join(given)}]"
@@ -73,7 +75,7 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         by_data = r["ppl"].get("datasets") or {r["data"]: {"dense": r["ppl"]["dense"], "pruned": r["ppl"]["pruned"]}}
         row.update(ppl_by_data={k: v["pruned"] for k, v in by_data.items()},
                    ppl_dense_by_data={k: v["dense"] for k, v in by_data.items()})
-        row.update(method=method_name(row["metric"], row["patch"], r["distill"]), ppl_dense=r["ppl"]["dense"],
+        row.update(method=method_name(row["metric"], row["patch"], row["distill"]), ppl_dense=r["ppl"]["dense"],
                    ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
                    created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
                    avg_dense=rp.get("avg_dense"), settings=r.get("run_id", "").rsplit("__", 1)[-1],
@@ -86,7 +88,7 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
 
         above = rp_above_chance(zs.get("dense") or {}, zs.get("pruned") or {}) if rp else None
         row.update(rp_se=rp.get("rp_stderr"), at_chance=tuple(rp.get("at_chance") or ()), rp_ac=above,
-                   limit=r["config"]["eval"].get("limit") if r.get("config") else None,
+                   limit=_field(config, "eval.limit"),
                    rp_metric=rp.get("metric", "acc"),
                    outcomes=load_outcomes(r["_path"]) if r.get("outcomes") and r.get("_path") else None)
         rows.append(row)
