@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .hadamard import OFFICIAL, hadamard
 from .models import Layout
+from .modules import unwrap
 from .records import DamagedFile, atomic_write
 
 
@@ -100,8 +101,6 @@ class BoundaryStats:
 def _capture_boundaries(layout: Layout):
     """Pre-hooks that record the hidden state entering every layer and the final norm, as the layer computes
     with it: after the patch of a patched layer (what Prune&Comp's rounds measure on a compensated model)."""
-    from .patches import unwrap
-
     captured: list[torch.Tensor | None] = [None] * (layout.num_layers + 1)
 
     def make(i):
@@ -185,8 +184,6 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 1, device: str
     """Stream calibration statistics of every boundary over ``samples`` (n, seqlen); the Hadamard basis of
     ``abs_mean_rot`` is ``hadamard_construction``'s (lp.hadamard.CONSTRUCTIONS). Per batch the reductions run
     over chunks of about ``token_chunk`` tokens (speed and memory only: the statistics are the same)."""
-    from .patches import unwrap
-
     layout = Layout(model)
     L, d = layout.num_layers, layout.hidden_size
     H = hadamard(d, torch.float32, "cpu", hadamard_construction)

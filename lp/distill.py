@@ -12,7 +12,6 @@ patch run forward and backward (activations kept for backward; no weight gradien
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # config groups a run_id's hash covers
 
-# the prune settings each metric reads, besides metric and n (what a run_id hashes: nothing it ignores)
-USES = {"cosine": {"start", "similarity"}, "angular": {"start", "token"}, "block_influence": set(), "last": set(),
-        "manual": {"indices"}, "random": set(), "ppl": {"score_samples", "score_seqlen", "protect_ends"},
-        "taylor": {"score_samples", "score_seqlen", "protect_ends"}, "sleb": {"score_samples", "score_seqlen"},
-        "patched": {"start", "patch", "score", "topk", "score_samples", "score_seqlen"}}
+# the prune settings each metric reads, besides metric and n (what a run_id hashes: nothing it ignores), as each
+# metric declares them in lp.selection.register; a metric not (yet) registered hashes every prune setting
+USES: dict[str, set] = {}
 EXECUTION = {"prefix_reuse", "zeroshot_batch_size"}  # how a run is computed, not what: never part of its identity
 
 

@@ -37,119 +37,10 @@ import torch
 from torch import nn
 
 from .calibration import BoundaryStats, stream_block_io, stream_boundaries, tree_to
+from .modules import (PATCH_MODULES, PRECISIONS, ChannelScale, LinearPatch, Patched, ReplacementLayer,  # noqa: F401
+                      ResidualFFN, WeightPatch, unwrap)
 from .hadamard import hadamard
 from .models import Layout, module_device
-
-
-PRECISIONS = ("float32", "model")
-
-
-class _WeightPatch(nn.Module):
-    """A patch with one float32 weight. ``precision``: ``model`` (the default) computes in the hidden states'
-    dtype (bf16 on a GPU: tensor cores with float32 accumulation; the float32 weight is the master copy that
-    distillation updates, as under autocast); ``float32`` computes in float32 whatever the model's dtype,
-    about 11x slower in a bf16 model (README, Speed)."""
-
-    def __init__(self, weight: torch.Tensor, precision: str = "model"):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().float().clone())
-        self.precision = precision
-
-    @property
-    def precision(self) -> str:
-        return self._precision
-
-    @precision.setter
-    def precision(self, value: str) -> None:
-        if value not in PRECISIONS:
-            raise ValueError(f"patch.precision={value!r} is not one of {list(PRECISIONS)}")
-        self._precision = value
-
-    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float32 if self.precision == "float32" else x.dtype
-        with torch.autocast(x.device.type, enabled=False):  # the chosen precision, also under mixed precision
-            return self.op(x.to(self.weight.device, dtype), self.weight.to(dtype)).to(x.dtype)
-
-
-class ChannelScale(_WeightPatch):
-    """x -> x * r (diagonal patch; a 1-element r is one scalar for all channels)."""
-
-    kind = "diag"
-
-    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x * w
-
-
-class LinearPatch(_WeightPatch):
-    """x -> x P with a dense d×d matrix P (row-vector convention, as hidden states are stored)."""
-
-    kind = "linearpatch"
-
-    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x @ w
-
-
-class ResidualFFN(nn.Module):
-    """x -> x + mlp(norm(x)): a decoder layer without attention (LLM-Streamline's FFN replacement)."""
-
-    kind = "streamline_ffn"
-
-    def __init__(self, norm: nn.Module, mlp: nn.Module):
-        super().__init__()
-        self.norm, self.mlp = norm, mlp
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.norm(x))
-
-
-PATCH_MODULES = {m.kind: m for m in (ChannelScale, LinearPatch)}  # rebuilt from their one weight
-
-
-class _Wrapper(nn.Module):
-    """Stands where a decoder layer (or the final norm) stood; model code reads attributes off layers
-    (``attention_type``, ...), so unknown attributes are looked up on ``inner``."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-
-class Patched(_Wrapper):
-    """Applies ``patch`` to the hidden state entering ``inner`` (a decoder layer or the final norm)."""
-
-    def __init__(self, patch: nn.Module, inner: nn.Module):
-        super().__init__()
-        self.patch = patch
-        self.inner = inner
-
-    def forward(self, *args, **kwargs):
-        if args:
-            args = (self.patch(args[0]),) + args[1:]
-        else:
-            kwargs["hidden_states"] = self.patch(kwargs["hidden_states"])
-        return self.inner(*args, **kwargs)
-
-
-class ReplacementLayer(_Wrapper):
-    """A trained decoder layer standing in for a removed block (LLM-Streamline's layer replacement)."""
-
-    kind = "streamline_layer"
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.inner if isinstance(module, _Wrapper) else module
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -180,10 +71,39 @@ class PatchContext:
             yield xs[s].reshape(-1, d).float().cpu(), xs[e].reshape(-1, d).float().cpu()
 
 
+@dataclass(frozen=True)
+class PatchMethod:
+    """What a patch variant is: its builder, and what the pipeline must do for it (read by the pipeline's
+    stages, validation and ``prune=patched``; nothing else lists variants)."""
+
+    build: Callable[[PatchContext, int, int], nn.Module | None]
+    from_statistics: bool = False  # built from the one-pass statistics alone (so prune=patched can score it)
+    needs_hidden_states: bool = False  # fitted on the block's input and output hidden states (a second pass)
+    changes_earlier_layer: bool = False  # folds into layer s-1: the hidden states entering layer s change too
+    replaces_block: bool = False  # selects n+1 layers and puts one trained layer in their place
+
+
+PATCHES: dict[str, PatchMethod] = {}
+
+
+def register(name: str, **capabilities):
+    """Register a patch variant ``name`` (patch.variant=name): the one place a patch is declared. What it
+    saves as follows from the module it returns (lp.modules: a WeightPatch subclass with its own ``kind``)."""
+    def wrap(fn):
+        PATCHES[name] = PatchMethod(fn, **capabilities)
+        return fn
+    return wrap
+
+
+register("none", from_statistics=True)(lambda ctx, s, e: None)
+
+
+@register("diag", from_statistics=True)
 def diag_patch(ctx: PatchContext, s: int, e: int) -> ChannelScale:
     return ChannelScale(_ratio(ctx.stats.abs_mean[e], ctx.stats.abs_mean[s]))
 
 
+@register("linearpatch", from_statistics=True)
 def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     """LinearPatch as the official code builds it (chenxinrui-tsinghua/LinearPatch): P = H diag(r) Hᵀ
     (block_scaling.py, generate_symmetric_matrix, lines 6-10), r the per-channel mean |x H| of the input of
@@ -203,6 +123,7 @@ def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     return LinearPatch(H @ torch.diag(r) @ H.T)
 
 
+@register("prunecomp")
 def prunecomp_patch(ctx: PatchContext, s: int, e: int) -> ChannelScale:
     """Prune&Comp's compensation of the interface (s, e): the product of the scalars of the rounds that
     removed its layers (``ctx.fitted['prunecomp']``, dense layer -> scalar, from lp.prunecomp.select). The
@@ -242,6 +163,7 @@ class Fold:
         setattr(owner, name, new)
 
 
+@register("replaceme", needs_hidden_states=True, changes_earlier_layer=True)
 def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
     """ReplaceMe's least-squares estimator (mts-ai/ReplaceMe ReplaceMe/lstsq.py): on calibration tokens, M the
     MLP output of layer s-1 and Y = x_s - M the stream before it (lines 185-196), T = (MᵀM + αI)⁻¹ Mᵀ(x_e - Y)
@@ -276,6 +198,7 @@ def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
     return Fold(s - 1, T)
 
 
+@register("lstsq", needs_hidden_states=True)
 def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     gram = cross = None
     for xs, xe in ctx.pairs(s, e):
@@ -321,6 +244,7 @@ def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, settings: dict, 
     return net.requires_grad_(False)
 
 
+@register("streamline_ffn", needs_hidden_states=True)
 def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
     """LLM-Streamline's FFN replacement as lp builds it: x + mlp(norm(x)) with the norm and SwiGLU MLP of layer s,
     trained with MSE. Not the official code's: its README trains Transformer layers (``streamline_layer``) and
@@ -338,6 +262,7 @@ def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
                     "streamline_ffn").to(dtype)
 
 
+@register("streamline_layer", needs_hidden_states=True, replaces_block=True)
 def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLayer:
     """LLM-Streamline's layer replacement as its official code (RUCKBReasoning/LLM-Streamline): the block
     [s, e) holds n+1 layers (the pipeline selects with interval n+1, train_mseloss.py line 120); one decoder
@@ -363,28 +288,13 @@ def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLaye
     return ReplacementLayer(_fit_mse(net, len(batches), 1, loss_of, ctx.settings, "streamline_layer").to(dtype))
 
 
-PATCHES: dict[str, Callable[[PatchContext, int, int], nn.Module | None]] = {
-    "none": lambda ctx, s, e: None,
-    "diag": diag_patch,
-    "linearpatch": linear_patch,
-    "prunecomp": prunecomp_patch,
-    "replaceme": replaceme_patch,
-    "lstsq": lstsq_patch,
-    "streamline_ffn": streamline_ffn_patch,
-    "streamline_layer": streamline_layer_patch,
-}
-NEEDS_HIDDEN_STATES = {"lstsq", "replaceme", "streamline_ffn", "streamline_layer"}
-CHANGES_EARLIER_LAYER = {"replaceme"}  # folds into layer s-1: hidden states entering layer s change too
-REPLACES_BLOCK = {"streamline_layer"}  # selects n+1 layers and puts one trained layer in their place
-
-
 def build_patch(variant: str, ctx: PatchContext | BoundaryStats, s: int, e: int) -> nn.Module | None:
     """The patch for joining boundary ``s`` to boundary ``e`` (None for ``none``)."""
     if variant not in PATCHES:
         raise ValueError(f"patch.variant={variant!r} is not one of {sorted(PATCHES)}")
     if isinstance(ctx, BoundaryStats):
         ctx = PatchContext(ctx)
-    patch = PATCHES[variant](ctx, s, e)
-    if isinstance(patch, _WeightPatch):
+    patch = PATCHES[variant].build(ctx, s, e)
+    if isinstance(patch, WeightPatch):
         patch.precision = ctx.settings.get("precision", "model")
     return patch

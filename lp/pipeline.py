@@ -26,13 +26,13 @@ from .hadamard import CONSTRUCTIONS, is_supported
 from .intervals import outcomes_path, rp_interval, save_outcomes
 from .models import Layout, count_parameters, load_model, local_content, model_config
 from . import prunecomp
-from .patches import (CHANGES_EARLIER_LAYER, NEEDS_HIDDEN_STATES, PATCHES, PRECISIONS, REPLACES_BLOCK, PatchContext,
+from .patches import (PATCHES, PRECISIONS, PatchContext,
                       build_patch)
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
 from .records import (DamagedFile, RECORD_VERSION, cached_json, is_complete, key_of, locked, read_json, set_aside,
                       versions, write_json)
 from .keys import SETTING_GROUPS, group_settings
-from .selection import CHEAP_PATCHES, METRICS, MODEL_METRICS, SCORES, SelectionContext, patched_scores, select_layers
+from .selection import METRICS, SCORES, SelectionContext, patched_scores, select_layers
 from .tracking import make_tracker
 from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 
@@ -373,8 +373,8 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
     layer, as LLM-Streamline's official code does, so that n layers are removed net; ``patch=prunecomp``
     removes them one at a time, compensating each (lp.prunecomp)."""
     p = cfg["prune"]
-    scored = p["metric"] in MODEL_METRICS
-    replaces = cfg["patch"]["variant"] in REPLACES_BLOCK
+    scored = METRICS[p["metric"]].runs_model
+    replaces = PATCHES[cfg["patch"]["variant"]].replaces_block
     ctx = SelectionContext(stats=stats, n=p["n"] + replaces, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
                            model=model if scored else None, settings=p, samples=_score_samples(cfg, data) if scored else None,
                            batch_size=cfg["data"].get("calib_batch_size", 1))
@@ -396,9 +396,10 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
 def scoring_patch(cfg: dict) -> str:
     """The training-free patch that ``prune=patched`` scores each block with: prune.patch, or the run's."""
     variant = cfg["prune"].get("patch") or cfg["patch"]["variant"]
-    if variant not in CHEAP_PATCHES:
+    cheap = [v for v, m in PATCHES.items() if m.from_statistics]
+    if variant not in cheap:
         raise ValueError(f"prune.metric=patched scores blocks with a patch built from the calibration statistics "
-                         f"alone; patch={variant} is not one: set ++prune.patch to one of {list(CHEAP_PATCHES)}")
+                         f"alone; patch={variant} is not one: set ++prune.patch to one of {cheap}")
     return variant
 
 
@@ -435,7 +436,7 @@ def _score_table_problem(entry: dict) -> str | None:
 def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict):
     """make_patch for :func:`lp.pruning.pruned`: the configured patch of each interface."""
     variant = cfg["patch"]["variant"]
-    fits = variant in NEEDS_HIDDEN_STATES
+    fits = PATCHES[variant].needs_hidden_states
     ctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, fitted=fitted,
                        model=model if fits else None, samples=data.samples(cfg["patch"].get("fit_samples")) if fits else None,
                        batch_size=cfg["data"].get("calib_batch_size", 1))
@@ -448,7 +449,7 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
     e = cfg["eval"]
     if not e.get("prefix_reuse", True):
         return {}
-    first = max(min(removed, default=0) - (cfg["patch"]["variant"] in CHANGES_EARLIER_LAYER), 0)
+    first = max(min(removed, default=0) - PATCHES[cfg["patch"]["variant"]].changes_earlier_layer, 0)
     ekey = key_of(model_key(cfg), data_key(cfg), eval_key(cfg))
     return {name: ws.prefix(model, w, first, e.get("batch_size", 1), f"{ekey}/{name}") for name, w in windows.items()}
 

@@ -43,11 +43,23 @@ class SelectionContext:
         return self.stats.num_layers
 
 
-METRICS: dict[str, Callable[[SelectionContext], list[int]]] = {}
-MODEL_METRICS = {"ppl", "sleb", "taylor", "patched"}  # these score layers by running the model on calibration samples
-def register(name: str):
+@dataclass(frozen=True)
+class Metric:
+    """What a selection metric is: its rule, and what the pipeline and the run ids need to know of it."""
+
+    select: Callable[[SelectionContext], list[int]]
+    runs_model: bool = False  # scores layers by running the model on calibration samples (gets model, samples)
+    reads: frozenset = frozenset()  # the prune.* settings it reads besides metric and n (what its run ids hash)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(name: str, runs_model: bool = False, reads: tuple[str, ...] = ()):
+    """Register a selection metric ``name`` (prune.metric=name): the one place a metric is declared."""
     def wrap(fn):
-        METRICS[name] = fn
+        METRICS[name] = Metric(fn, runs_model, frozenset(reads))
+        USES[name] = set(reads)
         return fn
     return wrap
 
@@ -75,7 +87,7 @@ def _block(ctx: SelectionContext, score: torch.Tensor, best=max) -> list[int]:
 SIMILARITIES = ("token", "linearpatch")
 
 
-@register("cosine")
+@register("cosine", reads=("start", "similarity"))
 def cosine(ctx: SelectionContext) -> list[int]:
     """The contiguous block whose input and output are most similar.
 
@@ -108,7 +120,7 @@ def cosine(ctx: SelectionContext) -> list[int]:
     return _block(ctx, score, best=max)
 
 
-@register("angular")
+@register("angular", reads=("start", "token"))
 def angular(ctx: SelectionContext) -> list[int]:
     """Gromov et al. 2024 (The Unreasonable Ineffectiveness of the Deeper Layers, Sec. 3.2): the block with the
     smallest mean angular distance arccos(cos)/pi between boundaries s and s+n, on the LAST token of each
@@ -150,7 +162,7 @@ def last(ctx: SelectionContext) -> list[int]:
     return list(range(ctx.num_layers - ctx.n, ctx.num_layers))
 
 
-@register("manual")
+@register("manual", reads=("indices",))
 def manual(ctx: SelectionContext) -> list[int]:
     """Control: explicit indices (prune.indices); n is their count."""
     idx = sorted(set(ctx.indices or []))
@@ -172,7 +184,7 @@ def select_layers(metric: str, ctx: SelectionContext) -> list[int]:
     if metric not in METRICS:
         raise ValueError(f"prune.metric={metric!r} is not one of {sorted(METRICS)}")
     validate_n(ctx.n, ctx.num_layers)
-    return METRICS[metric](ctx)
+    return METRICS[metric].select(ctx)
 
 
 def _needs_model(ctx: SelectionContext, metric: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -186,7 +198,7 @@ def _ppl_without(ctx: SelectionContext, removed: list[int]) -> float:
         return perplexity(ctx.model, ctx.samples, ctx.batch_size, progress=False)
 
 
-@register("ppl")
+@register("ppl", runs_model=True, reads=("score_samples", "score_seqlen", "protect_ends"))
 def ppl(ctx: SelectionContext) -> list[int]:
     """Shortened LLaMA (PPL+ criterion, src/anal_block_sensitivity_ppl.py): the n layers whose single removal
     raises calibration perplexity least, never blocks 0-3 or the last two (the "+" rule)."""
@@ -238,7 +250,7 @@ def sleb_steps(ctx: SelectionContext) -> list[tuple[int, float]]:
     return steps
 
 
-@register("sleb")
+@register("sleb", runs_model=True, reads=("score_samples", "score_seqlen"))
 def sleb(ctx: SelectionContext) -> list[int]:
     """SLEB: iteratively remove the layer whose removal gives the lowest calibration perplexity, given the
     layers already removed."""
@@ -275,7 +287,7 @@ def taylor_scores(ctx: SelectionContext) -> torch.Tensor:
     return scores
 
 
-@register("taylor")
+@register("taylor", runs_model=True, reads=("score_samples", "score_seqlen", "protect_ends"))
 def taylor(ctx: SelectionContext) -> list[int]:
     """Taylor+: remove the n layers of lowest first-order importance, never blocks 0-3 or the last two."""
     return _lowest(ctx, taylor_scores(ctx))
@@ -283,7 +295,6 @@ def taylor(ctx: SelectionContext) -> list[int]:
 
 # ------------------------------------------------------------------ lp's own: the block the patched model keeps best
 SCORES = ("kl", "ppl")
-CHEAP_PATCHES = ("none", "diag", "linearpatch")  # built from the one-pass statistics alone
 
 
 def _logits_from(model, batch: torch.Tensor):
@@ -346,7 +357,7 @@ def patched_scores(ctx: SelectionContext) -> dict[int, float]:
             for s, v in mean.items()}
 
 
-@register("patched")
+@register("patched", runs_model=True, reads=("start", "patch", "score", "topk", "score_samples", "score_seqlen"))
 def patched(ctx: SelectionContext) -> list[int]:
     """lp's own selection (not a published method): the contiguous block whose removal, with the configured
     training-free patch, leaves the model closest to the dense one on held-out calibration windows

@@ -77,5 +77,5 @@ def make_tracker(logger: dict, config: dict, name: str, group: str | None = None
         return NullTracker()
     if backend == "wandb":
         return WandbTracker(logger.get("project", "lp"), logger.get("mode", "offline"),
-                            logger.get("dir", "results/wandb"), config, name, group, logger.get("entity"))
+                            logger.get("dir", "runs/wandb"), config, name, group, logger.get("entity"))
     raise ValueError(f"logger.backend={backend!r} is not one of ['none', 'wandb']")

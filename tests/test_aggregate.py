@@ -1,18 +1,8 @@
 import pytest
 
 from lp.report import tables as aggregate
-from lp.records import RECORD_VERSION, write_json
-
-
-def record(n, patch, ppl, created, status="complete", seed=0, data="d", metric="cosine", acc=None, dense_acc=None):
-    r = {"version": RECORD_VERSION, "status": status, "run_id": f"m-{n}-{patch}-{seed}-{data}-{metric}", "model": "m", "data": data, "metric": metric, "n": n,
-         "patch": patch, "distill": "none", "eval": "ppl", "seed": seed, "removed": list(range(n)),
-         "params_pruned": 1, "created": created, "ppl": {"dense": 10.0, "pruned": ppl}}
-    if acc is not None:
-        from lp.zeroshot import retention
-
-        r.update(zeroshot={"dense": dense_acc, "pruned": acc}, retention=retention(dense_acc, acc))
-    return r
+from lp.records import write_json
+from tests.conftest import record
 
 
 def csv_rows(path, key_width):

@@ -6,7 +6,7 @@ import torch
 
 from lp.calibration import BoundaryStats
 from lp.records import write_json
-from tests.test_aggregate import record
+from tests.conftest import record
 
 
 def synthetic(tmp_path, L=6, d=12, T=9):
@@ -38,6 +38,10 @@ def test_figures_render_without_a_display(tmp_path):
     assert names == sorted(f"{f}.{e}" for f in figs for e in ("png", "pdf"))
     assert all(p.stat().st_size > 1000 for p in out.iterdir())
     assert (out / "magnitude.png").read_bytes()[:4] == b"\x89PNG" and (out / "magnitude.pdf").read_bytes()[:4] == b"%PDF"
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    subprocess.run([sys.executable, "-m", "experiments.figures", "--records", str(recs), "--out", str(out)],
+                   check=True, env=env, cwd=root)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # unchanged records: the same bytes
 
 
 def test_the_zoomed_interface_is_the_middle_linearpatch_depth(tmp_path):

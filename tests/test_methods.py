@@ -7,7 +7,7 @@ import torch
 from lp.calibration import collect_stats
 from lp.models import Layout, count_parameters
 from lp.patches import PatchContext, build_patch
-from lp.pruning import load_pruned, patches_of, prune_and_patch, pruned, save_pruned
+from lp.pruning import load_pruned, patches_of, pruned, save_pruned
 from lp.selection import SelectionContext, select_layers
 from tests.conftest import tiny_model
 

@@ -12,39 +12,7 @@ from omegaconf import OmegaConf
 from lp import pipeline
 from lp.intervals import load_outcomes
 from lp.records import load_records
-from tests.conftest import tiny_model
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny LLaMA with a real (trained-here) byte-level BPE tokenizer, saved as a local HF folder."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from lp.data import brown_split
-
-    path = tmp_path_factory.mktemp("tiny")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([brown_split("eval")[:200_000]], vocab_size=400, special_tokens=["<eos>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
-    tok.save_pretrained(path)
-    model = tiny_model("llama", layers=6)
-    model.resize_token_embeddings(len(tok))
-    model.save_pretrained(path)
-    return path
-
-
-def cfg_for(tiny_dir, results, *overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
-            "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval.max_windows=3",
-            "eval.batch_size=2", "eval.tasks=[]", f"results_dir={results}", "progress=false", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
-
+from tests.conftest import CONF, ROOT, cfg_for
 
 def _count(monkeypatch, name, calls):
     real = getattr(pipeline, name)
@@ -311,7 +279,7 @@ def test_model_parts_are_joined_and_checked(tmp_path, monkeypatch):
 ])
 def test_hub_data_without_hub_name_the_dataset(tiny_dir, tmp_path, datasets, expected):
     """eval=paper offline: a clear error naming the setting and the dataset that could not be had."""
-    code = (f"from lp.pipeline import run; import tests.test_pipeline as t; "
+    code = (f"from lp.pipeline import run; import tests.conftest as t; "
             f"cfg = t.cfg_for({str(tiny_dir)!r}, {str(tmp_path)!r}, 'eval=paper', 'eval.limit=2', 'eval.max_windows=1', 'eval.tasks=[arc_challenge,arc_easy]'); "
             f"{datasets}run(cfg)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -1,6 +1,5 @@
 """No silent wrong numbers, no lost work: records, caches, damaged files, bad input."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -96,7 +95,7 @@ def test_two_processes_writing_one_cache_entry_never_tear_it(tmp_path):
 def test_cache_keys_carry_versions_and_the_fewshot_seed(tmp_path, monkeypatch):
     from lp import pipeline
     from lp.pipeline import calib_stats_path, run_id
-    from tests.test_pipeline import cfg_for
+    from tests.conftest import cfg_for
 
     cfg = cfg_for("unused", tmp_path)
     a = calib_stats_path(cfg)
@@ -138,3 +137,22 @@ def test_atomic_write_gives_the_usual_permissions_and_leaves_the_umask_alone(tmp
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_the_default_run_writes_only_into_git_ignored_folders():
+    """The README's main job leaves the checkout clean: its records, statistics, caches and Hydra logs land in
+    an ignored folder (results_dir=results writes the committed records only when asked)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF, ROOT
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", return_hydra_config=True), resolve=False)
+    rd = cfg["results_dir"]
+    written = [f"{rd}/records/x.json", f"{rd}/records/x.outcomes.json.gz", f"{rd}/stats/calib_x.pt",
+               f"{rd}/cache/dense/x.json", f"{rd}/hydra/2026-01-01/.hydra/config.yaml"]
+    assert cfg["cache_dir"] == "${results_dir}/cache"  # caches, and the Hydra logs, sit under results_dir
+    assert cfg["hydra"]["run"]["dir"].startswith("${results_dir}/") and cfg["hydra"]["sweep"]["dir"].startswith("${results_dir}/")
+    out = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == written

