@@ -4,6 +4,7 @@
     python -m experiments.run patch=diag prune.n=7
     python -m experiments.run -m patch=none,diag,linearpatch prune.n=3,5,7
 """
+import logging
 from pathlib import Path
 
 import hydra
@@ -13,12 +14,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from lp.pipeline import run
 
+log = logging.getLogger("experiments.run")
+
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    record = run(OmegaConf.to_container(cfg, resolve=True), group=group)
+    try:
+        record = run(OmegaConf.to_container(cfg, resolve=True), group=group)
+    except Exception:
+        if group is not None:  # a sweep's job: its error in its own log (on SLURM, the job's log), not only the sweep's
+            log.exception("this job failed")
+        raise
     return record["ppl"]["pruned"]
 
 

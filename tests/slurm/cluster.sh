@@ -11,13 +11,15 @@ cmd=${1:?start or stop}; dir=$(realpath -m "${2:?a folder for the cluster\'s fil
 export SLURM_CONF=$dir/slurm.conf
 
 stop() {
-  for name in slurmd slurmctld; do
-    [ -f "$dir/$name.pid" ] && kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
-  done
-  [ -f "$dir/munged.pid" ] && kill "$(cat "$dir/munged.pid")" 2>/dev/null || true
-  sleep 1
-  pkill -f "slurmd -f $dir/slurm.conf" 2>/dev/null || true
-  pkill -f "slurmctld -f $dir/slurm.conf" 2>/dev/null || true
+  # the cluster's jobs first (their steps are children of slurmd), then the daemons; SIGKILL what lingers
+  scancel --quiet --full --user="$(id -un)" 2>/dev/null || true
+  for _ in $(seq 1 10); do [ -z "$(squeue -h 2>/dev/null || true)" ] && break; sleep 1; done
+  pids=""
+  for name in slurmd slurmctld munged; do [ -f "$dir/$name.pid" ] && pids="$pids $(cat "$dir/$name.pid")"; done
+  pids="$pids $(pgrep -f "slurm(ctl)?d -f $dir/slurm.conf" || true)"
+  kill $pids 2>/dev/null || true
+  for _ in $(seq 1 10); do kill -0 $pids 2>/dev/null || break; sleep 0.5; done
+  kill -9 $pids 2>/dev/null || true
   return 0
 }
 
@@ -49,6 +51,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
+KillWait=2
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=16817
