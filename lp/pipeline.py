@@ -579,7 +579,8 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     torch.manual_seed(cfg["seed"])
     with _timed(timings, "load"):
         model, tokenizer = ws.model(cfg["model"])
-    validate(cfg, Layout(model).num_layers)
+    if not cfg["model"].get("name_or_path"):  # checked against the model's layer count before it loaded otherwise
+        validate(cfg, Layout(model).num_layers)
     data = Data(cfg, tokenizer)
     with _timed(timings, "calibration"):
         stats = calibrate(cfg, model, data)
