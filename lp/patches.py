@@ -37,8 +37,7 @@ import torch
 from torch import nn
 
 from .calibration import BoundaryStats, stream_block_io, stream_boundaries, tree_to
-from .modules import (PATCH_MODULES, PRECISIONS, ChannelScale, LinearPatch, Patched, ReplacementLayer,  # noqa: F401
-                      ResidualFFN, WeightPatch, unwrap)
+from .modules import ChannelScale, LinearPatch, ReplacementLayer, ResidualFFN, WeightPatch, unwrap
 from .hadamard import hadamard
 from .models import Layout, module_device
 

@@ -26,8 +26,8 @@ from .hadamard import CONSTRUCTIONS, is_supported
 from .intervals import outcomes_path, rp_interval, save_outcomes
 from .models import Layout, count_parameters, load_model, local_content, model_config
 from . import prunecomp
-from .patches import (PATCHES, PRECISIONS, PatchContext,
-                      build_patch)
+from .modules import PRECISIONS
+from .patches import PATCHES, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
 from .records import (DamagedFile, RECORD_VERSION, cached_json, is_complete, key_of, locked, read_json, set_aside,
                       versions, write_json)

@@ -23,7 +23,7 @@ import torch
 
 from .calibration import collect_stats, stream_boundaries
 from .models import Layout
-from .patches import unwrap
+from .modules import unwrap
 from .pruning import BRANCH_OUTPUTS, pruned
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .models import Layout, module_device
-from .patches import PATCH_MODULES, ChannelScale, Fold, Patched, ReplacementLayer, ResidualFFN, unwrap
+from .modules import PATCH_MODULES, ChannelScale, Patched, ReplacementLayer, ResidualFFN, unwrap
+from .patches import Fold
 
 SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
 PATCHED_PREFIX = "lp-patched-"  # config.json's model_type of a folder with patches: plain loading fails loudly

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .calibration import BoundaryStats, stream_boundaries
 from .evaluation import Prefix, check_prefix_reuse, layer_output_kind, perplexity
-from .keys import USES, used_prune_settings  # noqa: F401  (re-exported)
+from .keys import USES
 from .pruning import pruned
 
 log = logging.getLogger(__name__)
@@ -49,16 +49,16 @@ class Metric:
 
     select: Callable[[SelectionContext], list[int]]
     runs_model: bool = False  # scores layers by running the model on calibration samples (gets model, samples)
-    reads: frozenset = frozenset()  # the prune.* settings it reads besides metric and n (what its run ids hash)
 
 
 METRICS: dict[str, Metric] = {}
 
 
 def register(name: str, runs_model: bool = False, reads: tuple[str, ...] = ()):
-    """Register a selection metric ``name`` (prune.metric=name): the one place a metric is declared."""
+    """Register a selection metric ``name`` (prune.metric=name): the one place a metric is declared. ``reads``:
+    the prune.* settings it reads besides metric and n, kept in lp.keys.USES (what its run ids hash)."""
     def wrap(fn):
-        METRICS[name] = Metric(fn, runs_model, frozenset(reads))
+        METRICS[name] = Metric(fn, runs_model)
         USES[name] = set(reads)
         return fn
     return wrap

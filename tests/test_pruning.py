@@ -3,7 +3,8 @@ import torch
 
 from lp.calibration import BoundaryStats, collect_stats
 from lp.models import Layout
-from lp.patches import LinearPatch, PatchContext, Patched, build_patch
+from lp.modules import LinearPatch, Patched
+from lp.patches import PatchContext, build_patch
 from lp.pruning import (interface_position, load_pruned, patches_of, prune_and_patch, pruned, remove_layers,
                         save_pruned)
 from tests.conftest import tiny_model
@@ -183,7 +184,8 @@ def test_streamline_ffn_lowers_calibration_mse(llama, ids):
 
 def test_streamline_layer_lowers_calibration_mse_and_takes_a_layer_slot(llama, ids):
     from lp.calibration import stream_block_io
-    from lp.patches import PatchContext, ReplacementLayer
+    from lp.modules import ReplacementLayer
+    from lp.patches import PatchContext
 
     stats = collect_stats(llama, ids, progress=False)
     ctx = PatchContext(stats, {"lr": 3e-3, "epochs": 30}, llama, ids)
@@ -207,7 +209,7 @@ def test_streamline_layer_lowers_calibration_mse_and_takes_a_layer_slot(llama, i
 
 
 def test_patches_after_a_replacement_land_on_the_right_layer(llama, ids):
-    from lp.patches import ChannelScale, ReplacementLayer
+    from lp.modules import ChannelScale, ReplacementLayer
 
     layer = Layout(llama).layers[1]
     make = lambda s, e: ReplacementLayer(layer) if s == 1 else ChannelScale(torch.full((1,), 2.0))  # noqa: E731
@@ -306,7 +308,8 @@ def test_prefix_reuse_refuses_unsupported_models(ids):
 
 
 def test_patch_precision_model_computes_in_the_hidden_dtype(ids):
-    from lp.patches import LinearPatch, PatchContext
+    from lp.modules import LinearPatch
+    from lp.patches import PatchContext
 
     P = torch.randn(24, 24, generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 24, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
