@@ -36,6 +36,13 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", str(CLUSTER), "stop", str(folder)], capture_output=True, timeout=60)
 
 
+@pytest.fixture(autouse=True)
+def empty_queue(cluster):
+    """Each test starts with an empty queue: a job of the test before may still be listed (COMPLETING) after its
+    sweep has returned, and would be taken for one of this test's jobs."""
+    wait_until(lambda: not jobs(cluster), what="the queue of the test before to empty")
+
+
 def sweep(tiny_dir, results, *overrides, launcher="submitit_slurm", env=None, wait=True):
     """The tiny model's sweep over patch=none,linearpatch, through SLURM (or locally: launcher=basic)."""
     cmd = [sys.executable, "-m", "experiments.run", "-m", f"hydra/launcher={launcher}",
@@ -55,17 +62,21 @@ def by_patch(results: Path) -> dict:
 
 def jobs(env) -> dict[str, str]:
     """SLURM job id -> state, of the jobs in the queue."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=env, capture_output=True, text=True).stdout
-    return dict(line.split() for line in out.splitlines() if line.strip())
+    for _ in range(20):  # squeue fails now and then while slurmctld is busy: an empty answer is not an empty queue
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], env=env, capture_output=True, text=True)
+        if out.returncode == 0:
+            return dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        time.sleep(0.5)
+    raise AssertionError(f"squeue failed: {out.stderr}")
 
 
-def wait_until(condition, timeout=300, what="the condition"):
+def wait_until(condition, timeout=300, what="the condition", poll=0.5):
     end = time.time() + timeout
     while time.time() < end:
         got = condition()
         if got:
             return got
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -87,11 +98,11 @@ def test_a_sweep_through_slurm_equals_the_same_sweep_run_locally(cluster, tiny_d
 
 def test_a_cancelled_job_is_redone_by_resume_and_the_finished_one_skipped(cluster, tiny_dir, tmp_path):
     results = tmp_path / "res"
-    # job 1 evaluates the whole Brown split, so it is still running when job 0 has finished
-    proc = sweep(tiny_dir, results, "patch=linearpatch", "eval.max_windows=3,null", env=cluster, wait=False)
+    # job 1 is cancelled as soon as SLURM runs it (a run needs some 20 s here), whether job 0 runs beside it or
+    # (one job at a time, as on a node of one core) before or after it; job 0 runs to its end
+    proc = sweep(tiny_dir, results, "patch=linearpatch", "eval.max_windows=3,4", env=cluster, wait=False)
     running = wait_until(lambda: [j for j, s in jobs(cluster).items() if j.endswith("_1") and s == "RUNNING"],
-                         what="job 1 to run")
-    wait_until(lambda: len(load_records(results / "records")) == 1, what="job 0's record")
+                         what="job 1 to run", poll=0.1)
     subprocess.run(["scancel", running[0]], env=cluster, check=True)
     wait_until(lambda: not jobs(cluster), what="the queue to empty")
     # without SLURM accounting (slurmdbd; none here) submitit cannot see that a job was cancelled and the sweep's
@@ -101,10 +112,10 @@ def test_a_cancelled_job_is_redone_by_resume_and_the_finished_one_skipped(cluste
     [done] = load_records(results / "records")
     assert done["config"]["eval"]["max_windows"] == 3  # nothing half-written was read as a record
     first = Path(done["_path"]).stat().st_mtime_ns
-    again = sweep(tiny_dir, results, "patch=linearpatch", "eval.max_windows=3,null", "resume=true", env=cluster)
+    again = sweep(tiny_dir, results, "patch=linearpatch", "eval.max_windows=3,4", "resume=true", env=cluster)
     assert again.returncode == 0, again.stderr[-3000:]
     recs = {r["config"]["eval"]["max_windows"]: r for r in load_records(results / "records")}
-    assert set(recs) == {3, None} and Path(recs[3]["_path"]).stat().st_mtime_ns == first  # skipped, not redone
+    assert set(recs) == {3, 4} and Path(recs[3]["_path"]).stat().st_mtime_ns == first  # skipped, not redone
     [sweep_dir] = sorted((results / "hydra" / "multirun").iterdir())[-1:]
     assert any("is complete, skipped" in p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.*"))
 
@@ -127,13 +138,17 @@ def test_a_requeued_job_resumes_from_its_caches(cluster, tiny_dir, tmp_path):
     """scontrol requeue (what preemption does) while the run evaluates: SLURM starts the job again, submitit
     runs the same call, and the run reuses the statistics it had already cached."""
     results = tmp_path / "res"
-    proc = sweep(tiny_dir, results, "patch=linearpatch", "eval.max_windows=null", env=cluster, wait=False)
-    stats = wait_until(lambda: list((results / "stats").glob("calib_*.pt")), what="the statistics file")[0]
-    written = stats.stat().st_mtime_ns
+    proc = sweep(tiny_dir, results, "patch=linearpatch", "eval.max_windows=40", env=cluster, wait=False)
+    stats = wait_until(lambda: list((results / "stats").glob("calib_*.pt")), what="the statistics file", poll=0.1)[0]
     [job] = wait_until(lambda: [j for j, s in jobs(cluster).items() if s == "RUNNING"], what="the job to run")
+    # frozen (SIGSTOP) the moment its statistics are on disk, so that it is surely mid-run when requeued
+    subprocess.run(["scontrol", "suspend", job], env=cluster, check=True)
+    written = stats.stat().st_mtime_ns
     subprocess.run(["scontrol", "requeue", job], env=cluster, check=True)
-    # SLURM holds a requeued job back before it may start again; the test lets it start now
+    # SLURM holds a requeued job back (a suspended one by an admin hold) before it may start again: the test
+    # lets it start now
     wait_until(lambda: jobs(cluster).get(job) == "PENDING", what="the job to be requeued")
+    subprocess.run(["scontrol", "release", job], env=cluster, check=True)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
     proc.communicate(timeout=600)
     assert proc.returncode == 0
