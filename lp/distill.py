@@ -13,7 +13,6 @@ patch run forward and backward (activations kept for backward; no weight gradien
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import logging
 from .models import Layout
 from .pruning import patches_of
 from .records import DamagedFile, atomic_write, read_cache_json, set_aside, write_json
+from .training import TrainResult, train as train_loop
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +142,7 @@ def trainable_parameters(model, train: str) -> list[torch.nn.Parameter]:
     return list({id(p): p for p in params}.values())
 
 
-@dataclass
-class DistillResult:
-    steps: int = 0
-    history: list[dict] = field(default_factory=list)  # per step: loss, lr
-    val: list[float] = field(default_factory=list)  # per epoch
-    stopped: str | None = None  # why training stopped early, if it did
+DistillResult = TrainResult  # what distill_kl and distill_mse return (lp.training)
 
 
 def _val_loss(model, cache: TeacherCache, samples, device, autocast) -> float:
@@ -165,95 +160,51 @@ def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, va
                val_samples: torch.Tensor | None = None, lr: float = 1e-4, weight_decay: float = 1e-4,
                min_lr_factor: float = 20.0, epochs: int = 1, train: str = "patch", early_stop: int | None = None,
                autocast_dtype: str | None = None, progress: bool = True, on_step=None) -> DistillResult:
-    """Train the pruned model's patches against the cached teacher. Non-finite loss stops training and
-    restores the last good parameters."""
+    """Train the pruned model's patches against the cached teacher (lp.training.train: AdamW, cosine to
+    lr / min_lr_factor, early stop on the validation KL with the best epoch restored). Non-finite loss stops
+    training and restores the last good parameters."""
     params = trainable_parameters(model, train)
-    for p in params:
-        p.requires_grad_(True)
     device = next(model.parameters()).device
     use_amp = autocast_dtype is not None and device.type == "cuda"
 
     def autocast():
         return torch.autocast(device.type, dtype=getattr(torch, autocast_dtype or "bfloat16"), enabled=use_amp)
 
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = epochs * train_cache.num_shards
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=lr / min_lr_factor)
-    result = DistillResult()
-    good = [p.detach().clone() for p in params]
-    best_val, bad_epochs, best = float("inf"), 0, None
+    def batches(epoch):
+        return torch.randperm(train_cache.num_shards, generator=torch.Generator().manual_seed(epoch)).tolist()
+
+    def loss_of(i):
+        sh = train_cache.shard(i)
+        batch = train_samples[i * train_cache.shard_size : (i + 1) * train_cache.shard_size].to(device)
+        with autocast():
+            logits = model(input_ids=batch, use_cache=False).logits
+        return topk_kl(logits, sh["probs"].to(device), sh["indices"].to(device))
+
+    validate = (lambda: _val_loss(model, val_cache, val_samples, device, autocast)) if val_cache is not None else None
     model.train(False)
-    try:
-        for epoch in range(epochs):
-            order = torch.randperm(train_cache.num_shards, generator=torch.Generator().manual_seed(epoch))
-            for i in tqdm(order.tolist(), desc=f"distill epoch {epoch}", disable=not progress):
-                sh = train_cache.shard(i)
-                batch = train_samples[i * train_cache.shard_size : (i + 1) * train_cache.shard_size].to(device)
-                with autocast():
-                    logits = model(input_ids=batch, use_cache=False).logits
-                loss = topk_kl(logits, sh["probs"].to(device), sh["indices"].to(device))
-                if not torch.isfinite(loss):
-                    with torch.no_grad():
-                        for p, g in zip(params, good):
-                            p.copy_(g)
-                    result.stopped = (f"loss became {loss.item()} at step {result.steps}; training stopped and the "
-                                      f"patch restored to the last finite step")
-                    log.warning(f"distill: {result.stopped}")
-                    return result
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    for p, g in zip(params, good):
-                        g.copy_(p)
-                result.steps += 1
-                result.history.append({"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-                if on_step:
-                    on_step(result.steps, result.history[-1])
-            if val_cache is not None:
-                v = _val_loss(model, val_cache, val_samples, device, autocast)
-                result.val.append(v)
-                if v < best_val:
-                    best_val, bad_epochs, best = v, 0, [p.detach().clone() for p in params]
-                else:
-                    bad_epochs += 1
-                    if early_stop and bad_epochs >= early_stop:
-                        result.stopped = (f"validation loss did not improve for {early_stop} epochs; the parameters "
-                                          f"of the best epoch ({result.val.index(best_val)}) restored")
-                        break
-        if best is not None:  # keep the epoch with the best validation loss, not the last
-            with torch.no_grad():
-                for p, b in zip(params, best):
-                    p.copy_(b)
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-    return result
+    return train_loop(params, batches, loss_of, steps_per_epoch=train_cache.num_shards, lr=lr,
+                      weight_decay=weight_decay, epochs=epochs, min_lr=lr / min_lr_factor, validate=validate,
+                      early_stop=early_stop, desc="distill", progress=progress, on_step=on_step)
 
 
 def distill_mse(model, pairs_of, lr: float = 1e-4, weight_decay: float = 1e-4, epochs: int = 1,
                 progress: bool = True) -> DistillResult:
     """Cheaper variant, no logits: each patch is trained so that patch(x_s) matches the dense x_e, on the
-    dense model's calibration hidden states (``pairs_of(position) -> [(x_s, x_e), ...]`` batches)."""
+    dense model's calibration hidden states (``pairs_of(position) -> [(x_s, x_e), ...]`` batches), at a
+    constant lr (lp.training.train)."""
     result = DistillResult()
     for pos, patch in patches_of(model).items():
         pairs = pairs_of(pos)
-        params = list(patch.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        try:
-            for _ in range(epochs):
-                for xs, xe in tqdm(pairs, desc=f"distill mse @{pos}", disable=not progress):
-                    w = next(iter(params))
-                    loss = F.mse_loss(patch(xs.to(w.device)), xe.to(w.device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    result.steps += 1
-                    result.history.append({"loss": loss.item(), "lr": lr, "position": pos})
-        finally:
-            for p in params:
-                p.requires_grad_(False)
+        w = next(iter(patch.parameters()))
+
+        def loss_of(pair):
+            return F.mse_loss(patch(pair[0].to(w.device)), pair[1].to(w.device))
+
+        r = train_loop(list(patch.parameters()), lambda epoch: pairs, loss_of, steps_per_epoch=len(pairs), lr=lr,
+                       weight_decay=weight_decay, epochs=epochs, desc=f"distill mse @{pos}", progress=progress)
+        result.steps += r.steps
+        result.history += [{**h, "position": pos} for h in r.history]
+        if r.stopped:
+            result.stopped, result.nonfinite = f"patch at {pos}: {r.stopped}", r.nonfinite
+            break
     return result

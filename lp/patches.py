@@ -210,36 +210,22 @@ def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
 
 
 def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, settings: dict, desc: str) -> nn.Module:
-    """Train ``net`` (in float32) with AdamW for ``settings['epochs']`` passes over ``n_items`` items in
-    shuffled batches of ``batch``; ``loss_of(net, indices)`` is the MSE of one batch. Returns it frozen.
+    """Train ``net`` (in float32) for ``settings['epochs']`` passes over ``n_items`` items in shuffled batches
+    of ``batch`` (lp.training.train); ``loss_of(net, indices)`` is the MSE of one batch. Returns it frozen.
 
     The LLM-Streamline recipe (its README's training settings): AdamW lr 2e-4 with weight decay 1e-3, a cosine
     schedule down to ``min_lr`` 5e-5, gradient norm clipped at 5 (``lr``, ``min_lr``, ``weight_decay``,
-    ``clip``; null min_lr: constant lr, null clip: none)."""
-    from tqdm.auto import tqdm
+    ``clip``; null min_lr: constant lr, null clip: none). A non-finite loss is an error."""
+    from .training import train
 
-    net.float().requires_grad_(True)
-    lr = float(settings.get("lr", 2e-4))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(settings.get("weight_decay", 0.0)))
-    epochs = int(settings.get("epochs", 1))
-    steps = epochs * math.ceil(n_items / batch)
-    min_lr = settings.get("min_lr")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=float(min_lr)) \
-        if min_lr is not None else None
-    clip = settings.get("clip")
+    net.float()
     g = torch.Generator().manual_seed(int(settings.get("seed", 0)))
-    for _ in tqdm(range(epochs), desc=desc):
-        for idx in torch.randperm(n_items, generator=g).split(batch):
-            loss = loss_of(net, idx)
-            if not torch.isfinite(loss):
-                raise ValueError(f"{desc}: the training loss became {loss.item()}; lower patch.lr")
-            opt.zero_grad()
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), float(clip))
-            opt.step()
-            if sched is not None:
-                sched.step()
+    min_lr, clip = settings.get("min_lr"), settings.get("clip")
+    train(list(net.parameters()), lambda epoch: torch.randperm(n_items, generator=g).split(batch),
+          lambda idx: loss_of(net, idx), steps_per_epoch=math.ceil(n_items / batch), lr=float(settings.get("lr", 2e-4)),
+          weight_decay=float(settings.get("weight_decay", 0.0)), epochs=int(settings.get("epochs", 1)),
+          min_lr=None if min_lr is None else float(min_lr), clip=None if clip is None else float(clip),
+          nonfinite="raise", desc=desc)
     return net.requires_grad_(False)
 
 
