@@ -142,9 +142,6 @@ def trainable_parameters(model, train: str) -> list[torch.nn.Parameter]:
     return list({id(p): p for p in params}.values())
 
 
-DistillResult = TrainResult  # what distill_kl and distill_mse return (lp.training)
-
-
 def _val_loss(model, cache: TeacherCache, samples, device, autocast) -> float:
     losses = []
     with torch.no_grad(), autocast():
@@ -159,7 +156,7 @@ def _val_loss(model, cache: TeacherCache, samples, device, autocast) -> float:
 def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, val_cache: TeacherCache | None = None,
                val_samples: torch.Tensor | None = None, lr: float = 1e-4, weight_decay: float = 1e-4,
                min_lr_factor: float = 20.0, epochs: int = 1, train: str = "patch", early_stop: int | None = None,
-               autocast_dtype: str | None = None, progress: bool = True, on_step=None) -> DistillResult:
+               autocast_dtype: str | None = None, progress: bool = True, on_step=None) -> TrainResult:
     """Train the pruned model's patches against the cached teacher (lp.training.train: AdamW, cosine to
     lr / min_lr_factor, early stop on the validation KL with the best epoch restored). Non-finite loss stops
     training and restores the last good parameters."""
@@ -188,11 +185,11 @@ def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, va
 
 
 def distill_mse(model, pairs_of, lr: float = 1e-4, weight_decay: float = 1e-4, epochs: int = 1,
-                progress: bool = True) -> DistillResult:
+                progress: bool = True) -> TrainResult:
     """Cheaper variant, no logits: each patch is trained so that patch(x_s) matches the dense x_e, on the
     dense model's calibration hidden states (``pairs_of(position) -> [(x_s, x_e), ...]`` batches), at a
     constant lr (lp.training.train)."""
-    result = DistillResult()
+    result = TrainResult()
     for pos, patch in patches_of(model).items():
         pairs = pairs_of(pos)
         w = next(iter(patch.parameters()))

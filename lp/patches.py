@@ -225,7 +225,7 @@ def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, settings: dict, 
           lambda idx: loss_of(net, idx), steps_per_epoch=math.ceil(n_items / batch), lr=float(settings.get("lr", 2e-4)),
           weight_decay=float(settings.get("weight_decay", 0.0)), epochs=int(settings.get("epochs", 1)),
           min_lr=None if min_lr is None else float(min_lr), clip=None if clip is None else float(clip),
-          nonfinite="raise", desc=desc)
+          nonfinite="raise", lr_setting="patch.lr", desc=desc)
     return net.requires_grad_(False)
 
 

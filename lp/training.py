@@ -28,7 +28,8 @@ class TrainResult:
 def train(params: list[torch.nn.Parameter], batches: Callable[[int], Iterable], loss_of: Callable[[object], torch.Tensor],
           *, steps_per_epoch: int, lr: float, weight_decay: float = 0.0, epochs: int = 1, min_lr: float | None = None,
           clip: float | None = None, validate: Callable[[], float] | None = None, early_stop: int | None = None,
-          nonfinite: str = "restore", desc: str = "train", progress: bool = True, on_step=None) -> TrainResult:
+          nonfinite: str = "restore", lr_setting: str = "lr", desc: str = "train", progress: bool = True,
+          on_step=None) -> TrainResult:
     """Train ``params`` on ``loss_of(batch)`` for every batch of ``batches(epoch)``, ``epochs`` times.
 
     ``min_lr`` None: a constant ``lr``; otherwise cosine from ``lr`` to ``min_lr`` over
@@ -36,7 +37,7 @@ def train(params: list[torch.nn.Parameter], batches: Callable[[int], Iterable], 
     called after each epoch; the parameters of the epoch with the lowest value are kept at the end, and with
     ``early_stop`` = k training stops after k epochs without improvement. A non-finite loss: ``nonfinite``
     ``restore`` stops and puts back the last finite step's parameters (``result.stopped`` says so), ``raise``
-    raises a ValueError (then no copy of the parameters is kept per step). The parameters have
+    raises a ValueError that names ``lr_setting`` (then no copy of the parameters is kept per step). The parameters have
     ``requires_grad`` only while training."""
     if nonfinite not in ("restore", "raise"):
         raise ValueError(f"nonfinite={nonfinite!r} is not one of ['restore', 'raise']")
@@ -62,7 +63,7 @@ def train(params: list[torch.nn.Parameter], batches: Callable[[int], Iterable], 
                 if not torch.isfinite(loss):
                     if good is None:
                         raise ValueError(f"{desc}: the training loss became {loss.item()} at step {result.steps}; "
-                                         f"lower the learning rate")
+                                         f"lower {lr_setting} (now {lr:g})")
                     put_back(good)
                     result.nonfinite = True
                     result.stopped = (f"loss became {loss.item()} at step {result.steps}; training stopped and the "

@@ -32,8 +32,8 @@ def test_a_non_finite_loss_restores_the_last_finite_step_or_raises():
     assert r.nonfinite and r.steps == 2 and torch.isfinite(w).all() and w.item() != 0.0
     after_two = w.item()
     assert "step 2" in r.stopped and w.item() == after_two
-    with pytest.raises(ValueError, match="training loss became nan"):
-        fit(torch.nn.Parameter(torch.zeros(1)), [torch.tensor([float("nan")])], nonfinite="raise")
+    with pytest.raises(ValueError, match=r"training loss became nan at step 0; lower patch.lr \(now 0.5\)"):
+        fit(torch.nn.Parameter(torch.zeros(1)), [torch.tensor([float("nan")])], nonfinite="raise", lr_setting="patch.lr")
 
 
 def test_cosine_schedule_ends_at_min_lr_and_clipping_bounds_the_step():
