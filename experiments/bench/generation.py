@@ -2,6 +2,7 @@
 
     python -m experiments.bench.generation --out results/bench_generation_gpu.json    # LLaMA-3-8B shape, GPU
     python -m experiments.bench.generation --shape tiny --prompts 16 --batches 1,2 --new-tokens 8 --rounds 2
+    python -m experiments.bench.generation --table results/bench_generation_gpu.json   # docs/performance.md's table
 
 Random-initialised LLaMA-3-8B shape in bf16 (speed does not depend on trained weights), ``--remove`` of its
 layers removed as a block near the end (where cosine selection puts it on LLaMA-3-8B), LinearPatch at its
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 
 import torch
 from transformers import DynamicCache
@@ -141,7 +143,11 @@ def main(argv=None) -> dict:
                     help="per cell and variant, this many tokens decoded both ways: the share that agree with "
                          "the dynamic cache's is reported")
     ap.add_argument("--out")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a saved run, and run nothing")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(json.loads(open(a.table).read())))
+        return {}
     dev = default_device()
     decode = a.decode or ("graph" if dev == "cuda" else "static")
     if decode == "graph" and dev != "cuda":
@@ -225,6 +231,24 @@ def main(argv=None) -> dict:
            "torch": torch.__version__, "decode": decode, "layers": L, "removed": removed, "rounds": a.rounds,
            "weights_gib": round(weights / 2**30, 3) if weights else None, "cells": cells}
     return emit(out, a.out)
+
+
+def table(out: dict) -> str:
+    """The medians of a saved run as a markdown table (dense / pruned / patched where three numbers)."""
+    rows = ["| batch | prompt | prefill ms dense / pruned / patched | prefill speed-up | decode ms/token dense / "
+            "pruned / patched | decode speed-up | % of ideal | patch op alone % of decode | patched - pruned % of decode | peak GiB above weights "
+            "dense / patched | KV cache ratio |", "|---:|---:|---|---:|---|---:|---:|---:|---:|---|---:|"]
+    for c in out["cells"]:
+        if "summary" not in c:
+            rows.append(f"| {c['batch']} | {c['prompt']} | failed: {c} |")
+            continue
+        three = lambda key: " / ".join(f"{c[n][key]['median']:.2f}" for n in ("dense", "pruned", "patched"))  # noqa: E731
+        s, dec = c["summary"], {n: c[n]["decode_ms_per_token"]["median"] for n in ("pruned", "patched")}
+        rows.append(f"| {c['batch']} | {c['prompt']} | {three('prefill_ms')} | {s['prefill_speedup_patched']:.2f} | "
+                    f"{three('decode_ms_per_token')} | {s['decode_speedup_patched']:.3f} | {s['patched_pct_of_ideal']:.1f} | "
+                    f"{s['patch_op_pct_of_decode']:.2f} | {100 * (dec['patched'] - dec['pruned']) / dec['patched']:.2f} | {c['dense']['peak_gib_above_weights']:.2f} / "
+                    f"{c['patched']['peak_gib_above_weights']:.2f} | {s['kv_cache_ratio']:.4f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
