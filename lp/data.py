@@ -15,6 +15,7 @@ import glob
 import hashlib
 import os
 import re
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,15 +58,22 @@ def brown_files(path: str | Path | None = None) -> list[Path]:
 
 def brown_documents(path: str | Path | None = None) -> list[str]:
     """The 500 Brown Corpus documents as plain text, in corpus order (ca01 ... cr09)."""
+    files = brown_files(path)
+    return list(_brown_documents(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)))
+
+
+@lru_cache(maxsize=2)
+def _brown_documents(files: tuple[tuple[str, int, int], ...]) -> tuple[str, ...]:
+    """Read once per process and per state of the files (name, mtime, size): every run of a sweep reads them."""
     docs = []
-    for f in brown_files(path):
+    for f, _, _ in files:
         paragraphs = []
-        for line in f.read_text(encoding="latin-1").splitlines():
+        for line in Path(f).read_text(encoding="latin-1").splitlines():
             words = [w.rsplit("/", 1)[0] for w in line.split()]
             if words:
                 paragraphs.append(_detokenize(words))
         docs.append(" ".join(paragraphs))
-    return docs
+    return tuple(docs)
 
 
 def brown_split(split: str, path: str | Path | None = None) -> str:
@@ -248,6 +256,36 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     """One long stream of token ids (1-D), no special tokens in between."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def token_stream(tokenizer, text: str) -> torch.Tensor:
+    """``tokenize`` for a whole corpus split, with the last few streams kept in memory, keyed on the
+    tokenizer's full definition and the text's SHA-256: the runs of a sweep, which tokenize the same corpus
+    with the same tokenizer again and again, share one. A tokenizer without a serialisable definition (a slow,
+    Python-only one) is never cached. Each caller gets its own copy."""
+    spec = tokenizer_definition(tokenizer)
+    if spec is None:
+        return tokenize(tokenizer, text)
+    key = hashlib.sha256(spec.encode() + b"\0" + text.encode()).hexdigest()
+    if key not in _STREAMS:
+        _STREAMS[key] = tokenize(tokenizer, text)
+        while len(_STREAMS) > _STREAMS_KEPT:
+            _STREAMS.popitem(last=False)
+    _STREAMS.move_to_end(key)
+    return _STREAMS[key].clone()
+
+
+_STREAMS: OrderedDict[str, torch.Tensor] = OrderedDict()
+_STREAMS_KEPT = 4
+
+
+def tokenizer_definition(tokenizer) -> str | None:
+    """What decides how a fast tokenizer encodes text: its class and its backend's whole JSON (vocabulary,
+    merges, normaliser, pre-tokeniser, added tokens); None for a tokenizer that has no backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return f"{type(tokenizer).__qualname__}\0{backend.to_str()}"
 
 
 def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:

