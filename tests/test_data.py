@@ -137,3 +137,45 @@ def test_text_files_that_cannot_be_read_are_named_before_the_weights_load(tmp_pa
     ds = {"source": "hf", "hf_path": "text", "data_files": {"train": str(bad)}}
     with pytest.raises(ValueError, match=f"data.data_files.train: {bad} {match}"):
         data.local_data_files(ds)
+
+
+def _bpe(vocab_size: int, text: str):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=vocab_size, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe)
+
+
+def test_token_streams_are_kept_per_tokenizer_and_text(monkeypatch):
+    """The in-process cache of corpus streams gives what tokenising gives, for every tokenizer and text, and
+    tokenises each (tokenizer, text) once."""
+    text = data.brown_split("eval")[:20_000]
+    small, large = _bpe(300, text), _bpe(600, text)
+    calls = []
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda tok, t: calls.append(len(t)) or real(tok, t))
+    monkeypatch.setattr(data, "_STREAMS", type(data._STREAMS)())
+    first = data.token_stream(small, text)
+    assert torch.equal(first, real(small, text)) and calls == [len(text)]
+    first[:] = -1  # a caller's copy: the cache is untouched
+    assert torch.equal(data.token_stream(small, text), real(small, text)) and len(calls) == 1
+    assert torch.equal(data.token_stream(large, text), real(large, text)) and len(calls) == 2  # another tokenizer
+    edited = text.replace("the", "a")
+    assert torch.equal(data.token_stream(small, edited), real(small, edited)) and len(calls) == 3  # another text
+    monkeypatch.setattr(data, "tokenizer_definition", lambda tok: None)  # no definition: never cached
+    data.token_stream(small, text)
+    assert len(calls) == 4
+
+
+def test_brown_documents_are_reread_when_a_file_changes(tmp_path):
+    import shutil
+
+    copy = tmp_path / "brown"
+    shutil.copytree(data.default_brown_path(), copy)
+    before = data.brown_documents(copy)
+    f = sorted(copy.glob("ca01"))[0]
+    f.write_text("The/at jury/nn spoke/vbd ./.\n", encoding="latin-1")
+    after = data.brown_documents(copy)
+    assert after[0] == "The jury spoke." and after[1:] == before[1:]

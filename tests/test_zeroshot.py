@@ -1,4 +1,3 @@
-import functools
 import math
 
 import pytest
@@ -93,16 +92,12 @@ def test_unknown_task_is_named(pruned_tiny, tmp_path):
         evaluate_tasks(model, tok, ["no_such_task"], include_path=local_task_dir())
 
 
-_harness_yaml_once = functools.cache(lp_tasks._harness_yaml)  # lm-eval's task index, built once per session
-
-
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_shape", "missing"])
 def test_a_damaged_task_folder_is_set_aside_and_rebuilt(tmp_path, monkeypatch, caplog, damage):
     """The folder's manifest (SHA-256 of each file) finds any file changed since it was built."""
     tasks = lp_tasks
     monkeypatch.setattr(tasks, "LOCAL_TASKS", {k: tasks.LOCAL_TASKS[k] for k in ("copa_local", "openbookqa_local")})
     monkeypatch.setattr(tasks, "_mmlu", lambda folder: (_ for _ in ()).throw(FileNotFoundError("not in this test")))
-    monkeypatch.setattr(tasks, "_harness_yaml", _harness_yaml_once)  # lm-eval's task index is built once
     folder = tasks.local_task_dir(tmp_path)
     built = {f.name: f.read_bytes() for f in folder.iterdir()}
     assert {"copa_local.yaml", "openbookqa_local.yaml", "openbookqa_local.jsonl"} <= set(built)
@@ -119,3 +114,19 @@ def test_a_damaged_task_folder_is_set_aside_and_rebuilt(tmp_path, monkeypatch, c
         again = tasks.local_task_dir(tmp_path)
     assert again == folder and str(folder) in caplog.text and folder.with_name(folder.name + ".bad").is_dir()
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == built
+
+
+def test_one_task_manager_per_include_folder_state(tmp_path, monkeypatch):
+    """lm-eval's task index is built once per process and folder, and again when a YAML there changes."""
+    import lm_eval.tasks
+
+    built = []
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None: built.append(include_path) or object())
+    lp_tasks._task_manager.cache_clear()
+    (tmp_path / "a.yaml").write_text("task: a\n")
+    first = lp_tasks.task_manager(tmp_path)
+    assert lp_tasks.task_manager(tmp_path) is first and lp_tasks.task_manager() is lp_tasks.task_manager()
+    assert built == [str(tmp_path), None]
+    (tmp_path / "b.yaml").write_text("task: b\n")  # a new task in the folder: a new index
+    assert lp_tasks.task_manager(tmp_path) is not first and built == [str(tmp_path), None, str(tmp_path)]
+    lp_tasks._task_manager.cache_clear()  # the fakes are not left for later tests
