@@ -32,9 +32,6 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     return math.exp(nll / count)
 
 
-PREFIX_REUSE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}  # inputs_embeds enter layer 0 unscaled
-
-
 class _Skip(torch.nn.Module):
     """A decoder layer that returns its input (stands in for the layers a prefix cache replaces)."""
 
@@ -46,12 +43,13 @@ class _Skip(torch.nn.Module):
         return (hidden_states,) if self.tuple_output else hidden_states
 
 
-def check_prefix_reuse(model) -> None:
+def prefix_reuse_applies(model) -> bool:
     """Prefix reuse feeds a layer's dense input back as ``inputs_embeds``: only for families whose embeddings
-    enter layer 0 untransformed and whose layers are all of one type. Otherwise a ValueError."""
+    enter layer 0 untransformed (the layout's ``prefix_reuse``) and whose layers are all of one type."""
+    from .models import Layout
+
     types = getattr(model.config, "layer_types", None) or []
-    if model.config.model_type not in PREFIX_REUSE_TYPES or len(set(types)) > 1:
-        raise ValueError(f"prefix reuse is not supported for {type(model).__name__}")
+    return Layout(model).family.prefix_reuse and len(set(types)) <= 1
 
 
 @contextmanager
@@ -61,7 +59,15 @@ def layer_output_kind(model):
     from .models import Layout
 
     returns: list = []
-    hook = Layout(model).layers[0].register_forward_hook(lambda m, a, out: returns.append(isinstance(out, tuple)))
+
+    def kind(module, args, out):
+        if not isinstance(out, torch.Tensor) and not (isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor)):
+            raise ValueError(f"a decoder layer of {type(model).__name__} returned {type(out).__name__}, neither a tensor "
+                             f"nor a tuple that starts with one, so prefix reuse cannot stand in for it; set "
+                             f"eval.prefix_reuse=false, or mark the family prefix_reuse=False in lp.models.LAYOUTS")
+        returns.append(isinstance(out, tuple))
+
+    hook = Layout(model).layers[0].register_forward_hook(kind)
     try:
         yield returns
     finally:
@@ -83,7 +89,8 @@ class Prefix:
         from .calibration import stream_boundaries
         from .models import Layout
 
-        check_prefix_reuse(model)
+        if not prefix_reuse_applies(model):
+            raise ValueError(f"prefix reuse does not apply to {type(model).__name__} (lp.models.LAYOUTS)")
         lay = Layout(model)
         kept = lay.layers
         try:  # run only layers [0, layer): the boundary ``layer`` is then the final norm's input

@@ -1,7 +1,7 @@
 """Loading a causal LM and knowing where it keeps its decoder layers, final norm and head.
 
 Everything else in ``lp`` goes through :class:`Layout`, so it is model-agnostic: a new family needs only an
-entry in ``LAYOUTS``.
+entry in ``LAYOUTS``: a :class:`Family`.
 """
 from __future__ import annotations
 
@@ -17,10 +17,30 @@ from torch import nn
 
 from .records import sha256_of
 
-# model_type -> (path of the decoder stack, name of the layer list, of the final norm, of the head)
-LAYOUTS: dict[str, tuple[str, str, str, str]] = {
-    t: ("model", "layers", "norm", "lm_head")
-    for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
+@dataclass(frozen=True)
+class Family:
+    """What lp knows of a model family's decoder. Every module that needs a family trait asks the layout."""
+
+    base: str = "model"  # the decoder stack (without the head), an attribute of the causal LM
+    layers: str = "layers"  # its list of decoder layers
+    norm: str = "norm"  # its final norm
+    head: str = "lm_head"  # the LM head, an attribute of the causal LM
+    branch_outputs: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")  # the linear maps ending the branches
+    post_branch_norms: tuple[str, ...] = ()  # norms applied to each branch's output before it joins the stream
+    mlp_norm: str | None = "post_attention_layernorm"  # the norm the MLP branch reads the stream through
+    prefix_reuse: bool = False  # the embeddings enter layer 0 as they are: a layer's dense input can be fed back
+
+
+PRE_NORM = Family(prefix_reuse=True)  # LLaMA and its kin: x + attn(norm(x)), then h + mlp(norm(h))
+SANDWICH = Family(post_branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                  mlp_norm="pre_feedforward_layernorm")  # Gemma 2/3: a norm before and after each branch
+LAYOUTS: dict[str, Family] = {
+    "llama": PRE_NORM, "mistral": PRE_NORM, "qwen2": PRE_NORM, "qwen3": PRE_NORM,
+    "gemma": Family(),  # pre-norm, its embeddings scaled by sqrt(d) inside the model: no prefix reuse
+    "gemma2": SANDWICH, "gemma3_text": SANDWICH,
+    "phi3": Family(),  # pre-norm; not checked for prefix reuse
+    "olmo2": Family(post_branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"), mlp_norm=None),
+    "granite": Family(),  # pre-norm, its embeddings scaled by a multiplier inside the model: no prefix reuse
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -39,37 +59,37 @@ class Layout:
                 f"lp does not know the layout of {type(self.model).__name__} (model_type={model_type!r}); "
                 f"supported model types: {sorted(LAYOUTS)}. Add an entry to lp.models.LAYOUTS."
             )
-        self._base, self._layers, self._norm, self._head = LAYOUTS[model_type]
+        self.family = LAYOUTS[model_type]
 
     @property
     def base(self) -> nn.Module:
         """The decoder stack without the LM head (its forward returns the final normed hidden states)."""
-        return getattr(self.model, self._base)
+        return getattr(self.model, self.family.base)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return getattr(self.base, self._layers)
+        return getattr(self.base, self.family.layers)
 
     @layers.setter
     def layers(self, value: nn.ModuleList) -> None:
-        setattr(self.base, self._layers, value)
+        setattr(self.base, self.family.layers, value)
 
     @property
     def layers_prefix(self) -> str:
         """The state-dict prefix of the decoder layers (``model.layers``)."""
-        return f"{self._base}.{self._layers}"
+        return f"{self.family.base}.{self.family.layers}"
 
     @property
     def norm(self) -> nn.Module:
-        return getattr(self.base, self._norm)
+        return getattr(self.base, self.family.norm)
 
     @norm.setter
     def norm(self, value: nn.Module) -> None:
-        setattr(self.base, self._norm, value)
+        setattr(self.base, self.family.norm, value)
 
     @property
     def head(self) -> nn.Module:
-        return getattr(self.model, self._head)
+        return getattr(self.model, self.family.head)
 
     @property
     def num_layers(self) -> int:
@@ -78,6 +98,37 @@ class Layout:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def branch_ends(self, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(owner, attribute) of the linear maps that end ``layer``'s two branches (o_proj, down_proj); None
+        for a path the layer lacks."""
+        return [(_submodule(layer, path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1]) for path in self.family.branch_outputs]
+
+    def stream_additions(self, layer: nn.Module) -> list[nn.Module]:
+        """The modules whose outputs ``layer`` adds to the stream: the norms after its branches where the family
+        has them (Gemma 2/3, OLMo 2), else the linear maps that end them."""
+        if self.family.post_branch_norms:
+            return [getattr(layer, n) for n in self.family.post_branch_norms]
+        return [getattr(owner, name) for owner, name in self.branch_ends(layer)]
+
+    def mlp_branch(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """``layer``'s MLP branch as (the norm it reads the stream through, the MLP): what a replacement FFN
+        x + mlp(norm(x)) copies. A ValueError for a family whose branch outputs are normed again (Gemma 2/3,
+        OLMo 2), where that form does not hold."""
+        f = self.family
+        if f.mlp_norm is None or f.post_branch_norms:
+            raise ValueError(
+                f"{self.model.config.model_type} layers norm each branch's output ({', '.join(f.post_branch_norms)}) "
+                f"before it joins the stream, so an FFN replacement x + mlp(norm(x)) does not fit them; valid for "
+                f"{sorted(t for t, g in LAYOUTS.items() if g.mlp_norm and not g.post_branch_norms)}")
+        return getattr(layer, f.mlp_norm), layer.mlp
+
+
+def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def cache_root() -> Path:

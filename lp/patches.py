@@ -235,9 +235,10 @@ def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
     trained with MSE. Not the official code's: its README trains Transformer layers (``streamline_layer``) and
     calls them better than an FFN or SwiGLU; its FFN example (examples/mlp_mseloss_train_without_memory_issue,
     modeling_llama.py lines 59-70) is a randomly initialised ReLU MLP d -> 4d -> d without residual."""
-    layer = unwrap(Layout(ctx.model).layers[s])
+    layout = Layout(ctx.model)
+    layer = unwrap(layout.layers[s])
     dev, dtype = module_device(layer), next(layer.parameters()).dtype
-    net = ResidualFFN(copy.deepcopy(layer.post_attention_layernorm), copy.deepcopy(layer.mlp)).to(dev)
+    net = ResidualFFN(*map(copy.deepcopy, layout.mlp_branch(layer))).to(dev)
     xs, xe = map(torch.cat, zip(*ctx.pairs(s, e)))
 
     def loss_of(net, idx):

@@ -21,7 +21,7 @@ import torch
 from . import data as data_lib
 from .calibration import STATS_FORMAT, BoundaryStats, collect_stats
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
-from .evaluation import Prefix, perplexity
+from .evaluation import Prefix, perplexity, prefix_reuse_applies
 from .hadamard import CONSTRUCTIONS, is_supported
 from .intervals import outcomes_path, rp_interval, save_outcomes
 from .models import Layout, count_parameters, load_model, local_content, model_config
@@ -177,11 +177,9 @@ class Workspace:
             return None
         k = (key, layer)
         if k not in self._prefixes:
-            try:
-                prefix = Prefix.compute(model, windows, layer, batch_size)
-            except ValueError:  # a family whose embeddings enter layer 0 transformed: the plain path
+            if not prefix_reuse_applies(model):  # e.g. embeddings that enter layer 0 scaled: the plain path
                 return None
-            self._prefixes[k] = prefix
+            self._prefixes[k] = Prefix.compute(model, windows, layer, batch_size)
         self._prefixes[k] = self._prefixes.pop(k)  # most recently used last
         while sum(p.nbytes for p in self._prefixes.values()) > self.prefix_budget and len(self._prefixes) > 1:
             self._prefixes.pop(next(iter(self._prefixes)))

@@ -24,7 +24,7 @@ import torch
 from .calibration import collect_stats, stream_boundaries
 from .models import Layout
 from .modules import unwrap
-from .pruning import BRANCH_OUTPUTS, pruned
+from .pruning import pruned
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ def channel_ratio(model, samples: torch.Tensor, i: int, batch_size: int = 1) -> 
     return (total / n).mean().item()
 
 
-def branch_ends(layer) -> list:
-    """The modules whose outputs a layer adds to the stream (what the official fold scales): o_proj and
-    down_proj, or the norms after them where a family has them (Gemma 2/3, OLMo 2)."""
-    names = dict(unwrap(layer).named_modules())
-    ends = (("post_attention_layernorm", "post_feedforward_layernorm") if "post_feedforward_layernorm" in names
-            else BRANCH_OUTPUTS)
-    return [names[n] for n in ends]
-
-
 @contextmanager
 def folded_scales(model, kept: list[int], scales: dict[int, float]):
     """The official fold as hooks on the pruned model: the embeddings scaled by every scalar, the branch
@@ -57,9 +48,11 @@ def folded_scales(model, kept: list[int], scales: dict[int, float]):
     factor = lambda j: math.prod(a for i, a in scales.items() if i > j)  # noqa: E731
 
     hooks = [model.get_input_embeddings().register_forward_hook(lambda m, a, out: out * factor(-1))]
-    for j, layer in zip(kept, Layout(model).layers):
+    layout = Layout(model)
+    for j, layer in zip(kept, layout.layers):
         if factor(j) != 1:
-            hooks += [m.register_forward_hook(lambda m, a, out, f=factor(j): out * f) for m in branch_ends(layer)]
+            hooks += [m.register_forward_hook(lambda m, a, out, f=factor(j): out * f)
+                      for m in layout.stream_additions(unwrap(layer))]
     try:
         yield
     finally:

@@ -131,8 +131,8 @@ def pruned(model: nn.Module, removed: list[int], make_patch):
     cfg = model.config
     saved_cfg = {k: getattr(cfg, k) for k in ("num_hidden_layers", "layer_types") if hasattr(cfg, k)}
     idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
-    branches = [(owner, name, getattr(owner, name)) for layer in layers for path in BRANCH_OUTPUTS
-                if (owner := _owner(layer, path)) is not None and hasattr(owner, name := path.rsplit(".", 1)[1])]
+    branches = [(owner, name, getattr(owner, name)) for layer in layers for owner, name in layout.branch_ends(unwrap(layer))
+                if owner is not None and hasattr(owner, name)]
     try:
         yield prune_and_patch(model, removed, make_patch)
     finally:
@@ -155,24 +155,14 @@ def patches_of(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
-BRANCH_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")  # the linear maps that end a layer's two branches
-
-
-def _owner(layer: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return unwrap(layer).get_submodule(path.rsplit(".", 1)[0])
-    except AttributeError:
-        return None
-
-
-def foldable(layer: nn.Module) -> bool:
+def foldable(layout: Layout, layer: nn.Module) -> bool:
     """Whether a scale ``a`` of the residual stream entering ``layer`` moves exactly into dividing its branch
     outputs by ``a``: true for pre-norm layers whose branches end in a linear map added to the stream (the
     norms in front are scale-invariant, up to their epsilon); false where a norm follows a branch (Gemma 2/3,
     OLMo 2), which would undo the division."""
-    names = dict(unwrap(layer).named_modules())
-    return (all(isinstance(names.get(t), nn.Linear) for t in BRANCH_OUTPUTS)
-            and not any(n.endswith("post_feedforward_layernorm") for n in names))
+    ends = layout.branch_ends(unwrap(layer))
+    return not layout.family.post_branch_norms and all(
+        owner is not None and isinstance(getattr(owner, name, None), nn.Linear) for owner, name in ends)
 
 
 def _fold_scalars(model: nn.Module, state: dict, patches: dict[int, nn.Module]) -> dict[int, float]:
@@ -182,10 +172,10 @@ def _fold_scalars(model: nn.Module, state: dict, patches: dict[int, nn.Module]) 
     layout = Layout(model)
     layers = list(layout.layers)
     folded = {pos: p.weight.item() for pos, p in patches.items()
-              if isinstance(p, ChannelScale) and p.weight.numel() == 1 and all(map(foldable, layers[pos:]))}
+              if isinstance(p, ChannelScale) and p.weight.numel() == 1 and all(foldable(layout, x) for x in layers[pos:])}
     for pos, a in folded.items():
         for j in range(pos, len(layers)):
-            for t in BRANCH_OUTPUTS:
+            for t in layout.family.branch_outputs:
                 for kind in ("weight", "bias"):
                     key = f"{layout.layers_prefix}.{j}.{t}.{kind}"
                     if state.get(key) is not None:
@@ -266,7 +256,7 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
             continue
         if kind == ResidualFFN.kind:  # same shapes as a decoder layer's MLP; weights loaded below
             donor = unwrap(layers[min(int(pos), len(layers) - 1)])
-            patch = ResidualFFN(copy.deepcopy(donor.post_attention_layernorm), copy.deepcopy(donor.mlp))
+            patch = ResidualFFN(*map(copy.deepcopy, Layout(model).mlp_branch(donor)))
             patch.load_state_dict(state)
         else:
             patch = PATCH_MODULES[kind](state["weight"], spec.precision.get(pos, "model"))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import BoundaryStats, stream_boundaries
-from .evaluation import Prefix, check_prefix_reuse, layer_output_kind, perplexity
+from .evaluation import Prefix, layer_output_kind, perplexity, prefix_reuse_applies
 from .keys import USES
 from .pruning import pruned
 
@@ -301,9 +301,7 @@ def _logits_from(model, batch: torch.Tensor):
     """``logits(layer)``: the current model's logits on ``batch`` when the dense hidden state entering
     ``layer`` is fed in and layers [0, layer) are skipped (one dense pass computes every boundary); for a
     family where prefix reuse does not apply, the whole model on the tokens (``layer`` ignored)."""
-    try:
-        check_prefix_reuse(model)
-    except ValueError:
+    if not prefix_reuse_applies(model):
         return lambda layer: model(input_ids=batch, use_cache=False).logits
     with layer_output_kind(model) as returns:
         xs = next(iter(stream_boundaries(model, batch, len(batch), progress=False)))

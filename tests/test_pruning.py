@@ -1,8 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
 from lp.calibration import BoundaryStats, collect_stats
-from lp.models import Layout
+from lp.models import LAYOUTS, Layout
 from lp.modules import LinearPatch, Patched
 from lp.patches import PatchContext, build_patch
 from lp.pruning import (interface_position, load_pruned, patches_of, prune_and_patch, pruned, remove_layers,
@@ -283,7 +284,7 @@ def test_split_offloaded_model_gives_the_same_patched_outputs(ids, tmp_path):
     torch.testing.assert_close(logits(split, ids), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("model_type", sorted(t for t, f in LAYOUTS.items() if f.prefix_reuse))
 @pytest.mark.parametrize("removed", [[2, 3], [3, 5]])
 def test_prefix_reuse_matches_the_plain_path(ids, model_type, removed):
     from lp.evaluation import Prefix, perplexity
@@ -301,10 +302,42 @@ def test_prefix_reuse_matches_the_plain_path(ids, model_type, removed):
 
 
 def test_prefix_reuse_refuses_unsupported_models(ids):
+    from lp.evaluation import Prefix, prefix_reuse_applies
+
+    gemma = tiny_model("gemma")  # its embeddings are scaled by sqrt(d) inside the model
+    assert not prefix_reuse_applies(gemma)
+    with pytest.raises(ValueError, match="prefix reuse does not apply to Gemma"):
+        Prefix.compute(gemma, ids, layer=1)
+
+
+def test_a_layer_of_another_output_shape_is_a_clear_error_not_a_silent_fallback(ids):
     from lp.evaluation import Prefix
 
-    with pytest.raises(ValueError, match="not supported for Gemma"):
-        Prefix.compute(tiny_model("gemma"), ids, layer=1)
+    model = tiny_model("llama")
+    layer = Layout(model).layers[0]
+    real = layer.forward
+    layer.forward = lambda *a, **k: {"hidden_states": real(*a, **k)}  # a family whose layers return a dict
+    with pytest.raises(ValueError, match="returned dict, neither a tensor nor a tuple .* eval.prefix_reuse=false"):
+        Prefix.compute(model, ids, layer=2)
+
+
+def test_every_family_names_modules_its_layers_have(any_model):
+    """The family traits are real module paths of that family's decoder layers (what folds, hooks, the FFN
+    replacement and the restore of a pruned model reach for)."""
+    from lp.modules import unwrap
+
+    layout = Layout(any_model)
+    layer = unwrap(layout.layers[0])
+    assert all(isinstance(getattr(owner, name), nn.Linear) for owner, name in layout.branch_ends(layer))
+    adds = layout.stream_additions(layer)
+    assert len(adds) == 2 and all(m in dict(layer.named_modules()).values() for m in adds)
+    if layout.family.post_branch_norms:  # Gemma 2/3, OLMo 2: the norms, not the linear maps, join the stream
+        assert not any(isinstance(m, nn.Linear) for m in adds)
+        with pytest.raises(ValueError, match="does not fit them; valid for .*'llama'"):
+            layout.mlp_branch(layer)
+    else:
+        norm, mlp = layout.mlp_branch(layer)
+        assert norm is getattr(layer, layout.family.mlp_norm) and mlp is layer.mlp
 
 
 def test_patch_precision_model_computes_in_the_hidden_dtype(ids):
