@@ -7,12 +7,11 @@ the dense hidden states of the evaluation windows) lives in a :class:`Workspace`
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -377,7 +376,7 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
                            model=model if scored else None, settings=p, samples=_score_samples(cfg, data) if scored else None,
                            batch_size=cfg["data"].get("calib_batch_size", 1))
     if cfg["patch"]["variant"] == "prunecomp":
-        pick = lambda m, st: select_layers(p["metric"], dataclasses.replace(ctx, stats=st, n=1, model=m if scored else None))[0]  # noqa: E731
+        pick = lambda m, st: select_layers(p["metric"], replace(ctx, stats=st, n=1, model=m if scored else None))[0]  # noqa: E731
         removed, scales = prunecomp.select(model, data.samples(), p["n"], pick, ctx.batch_size, cfg.get("progress", True))
         return removed, {"prunecomp": scales}, None
     if p["metric"] == "patched" and ctx.n:
@@ -610,7 +609,7 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
             save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
         write_json(record_path, record)  # the record first: a failed save below loses no evaluation
         if cfg.get("save_model"):
-            save_pruned(model, tokenizer, cfg["save_model"], spec)
+            save_pruned(model, tokenizer, cfg["save_model"], replace(spec, variant=cfg["patch"]["variant"]))
     return record
 
 

@@ -8,7 +8,6 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .models import Layout, module_device
@@ -43,7 +42,8 @@ class PruneSpec:
 
     original_layers: int
     removed: list[int]
-    patches: dict[str, str] = field(default_factory=dict)  # position in the pruned model -> patch kind
+    patches: dict[str, str] = field(default_factory=dict)  # position in the pruned model -> the module kind saved
+    variant: str | None = None  # the patch variant that built them (conf/patch: lstsq and linearpatch save alike)
     replaced: list[int] = field(default_factory=list)  # removed layers whose place a ReplacementLayer took
     folded: dict[str, float] = field(default_factory=dict)  # scalar patches folded into the saved weights
     precision: dict[str, str] = field(default_factory=dict)  # position -> patch.precision of weight patches

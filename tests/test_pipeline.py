@@ -69,7 +69,10 @@ def test_saved_model_reloads_to_identical_outputs(tiny_dir, tmp_path):
     out = tmp_path / "pruned"
     rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=3", "patch=diag", f"save_model={out}"))
     model, tok, spec = load_pruned(out)
-    assert spec.removed == rec["removed"] and list(spec.patches.values()) == ["diag"]
+    assert spec.removed == rec["removed"] and list(spec.patches.values()) == ["diag"] and spec.variant == "diag"
+    lstsq = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=lstsq", f"save_model={tmp_path / 'lstsq'}"))
+    spec = load_pruned(tmp_path / "lstsq")[2]  # a LinearPatch module, saved with the variant that fitted it
+    assert list(spec.patches.values()) == ["linearpatch"] and spec.variant == "lstsq" == lstsq["patch"]
     ids = tok("The jury said it did find", return_tensors="pt").input_ids
     dense = pipeline.WORKSPACE.model(rec["config"]["model"])[0]  # the dense model, restored after the run
     assert dense.config.num_hidden_layers == 6
