@@ -280,7 +280,8 @@ def model_config(m: dict) -> tuple[int, int | None, int]:
     path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
                                 m.get("install", ""))
     try:
-        cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+        with _gguf_read_once():
+            cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except OSError as e:
         raise FileNotFoundError(f"model.name_or_path={m['name_or_path']!r}: no config could be read (no such local "
                                 f"folder, or the hub is out of reach): {e}") from e
@@ -293,27 +294,33 @@ def model_config(m: dict) -> tuple[int, int | None, int]:
 
 @contextmanager
 def _gguf_read_once():
-    """transformers parses a GGUF file for the tokenizer and again for the model (``gguf.GGUFReader``, imported
-    at each call; 36 s each for Gemma-3's 262k-token vocabulary on a 2-core CPU): within one load they share
-    the first reader, a read-only view of the file."""
+    """transformers parses a GGUF file for the config, again for the tokenizer and again for the model
+    (``gguf.GGUFReader``, imported at each call; 36 s each for Gemma-3's 262k-token vocabulary on a 2-core
+    CPU). Inside this block they share one reader, a read-only view of the file; the last file's reader is
+    kept for the process, keyed on its path, size and mtime (a file changed in place is read again)."""
     try:
         import gguf
     except ImportError:  # no GGUF support installed: nothing to share
         yield
         return
-    real, readers = gguf.GGUFReader, {}
+    real = gguf.GGUFReader
 
     def shared(path, mode="r"):
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = real(path, mode)
-        return readers[key]
+        st = Path(path).stat()
+        key = (str(Path(path).resolve()), mode, st.st_size, st.st_mtime_ns)
+        if key not in _GGUF_READERS:
+            _GGUF_READERS.clear()  # one file's reader at a time: its parsed metadata can be large
+            _GGUF_READERS[key] = real(path, mode)
+        return _GGUF_READERS[key]
 
     gguf.GGUFReader = shared
     try:
         yield
     finally:
         gguf.GGUFReader = real
+
+
+_GGUF_READERS: dict = {}
 
 
 def load_model(

@@ -184,3 +184,28 @@ def test_a_distilled_run_is_labelled_with_how_much_it_trained():
         runs.append(r)
     methods = set(aggregate.frame(runs)["method"])
     assert methods == {"cosine + linearpatch + offline_kl [1000 x 2048]", "cosine + linearpatch + offline_kl [64 x 128]"}
+
+
+def test_labels_split_runs_whose_numbers_differ_by_basis_bos_or_metric_variant():
+    """Settings that change the numbers but not the run's choices get their own row and label: LinearPatch in
+    lp's own Hadamard basis ([H=paley]; records from before patch.hadamard existed were in it too), BOS forced on
+    or off ([bos=...]), and a metric's non-default variant; the defaults get no label."""
+    configs = {
+        "quarot": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}},
+        "paley": {"patch": {"variant": "linearpatch", "hadamard": "paley"}},
+        "old": {"patch": {"variant": "linearpatch"}},  # before patch.hadamard: lp's own basis
+        "bos": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "data": {"bos": True}},
+        "auto": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "data": {"bos": "auto"}},
+        "last": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "prune": {"token": "mean"}},
+    }
+    runs = []
+    for name, config in configs.items():
+        r = record(3, "linearpatch", 20.0, "2026-01-01")
+        r.update(run_id=name, config=config)
+        runs.append(r)
+    rows = {r["run_id"]: aggregate.frame([r]).iloc[0] for r in runs}
+    got = {name: (row["data"], row["metric"], row["patch"]) for name, row in rows.items()}
+    assert got == {"quarot": ("d", "cosine", "linearpatch"), "paley": ("d", "cosine", "linearpatch [H=paley]"),
+                   "old": ("d", "cosine", "linearpatch [H=paley]"), "bos": ("d [bos=true]", "cosine", "linearpatch"),
+                   "auto": ("d", "cosine", "linearpatch"), "last": ("d", "cosine [mean]", "linearpatch")}
+    assert len(aggregate.frame(runs)) == 4  # quarot and auto share a row, as do paley and old

