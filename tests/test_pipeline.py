@@ -408,7 +408,7 @@ def test_runs_a_b_a_in_one_process_give_a_twice(tiny_dir, tmp_path):
 
 def test_streamline_layer_removes_n_net(tiny_dir, tmp_path):
     rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "patch=streamline_layer"))
-    assert len(rec["removed"]) == 3 and rec["config"]["model"] and rec["n"] == 2
+    assert len(rec["removed"]) == 3 and rec["n"] == 2 and len(rec["interfaces"]) == 1
     layer = rec["patch_params"]
     assert rec["params_dense"] - rec["params_pruned"] == 2 * layer  # 3 layers out, 1 in: n=2 net
 
