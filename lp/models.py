@@ -100,7 +100,7 @@ class Layout:
         return self.model.config.hidden_size
 
     def branch_ends(self, layer: nn.Module) -> list[tuple[nn.Module, str]]:
-        """(owner, attribute) of the linear maps that end ``layer``'s two branches (o_proj, down_proj); None
+        """(owner, attribute) of the linear maps that end ``layer``'s two branches (o_proj, down_proj); the owner is None
         for a path the layer lacks."""
         return [(_submodule(layer, path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1]) for path in self.family.branch_outputs]
 
