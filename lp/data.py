@@ -58,8 +58,13 @@ def brown_files(path: str | Path | None = None) -> list[Path]:
 
 def brown_documents(path: str | Path | None = None) -> list[str]:
     """The 500 Brown Corpus documents as plain text, in corpus order (ca01 ... cr09)."""
-    files = brown_files(path)
-    return list(_brown_documents(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)))
+    return list(_brown_documents(tuple(map(_file_state, brown_files(path)))))
+
+
+def _file_state(f: str | Path) -> tuple[str, int, int]:
+    """(path, mtime, size): what the per-process caches of file contents and digests are keyed on."""
+    st = os.stat(f)
+    return str(f), st.st_mtime_ns, st.st_size
 
 
 @lru_cache(maxsize=2)
@@ -113,8 +118,7 @@ FILE_BUILDERS = ("text", "json", "csv", "parquet", "arrow")  # datasets' builder
 
 def check_text_file(path: str, where: str) -> None:
     """A text file lp can read: not empty, UTF-8 (the error gives the byte offset of the first bad byte)."""
-    st = os.stat(path)
-    problem = _text_problem(path, st.st_mtime_ns, st.st_size)
+    problem = _text_problem(*_file_state(path))
     if problem:
         raise ValueError(f"{where}: {path} {problem}")
 
@@ -166,7 +170,7 @@ def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
 
 
 def _sha256s(files: list) -> list[str]:
-    return [_file_sha256(str(f), os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files]
+    return [_file_sha256(*_file_state(f)) for f in files]
 
 
 def content_key(ds: dict) -> dict:
