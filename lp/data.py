@@ -93,8 +93,8 @@ def brown_split(split: str, path: str | Path | None = None) -> str:
     return "\n\n".join(chosen)
 
 
-def hf_text(hf_path: str, split: str, hf_name: str | None = None, text_field: str = "text",
-            data_files: str | dict | None = None, max_rows: int | None = None, sep: str = "\n\n") -> str:
+def hf_text(hf_path: str, split: str, hf_name: str | None, text_field: str, data_files: str | dict | None,
+            max_rows: int | None, sep: str) -> str:
     """Concatenated text of one split of a ``datasets`` dataset (the hub, or a local builder such as 'text')."""
     import datasets
 
@@ -113,6 +113,7 @@ def hf_text(hf_path: str, split: str, hf_name: str | None = None, text_field: st
 
 
 SOURCES = ("brown", "hf")  # what data.source may be
+SOURCE_SETTINGS = {"brown": ("path",), "hf": ("hf_path", "splits", "text_field", "separator")}  # what each reads
 FILE_BUILDERS = ("text", "json", "csv", "parquet", "arrow")  # datasets' builders of local files
 
 
@@ -183,8 +184,8 @@ def content_key(ds: dict) -> dict:
     return {"data_files_sha256": {split: _sha256s(fs) for split, fs in files.items()}} if files else {}
 
 
-def hf_documents(hf_path: str, split: str, hf_name: str | None = None, text_field: str = "text",
-                 data_files: str | dict | None = None, max_rows: int | None = None) -> list[str]:
+def hf_documents(hf_path: str, split: str, hf_name: str | None, text_field: str, data_files: str | dict | None,
+                 max_rows: int | None) -> list[str]:
     """The documents of one split of a ``datasets`` dataset, one string each."""
     return hf_text(hf_path, split, hf_name, text_field, data_files, max_rows, sep="\x00").split("\x00")
 
@@ -230,9 +231,8 @@ def corpus_text(data: dict, split: str) -> str:
         s = data["splits"][split]
         local = {k: v for k, v in local_data_files(data).items() if v}  # ~ and globs expanded, as validated
         files = {**(data["data_files"] if isinstance(data.get("data_files"), dict) else {}), **local} or data.get("data_files")
-        return hf_text(data["hf_path"], s, data.get("hf_name"), data.get("text_field", "text"),
-                       files, data.get("max_rows", {}).get(split) if data.get("max_rows") else None,
-                       data.get("separator", "\n\n"))
+        return hf_text(data["hf_path"], s, data.get("hf_name"), data["text_field"], files,
+                       (data.get("max_rows") or {}).get(split), data["separator"])
     raise ValueError(f"data.source={source!r} is not one of {list(SOURCES)}")
 
 

@@ -123,10 +123,13 @@ def topk_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, indices: 
 
 
 # ------------------------------------------------------------------ training
+TRAIN_CHOICES = ("patch", "patch+norms")  # what distill.train may name
+
+
 def trainable_parameters(model, train: str) -> list[torch.nn.Parameter]:
     """``patch``: the patch weights; ``patch+norms``: also every norm weight from the first patch on."""
-    if train not in ("patch", "patch+norms"):
-        raise ValueError(f"distill.train={train!r} is not one of ['patch', 'patch+norms']")
+    if train not in TRAIN_CHOICES:
+        raise ValueError(f"distill.train={train!r} is not one of {list(TRAIN_CHOICES)}")
     patches = patches_of(model)
     if not patches:
         raise ValueError("distill: the pruned model has no patch to train (patch=none?)")
@@ -154,12 +157,13 @@ def _val_loss(model, cache: TeacherCache, samples, device, autocast) -> float:
 
 
 def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, val_cache: TeacherCache | None = None,
-               val_samples: torch.Tensor | None = None, lr: float = 1e-4, weight_decay: float = 1e-4,
-               min_lr_factor: float = 20.0, epochs: int = 1, train: str = "patch", early_stop: int | None = None,
-               autocast_dtype: str | None = None, progress: bool = True, on_step=None) -> TrainResult:
+               val_samples: torch.Tensor | None = None, *, lr: float, weight_decay: float, min_lr_factor: float,
+               epochs: int, train: str = "patch", early_stop: int | None = None, autocast_dtype: str | None = None,
+               progress: bool = True, on_step=None) -> TrainResult:
     """Train the pruned model's patches against the cached teacher (lp.training.train: AdamW, cosine to
     lr / min_lr_factor, early stop on the validation KL with the best epoch restored). Non-finite loss stops
-    training and restores the last good parameters."""
+    training and restores the last good parameters. The settings are distill.*'s (conf/distill/paper.yaml:
+    the paper's)."""
     params = trainable_parameters(model, train)
     device = next(model.parameters()).device
     use_amp = autocast_dtype is not None and device.type == "cuda"
@@ -184,7 +188,7 @@ def distill_kl(model, train_cache: TeacherCache, train_samples: torch.Tensor, va
                       early_stop=early_stop, desc="distill", progress=progress, on_step=on_step)
 
 
-def distill_mse(model, pairs_of, lr: float = 1e-4, weight_decay: float = 1e-4, epochs: int = 1,
+def distill_mse(model, pairs_of, *, lr: float, weight_decay: float, epochs: int,
                 progress: bool = True) -> TrainResult:
     """Cheaper variant, no logits: each patch is trained so that patch(x_s) matches the dense x_e, on the
     dense model's calibration hidden states (``pairs_of(position) -> [(x_s, x_e), ...]`` batches), at a

@@ -278,7 +278,7 @@ def model_config(m: dict) -> tuple[int, int | None, int]:
     from transformers import AutoConfig
 
     path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
-                                m.get("install", ""))
+                                m.get("install") or "")  # optional: parts, sha256, install
     try:
         with _gguf_read_once():
             cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))

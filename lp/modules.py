@@ -13,6 +13,7 @@ from torch import nn
 
 
 PRECISIONS = ("float32", "model")
+MODEL_PRECISION = "model"  # a patch computes in the hidden states' dtype unless patch.precision says float32
 PATCH_MODULES: dict[str, type] = {}  # kind -> WeightPatch subclass, rebuilt from its one weight on load
 
 
@@ -29,7 +30,7 @@ class WeightPatch(nn.Module):
         if cls.__dict__.get("kind"):
             PATCH_MODULES[cls.kind] = cls
 
-    def __init__(self, weight: torch.Tensor, precision: str = "model"):
+    def __init__(self, weight: torch.Tensor, precision: str = MODEL_PRECISION):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.precision = precision

@@ -38,8 +38,9 @@ from torch import nn
 
 from .calibration import BoundaryStats, stream_block_io, stream_boundaries, tree_to
 from .modules import ChannelScale, LinearPatch, ReplacementLayer, ResidualFFN, WeightPatch, unwrap
-from .hadamard import hadamard
+from .hadamard import CONSTRUCTIONS, hadamard
 from .models import Layout, module_device
+from .settings import Int, Number, OneOf
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -52,11 +53,18 @@ class PatchContext:
     samples for builders that need the hidden states themselves (lstsq, streamline_*)."""
 
     stats: BoundaryStats
-    settings: dict = field(default_factory=dict)  # the patch config (ridge, epochs, lr, ...)
+    settings: dict = field(default_factory=dict)  # the patch config: what the variant reads (ridge, epochs, lr, ...)
     model: nn.Module | None = None
     samples: torch.Tensor | None = None
     batch_size: int = 1
     fitted: dict = field(default_factory=dict)  # what selection fitted for the patch (prunecomp's scalars)
+    seed: int = 0  # of the trained patches' batch order (the run's seed)
+
+    def setting(self, name: str):
+        """The patch setting ``name`` (its value is the caller's: conf/patch/<variant>.yaml for the pipeline)."""
+        if name not in self.settings:
+            raise ValueError(f"patch.{name} is not set: the patch variant reads it (pass it in settings)")
+        return self.settings[name]
 
     def require_hidden_states(self) -> None:
         if self.model is None or self.samples is None:
@@ -80,14 +88,17 @@ class PatchMethod:
     needs_hidden_states: bool = False  # fitted on the block's input and output hidden states (a second pass)
     changes_earlier_layer: bool = False  # folds into layer s-1: the hidden states entering layer s change too
     replaces_block: bool = False  # selects n+1 layers and puts one trained layer in their place
+    reads: dict = field(default_factory=dict)  # patch setting -> its rule (lp.settings), values in conf/patch/
 
 
 PATCHES: dict[str, PatchMethod] = {}
 
 
 def register(name: str, **capabilities):
-    """Register a patch variant ``name`` (patch.variant=name): the one place a patch is declared. What it
-    saves as follows from the module it returns (lp.modules: a WeightPatch subclass with its own ``kind``)."""
+    """Register a patch variant ``name`` (patch.variant=name): the one place a patch is declared, with the
+    capabilities of :class:`PatchMethod` (``reads``: the patch.* settings it reads, each with its rule, which
+    validation checks). What it saves as follows from the module it returns (lp.modules: a WeightPatch
+    subclass with its own ``kind``)."""
     def wrap(fn):
         PATCHES[name] = PatchMethod(fn, **capabilities)
         return fn
@@ -102,7 +113,7 @@ def diag_patch(ctx: PatchContext, s: int, e: int) -> ChannelScale:
     return ChannelScale(_ratio(ctx.stats.abs_mean[e], ctx.stats.abs_mean[s]))
 
 
-@register("linearpatch", from_statistics=True)
+@register("linearpatch", from_statistics=True, reads={"hadamard": OneOf(tuple(sorted(CONSTRUCTIONS)))})
 def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     """LinearPatch as the official code builds it (chenxinrui-tsinghua/LinearPatch): P = H diag(r) Hᵀ
     (block_scaling.py, generate_symmetric_matrix, lines 6-10), r the per-channel mean |x H| of the input of
@@ -115,7 +126,7 @@ def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     a ``hadamard`` setting that names another is refused (the pipeline keys the calibration cache on it)."""
     r = _ratio(ctx.stats.abs_mean_rot[e], ctx.stats.abs_mean_rot[s])
     basis = ctx.stats.hadamard
-    if ctx.settings.get("hadamard", basis) != basis:
+    if ctx.settings.get("hadamard", basis) != basis:  # no setting (a direct call): the statistics' basis
         raise ValueError(f"patch.hadamard={ctx.settings['hadamard']}, but the calibration statistics were measured "
                          f"in the {basis!r} basis: recalibrate with hadamard_construction={ctx.settings['hadamard']!r}")
     H = hadamard(r.numel(), torch.float32, construction=basis)
@@ -162,7 +173,8 @@ class Fold:
         setattr(owner, name, new)
 
 
-@register("replaceme", needs_hidden_states=True, changes_earlier_layer=True)
+@register("replaceme", needs_hidden_states=True, changes_earlier_layer=True,
+          reads={"ridge": Number(positive=False), "fit_samples": Int(1, none_ok=True)})
 def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
     """ReplaceMe's least-squares estimator (mts-ai/ReplaceMe ReplaceMe/lstsq.py): on calibration tokens, M the
     MLP output of layer s-1 and Y = x_s - M the stream before it (lines 185-196), T = (MᵀM + αI)⁻¹ Mᵀ(x_e - Y)
@@ -192,44 +204,43 @@ def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
             cross = M.T @ target if cross is None else cross + M.T @ target
     finally:
         hook.remove()
-    ridge = float(ctx.settings.get("ridge", 0.0)) * gram.diagonal().mean()
+    ridge = float(ctx.setting("ridge")) * gram.diagonal().mean()
     T = torch.linalg.lstsq(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), cross).solution
     return Fold(s - 1, T)
 
 
-@register("lstsq", needs_hidden_states=True)
+@register("lstsq", needs_hidden_states=True, reads={"ridge": Number(positive=False), "fit_samples": Int(1, none_ok=True)})
 def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     gram = cross = None
     for xs, xe in ctx.pairs(s, e):
         xs, xe = xs.double(), xe.double()
         gram = xs.T @ xs if gram is None else gram + xs.T @ xs
         cross = xs.T @ xe if cross is None else cross + xs.T @ xe
-    ridge = float(ctx.settings.get("ridge", 1e-4)) * gram.diagonal().mean()
+    ridge = float(ctx.setting("ridge")) * gram.diagonal().mean()
     M = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
     return LinearPatch(M.float())
 
 
-def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, settings: dict, desc: str) -> nn.Module:
-    """Train ``net`` (in float32) for ``settings['epochs']`` passes over ``n_items`` items in shuffled batches
-    of ``batch`` (lp.training.train); ``loss_of(net, indices)`` is the MSE of one batch. Returns it frozen.
-
-    The LLM-Streamline recipe (its README's training settings): AdamW lr 2e-4 with weight decay 1e-3, a cosine
-    schedule down to ``min_lr`` 5e-5, gradient norm clipped at 5 (``lr``, ``min_lr``, ``weight_decay``,
-    ``clip``; null min_lr: constant lr, null clip: none). A non-finite loss is an error."""
+def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, *, lr: float, epochs: int, seed: int,
+             weight_decay: float = 0.0, min_lr: float | None = None, clip: float | None = None,
+             desc: str) -> nn.Module:
+    """Train ``net`` (in float32) for ``epochs`` passes over ``n_items`` items in shuffled batches of ``batch``
+    (lp.training.train: AdamW, cosine from ``lr`` to ``min_lr`` or constant if None, gradient norm clipped at
+    ``clip`` if given); ``loss_of(net, indices)`` is the MSE of one batch. Returns it frozen. A non-finite loss
+    is an error."""
     from .training import train
 
     net.float()
-    g = torch.Generator().manual_seed(int(settings.get("seed", 0)))
-    min_lr, clip = settings.get("min_lr"), settings.get("clip")
+    g = torch.Generator().manual_seed(seed)
     train(list(net.parameters()), lambda epoch: torch.randperm(n_items, generator=g).split(batch),
-          lambda idx: loss_of(net, idx), steps_per_epoch=math.ceil(n_items / batch), lr=float(settings.get("lr", 2e-4)),
-          weight_decay=float(settings.get("weight_decay", 0.0)), epochs=int(settings.get("epochs", 1)),
-          min_lr=None if min_lr is None else float(min_lr), clip=None if clip is None else float(clip),
-          nonfinite="raise", lr_setting="patch.lr", desc=desc)
+          lambda idx: loss_of(net, idx), steps_per_epoch=math.ceil(n_items / batch), lr=float(lr),
+          weight_decay=float(weight_decay), epochs=int(epochs), min_lr=None if min_lr is None else float(min_lr),
+          clip=None if clip is None else float(clip), nonfinite="raise", lr_setting="patch.lr", desc=desc)
     return net.requires_grad_(False)
 
 
-@register("streamline_ffn", needs_hidden_states=True)
+@register("streamline_ffn", needs_hidden_states=True,
+          reads={"lr": Number(), "epochs": Int(0), "token_batch": Int(1), "fit_samples": Int(1, none_ok=True)})
 def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
     """LLM-Streamline's FFN replacement as lp builds it: x + mlp(norm(x)) with the norm and SwiGLU MLP of layer s,
     trained with MSE. Not the official code's: its README trains Transformer layers (``streamline_layer``) and
@@ -244,11 +255,14 @@ def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
     def loss_of(net, idx):
         return nn.functional.mse_loss(net(xs[idx].to(dev)), xe[idx].to(dev))
 
-    return _fit_mse(net, len(xs), int(ctx.settings.get("token_batch", 1024)), loss_of, ctx.settings,
-                    "streamline_ffn").to(dtype)
+    # lp's recipe: AdamW at a constant lr, no weight decay, no clipping (the settings it reads: lr, epochs, token_batch)
+    return _fit_mse(net, len(xs), int(ctx.setting("token_batch")), loss_of, lr=ctx.setting("lr"),
+                    epochs=ctx.setting("epochs"), seed=ctx.seed, desc="streamline_ffn").to(dtype)
 
 
-@register("streamline_layer", needs_hidden_states=True, replaces_block=True)
+@register("streamline_layer", needs_hidden_states=True, replaces_block=True,
+          reads={"lr": Number(), "min_lr": Number(none_ok=True), "weight_decay": Number(positive=False),
+                 "clip": Number(none_ok=True), "epochs": Int(0), "fit_samples": Int(1, none_ok=True)})
 def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLayer:
     """LLM-Streamline's layer replacement as its official code (RUCKBReasoning/LLM-Streamline): the block
     [s, e) holds n+1 layers (the pipeline selects with interval n+1, train_mseloss.py line 120); one decoder
@@ -271,7 +285,10 @@ def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLaye
         out = out[0] if isinstance(out, tuple) else out
         return nn.functional.mse_loss(out, xe.to(dev, torch.float32))
 
-    return ReplacementLayer(_fit_mse(net, len(batches), 1, loss_of, ctx.settings, "streamline_layer").to(dtype))
+    trained = _fit_mse(net, len(batches), 1, loss_of, lr=ctx.setting("lr"), min_lr=ctx.setting("min_lr"),
+                       weight_decay=ctx.setting("weight_decay"), clip=ctx.setting("clip"),
+                       epochs=ctx.setting("epochs"), seed=ctx.seed, desc="streamline_layer")
+    return ReplacementLayer(trained.to(dtype))
 
 
 def build_patch(variant: str, ctx: PatchContext | BoundaryStats, s: int, e: int) -> nn.Module | None:
@@ -281,6 +298,6 @@ def build_patch(variant: str, ctx: PatchContext | BoundaryStats, s: int, e: int)
     if isinstance(ctx, BoundaryStats):
         ctx = PatchContext(ctx)
     patch = PATCHES[variant].build(ctx, s, e)
-    if isinstance(patch, WeightPatch):
-        patch.precision = ctx.settings.get("precision", "model")
+    if isinstance(patch, WeightPatch) and "precision" in ctx.settings:  # else the module's own (WeightPatch's)
+        patch.precision = ctx.settings["precision"]
     return patch

@@ -19,20 +19,21 @@ import torch
 
 from . import data as data_lib
 from .calibration import STATS_FORMAT, BoundaryStats, collect_stats
-from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
+from .distill import TRAIN_CHOICES, TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity, prefix_reuse_applies
-from .hadamard import CONSTRUCTIONS, is_supported
+from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
 from .intervals import outcomes_path, rp_interval, save_outcomes
 from .models import Layout, count_parameters, load_model, local_content, model_config
 from . import prunecomp
-from .modules import PRECISIONS
+from .modules import MODEL_PRECISION, PRECISIONS
 from .patches import PATCHES, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
 from .records import (DamagedFile, RECORD_VERSION, cached_json, is_complete, key_of, locked, read_json, set_aside,
                       versions, write_json)
 from .keys import SETTING_GROUPS, group_settings
-from .selection import METRICS, SCORES, SelectionContext, patched_scores, select_layers
-from .tracking import make_tracker
+from .selection import METRICS, SelectionContext, patched_scores, select_layers
+from .settings import Flag, Int, Limit, Number, OneOf, check, check_value
+from .tracking import BACKENDS, make_tracker
 from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 
 log = logging.getLogger(__name__)
@@ -42,38 +43,42 @@ PROBE_SAMPLES = 4  # calibration samples on which each patch is compared with no
 
 
 # ------------------------------------------------------------------ validation (before any weights load)
-def _int_in(value, name: str, lo: int, hi: float = math.inf, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        valid = f"an integer in [{lo}, {hi}]" if hi != math.inf else f"an integer >= {lo}"
-        raise ValueError(f"{name}={value!r} is not valid: it must be {valid}{' or null' if none_ok else ''}")
+# What each setting may be (lp.settings); the values, defaults included, are in conf/<group>/*.yaml, and a
+# metric's or a patch's own settings come with its registration. Bounds that rules name are the model's:
+# "layers" its last layer index, "start" the last start of an n-layer block, "context" its context length.
+def _rules() -> dict:
+    """The settings every run reads, per config group (the registries as they are now: a metric or patch
+    registered after import is a valid choice)."""
+    return {"prune": {"metric": OneOf(tuple(sorted(METRICS))), "n": Int(0, "layers")},
+            "patch": {"variant": OneOf(tuple(sorted(PATCHES)))},
+            "distill": {"method": OneOf(tuple(DISTILL_METHODS))},
+            "data": {"seqlen": Int(2, "context"), "calib_samples": Int(1), "calib_batch_size": Int(1),
+                     "bos": OneOf(data_lib.BOS_CHOICES)},
+            "eval": {"max_windows": Int(1, none_ok=True), "batch_size": Int(1), "prefix_reuse": Flag(),
+                     "rp_metric": OneOf(RP_METRICS)},
+            "logger": {"backend": OneOf(BACKENDS)}}
 
 
-def _positive(value, name: str) -> None:
-    try:
-        ok = float(value) > 0 and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}={value!r} is not valid: it must be a number > 0")
-
-
-def _one_of(value, name: str, valid) -> None:
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not one of {sorted(valid) if isinstance(valid, dict) else list(valid)}")
+OPTIONAL = {  # settings that mean something when left out, said where they are read
+    "patch": {"precision": OneOf(PRECISIONS), "hadamard": OneOf(tuple(sorted(CONSTRUCTIONS)))},
+    "eval": {"limit": Limit(), "num_fewshot": Int(0, none_ok=True), "zeroshot_batch_size": Int(1, none_ok=True)},
+}
+_TRAINED = {"samples": Int(1), "val_samples": Int(0, none_ok=True), "seqlen": Int(2, "context"),
+            "batch_size": Int(1), "lr": Number(), "weight_decay": Number(positive=False),
+            "epochs": Int(1)}  # 0 epochs would label an untrained patch distilled
+DISTILL = {"none": {}, "mse": _TRAINED,  # what each distill.method reads
+           "offline_kl": {**_TRAINED, "topk": Int(1), "min_lr_factor": Number(), "early_stop": Int(1, none_ok=True),
+                          "train": OneOf(TRAIN_CHOICES), "autocast": OneOf(("bfloat16", "float16", None))}}
 
 
 def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     """Every named choice is one that exists, and the choices go together."""
+    for group, rules in _rules().items():
+        check({k: r for k, r in rules.items() if isinstance(r, OneOf)}, cfg[group], group, "every run")
+    for group, rules in OPTIONAL.items():
+        check(rules, cfg[group], group, "", optional=True)
     p, dist, variant = cfg["prune"], cfg["distill"], cfg["patch"]["variant"]
-    _one_of(p["metric"], "prune.metric", METRICS)
-    _one_of(variant, "patch.variant", PATCHES)
-    _one_of(cfg["patch"].get("precision", "model"), "patch.precision", PRECISIONS)
-    _one_of(hadamard_of(cfg), "patch.hadamard", CONSTRUCTIONS)
-    _one_of(dist["method"], "distill.method", DISTILL_METHODS)
-    _one_of(cfg["eval"].get("rp_metric", "acc"), "eval.rp_metric", RP_METRICS)
-    _one_of(cfg["data"].get("bos", "auto"), "data.bos", data_lib.BOS_CHOICES)
+    check_value(OneOf(tuple(sorted(CONSTRUCTIONS))), hadamard_of(cfg), "patch.hadamard")
     if hidden_size is not None and not is_supported(hidden_size, hadamard_of(cfg)):
         raise ValueError(f"patch.hadamard={hadamard_of(cfg)}: no Hadamard matrix of the model's hidden size {hidden_size} "
                          f"(valid: {[c for c in CONSTRUCTIONS if is_supported(hidden_size, c)]}; ++patch.hadamard=... for a "
@@ -99,7 +104,6 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
             raise ValueError("prune.metric=patched scores whole blocks; patch=prunecomp removes layers one round at a "
                              "time: use prune=block_influence (Prune&Comp's) or another metric with patch=prunecomp")
         scoring_patch(cfg)
-        _one_of(p.get("score", "kl"), "prune.score", SCORES)
     if not cfg["model"].get("name_or_path"):
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
 
@@ -107,46 +111,31 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
 def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
              hidden_size: int | None = None) -> None:
     """Checks that need no weights: the config alone, then (given them) the model's layer count, context and
-    hidden size."""
+    hidden size. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the distillation's)."""
     validate_choices(cfg, hidden_size)
     p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
     L = num_layers if num_layers is not None else math.inf
-    _int_in(p["n"], "prune.n", 0, L - 1)
-    if p.get("start") is not None:
-        _int_in(p["start"], "prune.start", 0, L - p["n"])
+    bounds = {"layers": L - 1, "start": L - p["n"] if isinstance(p["n"], int) else math.inf,
+              "context": max_positions or math.inf}
+    for group, rules in _rules().items():
+        check(rules, cfg[group], group, "every run", bounds)
+    check(METRICS[p["metric"]].reads, p, "prune", f"prune.metric={p['metric']}", bounds)
+    check(PATCHES[cfg["patch"]["variant"]].reads, cfg["patch"], "patch", f"patch={cfg['patch']['variant']}", bounds)
+    check(DISTILL[dist["method"]], dist, "distill", f"distill.method={dist['method']}", bounds)
     if p["metric"] == "manual":
         idx = p.get("indices") or []
         if len(set(idx)) != p["n"] or any(not isinstance(i, int) or not 0 <= i < L for i in idx):
             raise ValueError(f"prune.indices={idx} must hold prune.n={p['n']} distinct layers in [0, {L - 1}]")
-    ctx = max_positions or math.inf
-    if p["metric"] == "patched":
-        _int_in(p.get("score_samples"), "prune.score_samples", 1)
-        _int_in(p.get("topk", 50), "prune.topk", 1)
-        _int_in(p.get("score_seqlen"), "prune.score_seqlen", 2, ctx, none_ok=True)
     for name, ds in {"data": d, **{f"eval.datasets.{k}": v for k, v in (e.get("datasets") or {}).items()}}.items():
         if not isinstance(ds, dict) or ds.get("source") not in data_lib.SOURCES:
             raise ValueError(f"{name} must be a data config (as in conf/data/) whose source is one of "
                              f"{list(data_lib.SOURCES)}, not {ds!r}")
-        _int_in(ds.get("seqlen", d["seqlen"]), f"{name}.seqlen", 2, ctx)
+        check(dict.fromkeys(data_lib.SOURCE_SETTINGS[ds["source"]]), ds, name, f"data.source={ds['source']}")
+        check_value(Int(2, "context"), ds.get("seqlen", d["seqlen"]), f"{name}.seqlen", bounds)  # data's, if unset
         if ds["source"] == "brown":
             data_lib.brown_files(ds.get("path"))
         data_lib.local_data_files(ds, name)
-    _int_in(d["calib_samples"], "data.calib_samples", 1)
-    _int_in(d.get("calib_batch_size", 1), "data.calib_batch_size", 1)
-    _int_in(e.get("max_windows"), "eval.max_windows", 1, none_ok=True)
-    limit = e.get("limit")
-    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
-                                  or isinstance(limit, float) and 0 < limit < 1):
-        raise ValueError(f"eval.limit={limit!r} is not valid: it must be null (whole splits), an integer >= 1 "
-                         f"(documents per task) or a fraction in (0, 1)")
-    _int_in(cfg["seed"], "seed", 0)
-    _int_in(e.get("batch_size", 1), "eval.batch_size", 1)
-    if dist["method"] != "none":
-        _int_in(dist["samples"], "distill.samples", 1)
-        _int_in(dist["seqlen"], "distill.seqlen", 2, ctx)
-        _int_in(dist["batch_size"], "distill.batch_size", 1)
-        _int_in(dist.get("epochs", 1), "distill.epochs", 1)  # 0 epochs would label an untrained patch distilled
-        _positive(dist.get("lr"), "distill.lr")
+    check_value(Int(0), cfg["seed"], "seed")
 
 
 # ------------------------------------------------------------------ what runs of one process share
@@ -165,9 +154,9 @@ class Workspace:
         key = key_of(m, local_content(m))
         if key != self._model_key:
             self._model, self._prefixes = (), {}
-            self._model = load_model(m["name_or_path"], m.get("gguf_file"), m.get("dtype", "auto"),
-                                     m.get("device", "cpu"), m.get("device_map"), parts=m.get("parts"),
-                                     sha256=m.get("sha256"), install=m.get("install", ""))
+            self._model = load_model(m["name_or_path"], m.get("gguf_file"), m["dtype"],
+                                     m["device"], m.get("device_map"), parts=m.get("parts"),
+                                     sha256=m.get("sha256"), install=m.get("install") or "")
             self._model_key = key
         return self._model
 
@@ -198,7 +187,7 @@ def model_key(cfg: dict) -> dict:
 
 
 def data_key(cfg: dict) -> dict:
-    return {**cfg["data"], "bos": cfg["data"].get("bos", "auto"), **data_lib.content_key(cfg["data"])}
+    return {**cfg["data"], "bos": cfg["data"]["bos"], **data_lib.content_key(cfg["data"])}
 
 
 def eval_key(cfg: dict) -> dict:
@@ -213,7 +202,7 @@ def eval_key(cfg: dict) -> dict:
 def hadamard_of(cfg: dict) -> str:
     """The Hadamard basis of the run's rotated statistics: patch.hadamard, or for patches without the setting
     the official code's (``quarot``, LinearPatch's default), so that a sweep over patches calibrates once."""
-    return cfg["patch"].get("hadamard", "quarot")
+    return cfg["patch"].get("hadamard", OFFICIAL)
 
 
 def calib_stats_path(cfg: dict) -> Path:
@@ -260,7 +249,7 @@ class Data:
 
     def __init__(self, cfg: dict, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.bos = data_lib.bos_id(tokenizer, cfg["data"].get("bos", "auto"))
+        self.bos = data_lib.bos_id(tokenizer, cfg["data"]["bos"])
         self._stream = None
 
     def stream(self) -> torch.Tensor:
@@ -286,7 +275,7 @@ class Data:
             try:
                 if ds.get("eval_windows") == "random_documents":  # the official LinearPatch C4 protocol
                     docs = data_lib.hf_documents(ds["hf_path"], ds["splits"]["eval"], ds.get("hf_name"),
-                                                 ds.get("text_field", "text"), ds.get("data_files"),
+                                                 ds["text_field"], ds.get("data_files"),
                                                  (ds.get("max_rows") or {}).get("eval"))
                     out[name] = data_lib.random_document_windows(self.tokenizer, docs, e.get("max_windows") or 256,
                                                                  seqlen, 0, self.bos)
@@ -316,8 +305,8 @@ def calibrate(cfg: dict, model, data: Data) -> BoundaryStats:
                 return BoundaryStats.load(path, layout.num_layers, layout.hidden_size)
             except DamagedFile as e:
                 set_aside(path, str(e))
-        stats = collect_stats(model, data.samples(), cfg["data"].get("calib_batch_size", 1),
-                              progress=cfg.get("progress", True), hadamard_construction=hadamard_of(cfg))
+        stats = collect_stats(model, data.samples(), cfg["data"]["calib_batch_size"],
+                              progress=cfg["progress"], hadamard_construction=hadamard_of(cfg))
         stats.save(path, {"model": model_key(cfg), "data": data_key(cfg), "seed": cfg["seed"],
                           "hadamard": hadamard_of(cfg), **versions()})
     return stats
@@ -327,14 +316,14 @@ def _zeroshot_settings(cfg: dict) -> dict:
     e = cfg["eval"]
     tasks = list(e.get("tasks") or [])
     return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"),
-                batch_size=e.get("zeroshot_batch_size") or e.get("batch_size", 1),
+                batch_size=e.get("zeroshot_batch_size") or e["batch_size"],
                 include_path=local_task_dir() if tasks else None, seed=cfg["seed"])
 
 
 def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None = None, label: str = "") -> dict:
     """Perplexity on every evaluation data set, and zero-shot accuracy on eval.tasks."""
-    e, progress = cfg["eval"], cfg.get("progress", True)
-    ppl = {name: _finite(perplexity(model, w, e.get("batch_size", 1), progress, f"{label} perplexity ({name})",
+    e, progress = cfg["eval"], cfg["progress"]
+    ppl = {name: _finite(perplexity(model, w, e["batch_size"], progress, f"{label} perplexity ({name})",
                                     (prefixes or {}).get(name)), f"{label} perplexity on {name}")
            for name, w in windows.items()}
     zs = _zeroshot_settings(cfg)
@@ -374,10 +363,10 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
     replaces = PATCHES[cfg["patch"]["variant"]].replaces_block
     ctx = SelectionContext(stats=stats, n=p["n"] + replaces, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
                            model=model if scored else None, settings=p, samples=_score_samples(cfg, data) if scored else None,
-                           batch_size=cfg["data"].get("calib_batch_size", 1))
+                           batch_size=cfg["data"]["calib_batch_size"])
     if cfg["patch"]["variant"] == "prunecomp":
         pick = lambda m, st: select_layers(p["metric"], replace(ctx, stats=st, n=1, model=m if scored else None))[0]  # noqa: E731
-        removed, scales = prunecomp.select(model, data.samples(), p["n"], pick, ctx.batch_size, cfg.get("progress", True))
+        removed, scales = prunecomp.select(model, data.samples(), p["n"], pick, ctx.batch_size, cfg["progress"])
         return removed, {"prunecomp": scales}, None
     if p["metric"] == "patched" and ctx.n:
         scoring = {**cfg, "patch": {**cfg["patch"], "variant": scoring_patch(cfg)}}
@@ -415,7 +404,7 @@ def _cached_scores(cfg: dict, compute) -> dict[int, float]:
     the prune and patch settings, the statistics they are built from, versions."""
     key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {**group_settings(cfg, "prune"), "patch": None},
                  {"variant": scoring_patch(cfg), "hadamard": hadamard_of(cfg),
-                  "precision": cfg["patch"].get("precision", "model")}, calib_stats_path(cfg).name, versions())
+                  "precision": cfg["patch"].get("precision", MODEL_PRECISION)}, calib_stats_path(cfg).name, versions())
     entry = cached_json(Path(cfg["cache_dir"]) / "selection" / f"{key}.json",
                         lambda: {"scores": {str(s): v if math.isfinite(v) else None for s, v in compute().items()}},
                         _score_table_problem)  # JSON holds no inf / nan: a non-finite score is kept as null
@@ -434,9 +423,9 @@ def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict
     """make_patch for :func:`lp.pruning.pruned`: the configured patch of each interface."""
     variant = cfg["patch"]["variant"]
     fits = PATCHES[variant].needs_hidden_states
-    ctx = PatchContext(stats, settings={**cfg["patch"], "seed": cfg["seed"]}, fitted=fitted,
+    ctx = PatchContext(stats, settings=cfg["patch"], fitted=fitted, seed=cfg["seed"],
                        model=model if fits else None, samples=data.samples(cfg["patch"].get("fit_samples")) if fits else None,
-                       batch_size=cfg["data"].get("calib_batch_size", 1))
+                       batch_size=cfg["data"]["calib_batch_size"])
     return lambda s, e: build_patch(variant, ctx, s, e)
 
 
@@ -444,11 +433,11 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
     """The dense hidden states entering the first layer that pruning changes, per evaluation data set (the
     layers before it need not run again); layer s-1 itself when the patch folds into it (replaceme)."""
     e = cfg["eval"]
-    if not e.get("prefix_reuse", True):
+    if not e["prefix_reuse"]:
         return {}
     first = max(min(removed, default=0) - PATCHES[cfg["patch"]["variant"]].changes_earlier_layer, 0)
     ekey = key_of(model_key(cfg), data_key(cfg), eval_key(cfg))
-    return {name: ws.prefix(model, w, first, e.get("batch_size", 1), f"{ekey}/{name}") for name, w in windows.items()}
+    return {name: ws.prefix(model, w, first, e["batch_size"], f"{ekey}/{name}") for name, w in windows.items()}
 
 
 class PatchCheck:
@@ -463,7 +452,7 @@ class PatchCheck:
                 self.result["none"] = self._ppl(model)
 
     def _ppl(self, model) -> float:
-        return perplexity(model, self.probe, self.cfg["data"].get("calib_batch_size", 1), progress=False)
+        return perplexity(model, self.probe, self.cfg["data"]["calib_batch_size"], progress=False)
 
     def patched(self, model) -> dict | None:
         if not self.result:
@@ -481,13 +470,13 @@ def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
     dist = cfg["distill"]
     if dist["method"] == "none":
         return None
-    n_train, n_val = dist["samples"], dist.get("val_samples") or 0
+    n_train, n_val = dist["samples"], dist["val_samples"] or 0
     drawn = data.samples(n_train + n_val, dist["seqlen"], cfg["seed"] + 1)
     train, val = drawn[:n_train], drawn[n_train:]
     if dist["method"] == "mse":
         ctx = PatchContext(None, model=model, samples=train, batch_size=dist["batch_size"])
         return {interface_position(removed, e): list(ctx.pairs(s, e)) for s, e in interfaces(removed)}
-    key = key_of(model_key(cfg), data_key(cfg), {k: dist.get(k) for k in ("samples", "val_samples", "seqlen", "topk",
+    key = key_of(model_key(cfg), data_key(cfg), {k: dist[k] for k in ("samples", "val_samples", "seqlen", "topk",
                                                                          "batch_size")}, cfg["seed"], versions())
     caches = {}
     for name, x in (("train", train), ("val", val)):
@@ -495,21 +484,21 @@ def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
             root = Path(cfg["cache_dir"]) / "teacher" / key / name
             with locked(root):
                 cache = TeacherCache(root, len(x), dist["seqlen"], dist["topk"], dist["batch_size"])
-                caches[name] = (cache.build(model, x, cfg.get("progress", True)), x)
+                caches[name] = (cache.build(model, x, cfg["progress"]), x)
     return caches
 
 
 def distill(cfg: dict, model, removed: list[int], prepared, on_step=None):
     dist = cfg["distill"]
     common = dict(lr=float(dist["lr"]), weight_decay=float(dist["weight_decay"]), epochs=dist["epochs"],
-                  progress=cfg.get("progress", True))
+                  progress=cfg["progress"])
     if dist["method"] == "mse":
         return distill_mse(model, prepared.__getitem__, **common)
     train_cache, train = prepared["train"]
     val_cache, val = prepared.get("val", (None, None))
     return distill_kl(model, train_cache, train, val_cache, val, min_lr_factor=dist["min_lr_factor"],
-                      train=dist.get("train", "patch"), early_stop=dist.get("early_stop"),
-                      autocast_dtype=dist.get("autocast"), on_step=on_step, **common)
+                      train=dist["train"], early_stop=dist["early_stop"],
+                      autocast_dtype=dist["autocast"], on_step=on_step, **common)
 
 
 @contextmanager
@@ -531,9 +520,9 @@ def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict,
     if prepared is None:
         return None, None
     name, e = cfg["data"]["name"], cfg["eval"]
-    ppl_free = _finite(perplexity(model, windows[name], e.get("batch_size", 1), cfg.get("progress", True),
+    ppl_free = _finite(perplexity(model, windows[name], e["batch_size"], cfg["progress"],
                                   "training-free perplexity", prefixes.get(name)), "training-free perplexity")
-    stack.enter_context(_restored(trainable_parameters(model, cfg["distill"].get("train", "patch"))))
+    stack.enter_context(_restored(trainable_parameters(model, (cfg["distill"]["train"] if cfg["distill"]["method"] == "offline_kl" else "patch"))))
     with _timed(timings, "distill"):
         result = distill(cfg, model, removed, prepared,
                          on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
@@ -652,12 +641,12 @@ def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: Bound
 
 def _retention(cfg: dict, dense: dict, pruned_eval: dict) -> dict:
     """RP with its standard error and its paired bootstrap interval (``ci``, settings ``bootstrap.*``)."""
-    metric = cfg["eval"].get("rp_metric", "acc")
+    metric = cfg["eval"]["rp_metric"]
     out = retention(dense["zeroshot"], pruned_eval["zeroshot"], metric)
     if out:
         b = cfg.get("bootstrap") or {}
-        ci = rp_interval(dense["outcomes"], pruned_eval["outcomes"], metric, b.get("resamples", 1000),
-                         b.get("seed", 0), b.get("level", 0.95))
+        ci = rp_interval(dense["outcomes"], pruned_eval["outcomes"], metric, b["resamples"],
+                         b["seed"], b["level"])
         out["rp_ci"] = {k: v for k, v in ci.items() if k != "rp"}
     return out
 

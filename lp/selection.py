@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,6 +17,7 @@ from .calibration import BoundaryStats, stream_boundaries
 from .evaluation import Prefix, layer_output_kind, perplexity, prefix_reuse_applies
 from .keys import USES
 from .pruning import pruned
+from .settings import Flag, Int, OneOf
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,11 @@ class SelectionContext:
     make_patch: Callable | None = None  # (s, e) -> the training-free patch of an interface (for `patched`)
     scores: dict | None = None  # a metric's score of every candidate, kept in the record (`patched` fills it)
 
-    def setting(self, name: str, default):
-        return (self.settings or {}).get(name, default)
+    def setting(self, name: str):
+        """The prune setting ``name`` (its value is the caller's: conf/prune/*.yaml for the pipeline)."""
+        if name not in (self.settings or {}):
+            raise ValueError(f"prune.{name} is not set: the selection metric reads it (pass it in settings)")
+        return self.settings[name]
 
     @property
     def num_layers(self) -> int:
@@ -49,17 +53,19 @@ class Metric:
 
     select: Callable[[SelectionContext], list[int]]
     runs_model: bool = False  # scores layers by running the model on calibration samples (gets model, samples)
+    reads: dict = field(default_factory=dict)  # prune setting -> its rule (lp.settings; None: checked where read)
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def register(name: str, runs_model: bool = False, reads: tuple[str, ...] = ()):
+def register(name: str, runs_model: bool = False, reads: dict | None = None):
     """Register a selection metric ``name`` (prune.metric=name): the one place a metric is declared. ``reads``:
-    the prune.* settings it reads besides metric and n, kept in lp.keys.USES (what its run ids hash)."""
+    the prune.* settings it reads besides metric and n, each with its rule (lp.settings), which validation
+    checks; their names are kept in lp.keys.USES (what its run ids hash), their values in conf/prune/."""
     def wrap(fn):
-        METRICS[name] = Metric(fn, runs_model)
-        USES[name] = set(reads)
+        METRICS[name] = Metric(fn, runs_model, dict(reads or {}))
+        USES[name] = set(reads or ())
         return fn
     return wrap
 
@@ -87,7 +93,10 @@ def _block(ctx: SelectionContext, score: torch.Tensor, best=max) -> list[int]:
 SIMILARITIES = ("token", "linearpatch")
 
 
-@register("cosine", reads=("start", "similarity"))
+START = Int(0, "start", none_ok=True)  # a forced block start: [0, L - n]
+
+
+@register("cosine", reads={"start": START, "similarity": OneOf(SIMILARITIES)})
 def cosine(ctx: SelectionContext) -> list[int]:
     """The contiguous block whose input and output are most similar.
 
@@ -102,7 +111,7 @@ def cosine(ctx: SelectionContext) -> list[int]:
     inputs of layers i and i+n, i.e. a cosine along the sequence per channel, averaged over channels then
     samples; start i in range(1, L-n), i.e. [1, L-n-1] (layer 0 and the final norm's input never used)."""
     L, n = ctx.num_layers, ctx.n
-    kind = ctx.setting("similarity", "token")
+    kind = ctx.setting("similarity")
     if kind not in SIMILARITIES:
         raise ValueError(f"prune.similarity={kind!r} is not one of {list(SIMILARITIES)}")
     if kind == "token":
@@ -120,7 +129,7 @@ def cosine(ctx: SelectionContext) -> list[int]:
     return _block(ctx, score, best=max)
 
 
-@register("angular", reads=("start", "token"))
+@register("angular", reads={"start": START, "token": OneOf(("last", "all"))})
 def angular(ctx: SelectionContext) -> list[int]:
     """Gromov et al. 2024 (The Unreasonable Ineffectiveness of the Deeper Layers, Sec. 3.2): the block with the
     smallest mean angular distance arccos(cos)/pi between boundaries s and s+n, on the LAST token of each
@@ -129,7 +138,7 @@ def angular(ctx: SelectionContext) -> list[int]:
     arccos(sim)/pi as in short_gpt/metrics.py, line 24);
     ``token=all`` averages over every token (lp's earlier variant)."""
     L, n = ctx.num_layers, ctx.n
-    token = ctx.setting("token", "last")
+    token = ctx.setting("token")
     if token == "last":
         if ctx.stats.cos_last is None:
             raise ValueError("prune.token=last needs calibration statistics with cos_last (recompute them)")
@@ -162,7 +171,7 @@ def last(ctx: SelectionContext) -> list[int]:
     return list(range(ctx.num_layers - ctx.n, ctx.num_layers))
 
 
-@register("manual", reads=("indices",))
+@register("manual", reads={"indices": None})  # checked against prune.n by the pipeline's validation
 def manual(ctx: SelectionContext) -> list[int]:
     """Control: explicit indices (prune.indices); n is their count."""
     idx = sorted(set(ctx.indices or []))
@@ -198,7 +207,7 @@ def _ppl_without(ctx: SelectionContext, removed: list[int]) -> float:
         return perplexity(ctx.model, ctx.samples, ctx.batch_size, progress=False)
 
 
-@register("ppl", runs_model=True, reads=("score_samples", "score_seqlen", "protect_ends"))
+@register("ppl", runs_model=True, reads={"score_samples": Int(1), "score_seqlen": Int(2, "context", none_ok=True), "protect_ends": Flag()})
 def ppl(ctx: SelectionContext) -> list[int]:
     """Shortened LLaMA (PPL+ criterion, src/anal_block_sensitivity_ppl.py): the n layers whose single removal
     raises calibration perplexity least, never blocks 0-3 or the last two (the "+" rule)."""
@@ -212,7 +221,7 @@ def ppl(ctx: SelectionContext) -> list[int]:
 def protected(ctx: SelectionContext) -> set[int]:
     """Shortened LLaMA's "+" heuristic (src/block_prune.py, lines 67-79, on unless --no_plus_heuristic): blocks
     0-3 and the last two are never removed. ``prune.protect_ends=false`` turns it off."""
-    if not ctx.setting("protect_ends", True):
+    if not ctx.setting("protect_ends"):
         return set()
     L = ctx.num_layers
     return {0, 1, 2, 3, L - 2, L - 1}
@@ -250,7 +259,7 @@ def sleb_steps(ctx: SelectionContext) -> list[tuple[int, float]]:
     return steps
 
 
-@register("sleb", runs_model=True, reads=("score_samples", "score_seqlen"))
+@register("sleb", runs_model=True, reads={"score_samples": Int(1), "score_seqlen": Int(2, "context", none_ok=True)})
 def sleb(ctx: SelectionContext) -> list[int]:
     """SLEB: iteratively remove the layer whose removal gives the lowest calibration perplexity, given the
     layers already removed."""
@@ -287,7 +296,7 @@ def taylor_scores(ctx: SelectionContext) -> torch.Tensor:
     return scores
 
 
-@register("taylor", runs_model=True, reads=("score_samples", "score_seqlen", "protect_ends"))
+@register("taylor", runs_model=True, reads={"score_samples": Int(1), "score_seqlen": Int(2, "context", none_ok=True), "protect_ends": Flag()})
 def taylor(ctx: SelectionContext) -> list[int]:
     """Taylor+: remove the n layers of lowest first-order importance, never blocks 0-3 or the last two."""
     return _lowest(ctx, taylor_scores(ctx))
@@ -320,7 +329,7 @@ def patched_scores(ctx: SelectionContext) -> dict[int, float]:
     model, samples = _needs_model(ctx, "patched")
     if ctx.make_patch is None:
         raise ValueError("prune.metric=patched scores each block with its patch: pass make_patch")
-    score, k = ctx.setting("score", "kl"), int(ctx.setting("topk", 50))
+    score, k = ctx.setting("score"), int(ctx.setting("topk"))
     if score not in SCORES:
         raise ValueError(f"prune.score={score!r} is not one of {list(SCORES)}")
     L, n = ctx.num_layers, ctx.n
@@ -355,7 +364,8 @@ def patched_scores(ctx: SelectionContext) -> dict[int, float]:
             for s, v in mean.items()}
 
 
-@register("patched", runs_model=True, reads=("start", "patch", "score", "topk", "score_samples", "score_seqlen"))
+@register("patched", runs_model=True, reads={"start": START, "patch": None, "score": OneOf(SCORES), "topk": Int(1),
+                                             "score_samples": Int(1), "score_seqlen": Int(2, "context", none_ok=True)})
 def patched(ctx: SelectionContext) -> list[int]:
     """lp's own selection (not a published method): the contiguous block whose removal, with the configured
     training-free patch, leaves the model closest to the dense one on held-out calibration windows

@@ -71,11 +71,14 @@ def summary(record: dict) -> dict:
             **{f"time/{k}": v for k, v in record["timings"].items()}}
 
 
+BACKENDS = ("none", "wandb")  # what logger.backend may be
+
+
 def make_tracker(logger: dict, config: dict, name: str, group: str | None = None):
-    backend = logger.get("backend", "none")
+    """The tracker of a logger config (conf/logger/): wandb reads project, mode, dir and entity."""
+    backend = logger["backend"]
     if backend == "none":
         return NullTracker()
     if backend == "wandb":
-        return WandbTracker(logger.get("project", "lp"), logger.get("mode", "offline"),
-                            logger.get("dir", "runs/wandb"), config, name, group, logger.get("entity"))
-    raise ValueError(f"logger.backend={backend!r} is not one of ['none', 'wandb']")
+        return WandbTracker(logger["project"], logger["mode"], logger["dir"], config, name, group, logger["entity"])
+    raise ValueError(f"logger.backend={backend!r} is not one of {list(BACKENDS)}")

@@ -73,6 +73,12 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
+def conf_settings(group: str, option: str, **overrides) -> dict:
+    """conf/<group>/<option>.yaml as a plain dict (the one source of its defaults), with ``overrides``: what a
+    direct call of a metric or a patch is given, as the pipeline gives it the composed group."""
+    return {**OmegaConf.to_container(OmegaConf.load(Path(CONF) / group / f"{option}.yaml")), **overrides}
+
+
 def cfg_for(tiny_dir, results, *overrides):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[

@@ -8,6 +8,7 @@ from lp.calibration import collect_stats
 from lp.hadamard import hadamard
 from lp.pruning import interfaces
 from lp.selection import SelectionContext, block_influence_scores, select_layers
+from tests.conftest import conf_settings
 
 
 def direct_boundaries(model, ids):
@@ -50,7 +51,7 @@ def test_metrics_agree_with_direct_definitions(llama, ids):
     cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
     n = 2
     best = max(range(0, 7 - n), key=lambda s: cos(xs[s], xs[s + n]))
-    assert select_layers("cosine", SelectionContext(stats, n)) == [best, best + 1]
+    assert select_layers("cosine", SelectionContext(stats, n, settings=conf_settings("prune", "cosine"))) == [best, best + 1]
     ang = lambda a, b: (torch.arccos(torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)) / math.pi).mean().item()
     best = min(range(0, 7 - n), key=lambda s: ang(xs[s], xs[s + n]))
     assert select_layers("angular", SelectionContext(stats, n, settings={"token": "all"})) == [best, best + 1]
@@ -63,7 +64,7 @@ def test_selection_controls_and_errors(llama, ids):
     import pytest
 
     stats = collect_stats(llama, ids, progress=False)
-    assert select_layers("cosine", SelectionContext(stats, 2, start=1)) == [1, 2]
+    assert select_layers("cosine", SelectionContext(stats, 2, start=1, settings=conf_settings("prune", "cosine"))) == [1, 2]
     assert select_layers("last", SelectionContext(stats, 2)) == [4, 5]
     assert select_layers("manual", SelectionContext(stats, 2, indices=[5, 0])) == [0, 5]
     draws = [select_layers("random", SelectionContext(stats, 3, seed=seed)) for seed in range(200)]
@@ -71,12 +72,12 @@ def test_selection_controls_and_errors(llama, ids):
     assert all(d == sorted(set(d)) and len(d) == 3 and 0 <= d[0] and d[-1] < 6 for d in draws)
     counts = torch.bincount(torch.tensor(draws).flatten(), minlength=6)
     assert len({tuple(d) for d in draws}) == 20 and counts.min() > 70  # every 3 of 6 drawn; each layer about 100 times
-    assert select_layers("cosine", SelectionContext(stats, 0)) == []
+    assert select_layers("cosine", SelectionContext(stats, 0, settings=conf_settings("prune", "cosine"))) == []
     for n in (6, -1):
         with pytest.raises(ValueError, match=r"prune.n=.*\[0, 5\]"):
-            select_layers("cosine", SelectionContext(stats, n))
+            select_layers("cosine", SelectionContext(stats, n, settings=conf_settings("prune", "cosine")))
     with pytest.raises(ValueError, match="prune.start=5"):
-        select_layers("cosine", SelectionContext(stats, 2, start=5))
+        select_layers("cosine", SelectionContext(stats, 2, start=5, settings=conf_settings("prune", "cosine")))
     with pytest.raises(ValueError, match="prune.metric='nope'"):
         select_layers("nope", SelectionContext(stats, 2))
 
@@ -98,7 +99,7 @@ def test_sleb_is_greedy_and_stops_at_n(llama, ids):
     from lp.selection import sleb_steps
 
     stats = collect_stats(llama, ids, progress=False)
-    ctx = SelectionContext(stats, 3, model=llama, samples=ids)
+    ctx = SelectionContext(stats, 3, model=llama, samples=ids, settings=conf_settings("prune", "sleb"))
     steps = sleb_steps(ctx)
     assert len(steps) == 3
     removed = []
@@ -115,7 +116,7 @@ def test_ppl_and_taylor_metrics(llama, ids):
     from lp.selection import taylor_scores
 
     stats = collect_stats(llama, ids, progress=False)
-    ctx = SelectionContext(stats, 2, model=llama, samples=ids, batch_size=len(ids), settings={"protect_ends": False})
+    ctx = SelectionContext(stats, 2, model=llama, samples=ids, batch_size=len(ids), settings=conf_settings("prune", "ppl", protect_ends=False))
     single = [_ppl_without(llama, ids, [i]) for i in range(6)]
     assert select_layers("ppl", ctx) == sorted(sorted(range(6), key=single.__getitem__)[:2])
     scores = taylor_scores(ctx)
@@ -145,7 +146,7 @@ def test_last_token_angular_distance_and_official_linearpatch_cosine(ids):
     # Gromov et al.: the angular distance of the last token of each sample only
     last = lambda a, b: (torch.arccos(torch.nn.functional.cosine_similarity(a[:, -1], b[:, -1], dim=-1).clamp(-1, 1)) / math.pi).mean().item()
     best = min(range(0, L - n + 1), key=lambda s: last(xs[s], xs[s + n]))
-    assert select_layers("angular", SelectionContext(stats, n)) == list(range(best, best + n))
+    assert select_layers("angular", SelectionContext(stats, n, settings=conf_settings("prune", "angular"))) == list(range(best, best + n))
     # official LinearPatch: torch.cosine_similarity on (1, T, d) per sample (dim=1: along the sequence), mean
     seq = lambda a, b: torch.stack([torch.cosine_similarity(a[i:i + 1], b[i:i + 1]).mean() for i in range(len(a))]).mean()
     torch.testing.assert_close(stats.cos_seq[1, 4], seq(xs[1], xs[4]), atol=1e-5, rtol=0)
@@ -161,12 +162,13 @@ def test_shortened_llama_plus_rule_never_removes_blocks_0_to_3_or_the_last_two(i
     model = tiny_model("llama", layers=10)
     stats = collect_stats(model, ids, progress=False)
     for metric in ("taylor", "ppl"):
-        ctx = SelectionContext(stats, 4, model=model, samples=ids, batch_size=len(ids))
+        ctx = SelectionContext(stats, 4, model=model, samples=ids, batch_size=len(ids), settings=conf_settings("prune", metric))
         chosen = select_layers(metric, ctx)
         assert chosen == [4, 5, 6, 7]  # the only 4 layers the rule leaves removable
         with pytest.raises(ValueError, match="protect_ends"):
-            select_layers(metric, SelectionContext(stats, 5, model=model, samples=ids, batch_size=len(ids)))
-    ctx = SelectionContext(stats, 2, model=model, samples=ids, batch_size=len(ids))
+            select_layers(metric, SelectionContext(stats, 5, model=model, samples=ids, batch_size=len(ids),
+                                                   settings=conf_settings("prune", metric)))
+    ctx = SelectionContext(stats, 2, model=model, samples=ids, batch_size=len(ids), settings=conf_settings("prune", "taylor"))
     from lp.selection import taylor_scores
     scores = taylor_scores(ctx)
     allowed = [i for i in torch.argsort(scores, stable=True).tolist() if i in range(4, 8)]

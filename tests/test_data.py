@@ -52,11 +52,11 @@ def test_missing_brown_corpus_names_the_install(tmp_path):
 def test_hf_loader_reads_through_datasets(tmp_path):
     (tmp_path / "train.txt").write_text("first line\nsecond line\n")
     text = data.corpus_text({"source": "hf", "hf_path": "text", "data_files": {"train": str(tmp_path / "train.txt")},
-                             "splits": {"calib": "train"}, "separator": " | "}, "calib")
+                             "splits": {"calib": "train"}, "text_field": "text", "separator": " | "}, "calib")
     assert text == "first line | second line"
     with pytest.raises(ValueError, match="data.text_field='sentence'"):
         data.corpus_text({"source": "hf", "hf_path": "text", "data_files": {"train": str(tmp_path / "train.txt")},
-                          "splits": {"calib": "train"}, "text_field": "sentence"}, "calib")
+                          "splits": {"calib": "train"}, "text_field": "sentence", "separator": "\n\n"}, "calib")
 
 
 def test_text_files_under_home_and_globs_are_read_as_validated(tmp_path, monkeypatch):
@@ -64,7 +64,8 @@ def test_text_files_under_home_and_globs_are_read_as_validated(tmp_path, monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "a.txt").write_text("one\n")
     (tmp_path / "b.txt").write_text("two\n")
-    ds = {"source": "hf", "hf_path": "text", "data_files": {"test": "~/*.txt"}, "splits": {"eval": "test"}}
+    ds = {"source": "hf", "hf_path": "text", "data_files": {"test": "~/*.txt"}, "splits": {"eval": "test"},
+          "text_field": "text", "separator": "\n\n"}
     assert data.local_data_files(ds) == {"test": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]}
     assert data.corpus_text(ds, "eval") == "one\n\ntwo"
 

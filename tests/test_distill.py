@@ -10,6 +10,8 @@ from lp.patches import build_patch
 from lp.pruning import prune_and_patch
 from tests.conftest import tiny_model
 
+TRAINING = dict(weight_decay=1e-4, min_lr_factor=20.0, epochs=1)  # distill_kl's settings besides lr (all explicit)
+
 
 @pytest.fixture
 def samples():
@@ -77,7 +79,7 @@ def test_only_trainable_parameters_change(tmp_path, samples, train):
     student = _pruned_student(samples)
     trained = {id(p) for p in trainable_parameters(student, train)}
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    res = distill_kl(student, cache, samples, lr=1e-2, train=train, progress=False)
+    res = distill_kl(student, cache, samples, **TRAINING, lr=1e-2, train=train, progress=False)
     assert res.steps == 3 and res.stopped is None
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     by_id = {n: id(p) for n, p in student.named_parameters()}
@@ -95,7 +97,7 @@ def test_distillation_lowers_the_kl(tmp_path, samples):
     cache = TeacherCache(tmp_path, 6, 12, 7, 2).build(tiny_model(), samples, progress=False)
     student = _pruned_student(samples)
     before = distill._val_loss(student, cache, samples, torch.device("cpu"), contextlib.nullcontext)
-    res = distill_kl(student, cache, samples, cache, samples, lr=3e-3, epochs=8, progress=False)
+    res = distill_kl(student, cache, samples, cache, samples, **{**TRAINING, "epochs": 8}, lr=3e-3, progress=False)
     assert res.val[-1] < before and len(res.val) == 8
 
 
@@ -110,7 +112,7 @@ def test_non_finite_loss_stops_with_last_good_patch(tmp_path, samples, monkeypat
 
     monkeypatch.setattr(distill, "topk_kl", flaky)
     snapshots = []
-    res = distill_kl(student, cache, samples, lr=1e-2, progress=False,
+    res = distill_kl(student, cache, samples, **TRAINING, lr=1e-2, progress=False,
                      on_step=lambda step, h: snapshots.append(student.model.layers[2].patch.weight.detach().clone()))
     assert res.steps == 1 and "nan" in res.stopped
     assert torch.equal(student.model.layers[2].patch.weight, snapshots[0])  # the last good patch

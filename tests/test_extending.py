@@ -12,6 +12,7 @@ from lp.patches import register as register_patch
 from lp.pruning import load_pruned
 from lp.selection import METRICS
 from lp.selection import register as register_metric
+from lp.settings import Int
 from tests.conftest import cfg_for
 
 
@@ -26,9 +27,9 @@ def registries():
 
 
 def test_a_toy_metric_and_a_toy_patch_run_end_to_end_without_editing_lp(tiny_dir, tmp_path, registries):
-    @register_metric("toy_second")
-    def toy_second(ctx):  # the block that starts at layer 1
-        return list(range(1, 1 + ctx.n))
+    @register_metric("toy_second", reads={"first": Int(0)})
+    def toy_second(ctx):  # the block that starts at layer prune.first (1 here)
+        return list(range(ctx.setting("first"), ctx.setting("first") + ctx.n))
 
     class Shift(WeightPatch):  # x -> x + b, saved as its own kind
         kind = "toy_shift"
@@ -41,10 +42,14 @@ def test_a_toy_metric_and_a_toy_patch_run_end_to_end_without_editing_lp(tiny_dir
         return Shift(ctx.stats.abs_mean[e] - ctx.stats.abs_mean[s])
 
     out = tmp_path / "saved"
-    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "prune.metric=toy_second", "patch=none",
-                               "patch.variant=toy_shift", f"save_model={out}"))
+    toy = ["prune.n=2", "prune.metric=toy_second", "+prune.first=1", "patch=none"]
+    with pytest.raises(ValueError, match=r"prune.first is not set: prune.metric=toy_second reads it"):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, *toy[:2], "patch=none"))  # its YAML file would set it
+    with pytest.raises(ValueError, match=r"prune.first=-1 is not valid: it must be an integer >= 0"):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, *toy[:2], "+prune.first=-1", "patch=none"))  # by its rule
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, *toy, "patch.variant=toy_shift", f"save_model={out}"))
     assert rec["removed"] == [1, 2] and rec["metric"] == "toy_second" and rec["patch"] == "toy_shift"
-    plain = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "prune.metric=toy_second", "patch=none"))
+    plain = pipeline.run(cfg_for(tiny_dir, tmp_path, *toy))
     assert plain["removed"] == [1, 2] and plain["ppl"]["pruned"] != rec["ppl"]["pruned"]  # the patch was applied
     stats = BoundaryStats.load(rec["calib_stats"])
     model, _, spec = load_pruned(out)

@@ -9,7 +9,7 @@ from lp.models import Layout, count_parameters
 from lp.patches import PatchContext, build_patch
 from lp.pruning import load_pruned, patches_of, pruned, save_pruned
 from lp.selection import SelectionContext, select_layers
-from tests.conftest import tiny_model
+from tests.conftest import conf_settings, tiny_model
 
 
 def logits(model, ids):
@@ -161,11 +161,11 @@ def test_streamline_layer_is_the_official_block_and_initialisation(ids, seed, n,
         model.model.norm.weight.copy_(torch.rand(24, generator=torch.Generator().manual_seed(seed)) * 2)
     j, k, L, reference = official_streamline(model, ids, n)
     stats = collect_stats(model, ids, progress=False)
-    removed = select_layers("cosine", SelectionContext(stats, n + 1))  # what the pipeline asks for this patch
+    removed = select_layers("cosine", SelectionContext(stats, n + 1, settings=conf_settings("prune", "cosine")))  # what the pipeline asks for this patch
     assert removed == list(range(j, j + k)) and (j + k == L) == (seed == 1)
     if j + k < L:  # scored against the norm's input (statistics of an older lp), the last block would win
-        older = select_layers("cosine", SelectionContext(dataclasses.replace(stats, cos_normed=None), n + 1))
+        older = select_layers("cosine", SelectionContext(dataclasses.replace(stats, cos_normed=None), n + 1, settings=conf_settings("prune", "cosine")))
         assert older == list(range(L - k, L)) != removed and "without cos_normed" in caplog.text
-    ctx = PatchContext(stats, {"epochs": 0}, model=model, samples=ids, batch_size=2)  # untrained: its initialisation
+    ctx = PatchContext(stats, conf_settings("patch", "streamline_layer", epochs=0), model=model, samples=ids, batch_size=2)  # untrained: its initialisation
     with pruned(model, removed, lambda s, e: build_patch("streamline_layer", ctx, s, e)):
         torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)

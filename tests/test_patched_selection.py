@@ -10,7 +10,7 @@ from lp.models import Layout
 from lp.patches import build_patch
 from lp.pruning import pruned
 from lp.selection import SelectionContext, patched_scores, select_layers
-from tests.conftest import tiny_model
+from tests.conftest import conf_settings, tiny_model
 
 
 class ChannelScaleLayer(torch.nn.Module):
@@ -39,7 +39,7 @@ def scaled_copy_model():
 
 def ctx_for(model, stats, samples, variant="diag", **settings):
     return SelectionContext(stats=stats, n=1, model=model, samples=samples, batch_size=2,
-                            settings={"metric": "patched", **settings},
+                            settings=conf_settings("prune", "patched", **settings),
                             make_patch=lambda s, e: build_patch(variant, stats, s, e))
 
 
@@ -48,7 +48,7 @@ def test_patched_picks_the_block_the_patch_repairs_where_cosine_picks_another():
     calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
     held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
     stats = collect_stats(model, calib, progress=False)
-    assert select_layers("cosine", SelectionContext(stats=stats, n=1)) == [1]
+    assert select_layers("cosine", SelectionContext(stats=stats, n=1, settings=conf_settings("prune", "cosine"))) == [1]
     ctx = ctx_for(model, stats, held)
     assert select_layers("patched", ctx) == [4]
     assert ctx.scores[4] == pytest.approx(0, abs=1e-6) and min(v for s, v in ctx.scores.items() if s != 4) > 1e-3

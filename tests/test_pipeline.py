@@ -92,7 +92,8 @@ def test_perplexity_on_several_eval_datasets(tiny_dir, tmp_path):
     text.write_text("\n".join(brown_split("calib")[:20_000].split("\n")[::-1]))  # a second local corpus
     cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2")
     cfg["eval"]["datasets"] = {"local": {"name": "local", "source": "hf", "hf_path": "text", "seqlen": 16,
-                                         "data_files": {"test": str(text)}, "splits": {"eval": "test"}}}
+                                         "data_files": {"test": str(text)}, "splits": {"eval": "test"},
+                                         "text_field": "text", "separator": "\n\n"}}
     rec = pipeline.run(cfg)
     by_data = rec["ppl"]["datasets"]
     assert set(by_data) == {"brown", "local"}
@@ -173,6 +174,15 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("prune=patched prune.score=mse", r"prune.score='mse' is not one of \['kl', 'ppl'\]"),
     ("prune=patched prune.score_samples=0", r"prune.score_samples=0 is not valid"),
     ("+eval.datasets.wiki=nope", r"eval.datasets.wiki must be a data config \(as in conf/data/\) whose source is one of \['brown', 'hf'\]"),
+    # every setting a run reads is in its YAML file, and valid by the rule its reader declares (lp.settings)
+    ("~data.calib_batch_size", r"data.calib_batch_size is not set: every run reads it"),
+    ("patch=lstsq ~patch.ridge", r"patch.ridge is not set: patch=lstsq reads it"),
+    ("prune=ppl ~prune.protect_ends", r"prune.protect_ends is not set: prune.metric=ppl reads it"),
+    ("distill=offline_kl ~distill.min_lr_factor", r"distill.min_lr_factor is not set: distill.method=offline_kl reads it"),
+    ("patch=streamline_layer patch.clip=-1", r"patch.clip=-1 is not valid: it must be a number > 0 or null"),
+    ("prune=ppl prune.protect_ends=maybe", r"prune.protect_ends='maybe' is not valid: it must be true or false"),
+    ("distill=offline_kl distill.train=all", r"distill.train='all' is not one of \['patch', 'patch\+norms'\]"),
+    ("logger.backend=mlflow", r"logger.backend='mlflow' is not one of \['none', 'wandb'\]"),
 ])
 def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match, monkeypatch):
     def no_weights(*a, **k):
@@ -636,7 +646,8 @@ def test_eval_key_follows_the_content_of_eval_datasets_files(tiny_dir, tmp_path)
     text.write_text("Some words of a corpus.\n" * 50)
     cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2")
     cfg["eval"]["datasets"] = {"local": {"name": "local", "source": "hf", "hf_path": "text", "seqlen": 16,
-                                         "data_files": {"test": str(text)}, "splits": {"eval": "test"}}}
+                                         "data_files": {"test": str(text)}, "splits": {"eval": "test"},
+                                         "text_field": "text", "separator": "\n\n"}}
     first = pipeline.eval_key(cfg)
     assert pipeline.eval_key(cfg) == first and first["datasets_content"]["local"]
     text.write_text("Other words of another corpus.\n" * 50)  # same file name, new text

@@ -8,7 +8,7 @@ from lp.modules import LinearPatch, Patched
 from lp.patches import PatchContext, build_patch
 from lp.pruning import (interface_position, load_pruned, patches_of, prune_and_patch, pruned, remove_layers,
                         save_pruned)
-from tests.conftest import tiny_model
+from tests.conftest import conf_settings, tiny_model
 
 
 def logits(model, ids):
@@ -175,7 +175,7 @@ def test_streamline_ffn_lowers_calibration_mse(llama, ids):
     from lp.patches import PatchContext
 
     stats = collect_stats(llama, ids, progress=False)
-    ctx = PatchContext(stats, {"lr": 3e-3, "epochs": 30, "token_batch": 8}, llama, ids)
+    ctx = PatchContext(stats, conf_settings("patch", "streamline_ffn", lr=3e-3, epochs=30, token_batch=8), llama, ids)
     net = build_patch("streamline_ffn", ctx, 2, 4)
     xs, xe = _pairs(llama, ids, 2, 4)
     before = torch.nn.functional.mse_loss(xs, xe)  # patch=none
@@ -189,7 +189,7 @@ def test_streamline_layer_lowers_calibration_mse_and_takes_a_layer_slot(llama, i
     from lp.patches import PatchContext
 
     stats = collect_stats(llama, ids, progress=False)
-    ctx = PatchContext(stats, {"lr": 3e-3, "epochs": 30}, llama, ids)
+    ctx = PatchContext(stats, conf_settings("patch", "streamline_layer", lr=3e-3, epochs=30), llama, ids)
     net = build_patch("streamline_layer", ctx, 2, 4)
     (xs, kwargs, xe), *_ = stream_block_io(llama, ids, 2, 4, batch_size=len(ids))
     out = net(xs, **kwargs)
@@ -225,7 +225,7 @@ def test_fitted_patches_save_and_reload(llama, ids, tmp_path, variant):
     from lp.patches import PatchContext
 
     stats = collect_stats(llama, ids, progress=False)
-    ctx = PatchContext(stats, {"epochs": 1}, llama, ids, fitted={"prunecomp": {2: 1.25, 3: 0.9}})
+    ctx = PatchContext(stats, conf_settings("patch", variant, epochs=1), llama, ids, fitted={"prunecomp": {2: 1.25, 3: 0.9}})
     spec = prune_and_patch(llama, [2, 3], lambda s, e: build_patch(variant, ctx, s, e))
     module_kind = {"lstsq": "linearpatch", "prunecomp": "diag"}.get(variant, variant)  # the module that holds it
     assert spec.patches == {"2": module_kind}

@@ -17,7 +17,8 @@ def test_finished_run_logs_the_accuracy_table_and_the_record_artifact(tmp_path, 
               "calib_stats": str(stats)}
     path = tmp_path / "record.json"
     path.write_text(json.dumps(record))
-    tracker = make_tracker({"backend": "wandb", "mode": "offline", "dir": str(tmp_path / "wandb")}, {"seed": 0}, "t")
+    tracker = make_tracker({"backend": "wandb", "mode": "offline", "dir": str(tmp_path / "wandb"), "project": "lp",
+                            "entity": None}, {"seed": 0}, "t")
     run, logged, artifacts = tracker.run, [], []
     real_log, real_artifact = run.log, run.log_artifact
     monkeypatch.setattr(run, "log", lambda data, step=None: (logged.append(data), real_log(data, step=step)))

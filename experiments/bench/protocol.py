@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
 
     phase("calibration", lambda: collect_stats(model, calib.to(dev), a.calib_batch, progress=False))
     stats = got["calibration"]
-    phase("selection", lambda: select_layers("cosine", SelectionContext(stats, a.remove)))
+    phase("selection", lambda: select_layers("cosine", SelectionContext(stats, a.remove, settings={"similarity": "token"})))
     s, e = got["selection"][0], got["selection"][-1] + 1
     phase("patch", lambda: build_patch("linearpatch", stats, s, e))
     patch = got["patch"]

@@ -32,7 +32,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         cache = TeacherCache(d, 16, 256, 50, 4).build(teacher, ids, progress=False)
         for dtype in ("bfloat16", "float16"):
-            res = distill_kl(student, cache, ids, cache, ids, lr=1e-3, epochs=2, autocast_dtype=dtype, progress=False)
+            res = distill_kl(student, cache, ids, cache, ids, lr=1e-3, weight_decay=1e-4, min_lr_factor=20,
+                             epochs=2, autocast_dtype=dtype, progress=False)
             print(f"{dtype}: {res.steps} steps, loss {res.history[0]['loss']:.4f} -> {res.history[-1]['loss']:.4f}, "
                   f"val {[round(v, 4) for v in res.val]}, stopped: {res.stopped}")
     changed = [n for n, t in student.named_parameters() if not torch.equal(t, before[n])]

@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     windows = data_lib.eval_windows(data_lib.tokenize(tok, data_lib.brown_split("eval", a.brown)), a.seqlen,
                                     a.max_windows)
     stats = collect_stats(model, data_lib.calibration_samples(calib, a.calib_samples, a.seqlen, 0), 8, progress=False)
-    removed = select_layers("cosine", SelectionContext(stats=stats, n=a.n))
+    removed = select_layers("cosine", SelectionContext(stats=stats, n=a.n, settings={"similarity": "token"}))
     ppl = lambda: perplexity(model, windows, 8, progress=False)  # noqa: E731
     out = {"model": a.model, "dtype": a.dtype, "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device,
            "removed": removed, "eval_tokens": windows.numel(), "ppl": {"dense": ppl()}}
