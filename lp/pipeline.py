@@ -72,13 +72,9 @@ DISTILL = {"none": {}, "mse": _TRAINED,  # what each distill.method reads
 
 
 def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
-    """Every named choice is one that exists, and the choices go together."""
-    for group, rules in _rules().items():
-        check({k: r for k, r in rules.items() if isinstance(r, OneOf)}, cfg[group], group, "every run")
-    for group, rules in OPTIONAL.items():
-        check(rules, cfg[group], group, "", optional=True)
+    """The choices go together (each already valid by its rule), and the model's hidden size has a Hadamard
+    matrix of the run's basis."""
     p, dist, variant = cfg["prune"], cfg["distill"], cfg["patch"]["variant"]
-    check_value(OneOf(tuple(sorted(CONSTRUCTIONS))), hadamard_of(cfg), "patch.hadamard")
     if hidden_size is not None and not is_supported(hidden_size, hadamard_of(cfg)):
         raise ValueError(f"patch.hadamard={hadamard_of(cfg)}: no Hadamard matrix of the model's hidden size {hidden_size} "
                          f"(valid: {[c for c in CONSTRUCTIONS if is_supported(hidden_size, c)]}; ++patch.hadamard=... for a "
@@ -111,17 +107,20 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
 def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
              hidden_size: int | None = None) -> None:
     """Checks that need no weights: the config alone, then (given them) the model's layer count, context and
-    hidden size. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the distillation's)."""
-    validate_choices(cfg, hidden_size)
+    hidden size. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the distillation's), then
+    how the choices go together (:func:`validate_choices`)."""
     p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
     L = num_layers if num_layers is not None else math.inf
     bounds = {"layers": L - 1, "start": L - p["n"] if isinstance(p["n"], int) else math.inf,
               "context": max_positions or math.inf}
     for group, rules in _rules().items():
         check(rules, cfg[group], group, "every run", bounds)
+    for group, rules in OPTIONAL.items():
+        check(rules, cfg[group], group, "", bounds, optional=True)
     check(METRICS[p["metric"]].reads, p, "prune", f"prune.metric={p['metric']}", bounds)
     check(PATCHES[cfg["patch"]["variant"]].reads, cfg["patch"], "patch", f"patch={cfg['patch']['variant']}", bounds)
     check(DISTILL[dist["method"]], dist, "distill", f"distill.method={dist['method']}", bounds)
+    validate_choices(cfg, hidden_size)
     if p["metric"] == "manual":
         idx = p.get("indices") or []
         if len(set(idx)) != p["n"] or any(not isinstance(i, int) or not 0 <= i < L for i in idx):
