@@ -226,12 +226,14 @@ def run_id(cfg: dict) -> str:
 
 @contextmanager
 def _timed(timings: dict, name: str):
-    """Time a phase into ``timings`` and say when it starts and ends (a long run is never silent)."""
+    """Time a phase into ``timings`` (a phase timed in two parts adds them) and say when it starts and ends (a
+    long run is never silent)."""
     log.info(f"{name} ...")
     t = time.perf_counter()
     yield
-    timings[name] = round(time.perf_counter() - t, 3)
-    log.info(f"{name} done in {timings[name]:.1f} s")
+    took = time.perf_counter() - t
+    timings[name] = round(timings.get(name, 0.0) + took, 3)
+    log.info(f"{name} done in {took:.1f} s")
 
 
 def _finite(value: float, what: str) -> float:
@@ -570,13 +572,15 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     with _timed(timings, "calibration"):
         stats = calibrate(cfg, model, data)
     tracker.log({"time/calibration": timings["calibration"]})
-    windows = data.eval_windows()
+    with _timed(timings, "eval_windows"):
+        windows = data.eval_windows()
     with _timed(timings, "dense_eval"):
         dense = evaluate_dense(cfg, model, tokenizer, windows)
     with _timed(timings, "selection"):
         removed, fitted, scores = select(cfg, model, stats, data)
     tracker.log({"removed": str(removed), "time/selection": timings["selection"]})
-    prefixes = eval_prefixes(cfg, ws, model, windows, removed)
+    with _timed(timings, "eval_prefixes"):  # the dense hidden states entering the first changed layer
+        prefixes = eval_prefixes(cfg, ws, model, windows, removed)
     out = {"removed": removed, "fitted": fitted, "selection_scores": scores, "num_layers": Layout(model).num_layers,
            "params_dense": count_parameters(model)}
     with _timed(timings, "teacher"):
@@ -586,7 +590,9 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     with ExitStack() as stack:
         with _timed(timings, "patch"):
             spec = stack.enter_context(pruned(model, removed, patch_maker(cfg, model, stats, data, fitted)))
-        out.update(params_pruned=count_parameters(model), patch_check=check.patched(model), maps=spec.maps,
+        with _timed(timings, "patch_check"):  # its second part: the patched model on the same samples
+            out["patch_check"] = check.patched(model)
+        out.update(params_pruned=count_parameters(model), maps=spec.maps,
                    patch_params=sum(count_parameters(p) for p in patches_of(model).values()))
         out["ppl_free"], out["distilled"] = distill_stage(cfg, model, removed, prepared, windows, prefixes, stack,
                                                           timings, tracker)
