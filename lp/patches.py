@@ -40,7 +40,10 @@ from .calibration import BoundaryStats, stream_block_io, stream_boundaries, tree
 from .modules import ChannelScale, LinearPatch, ReplacementLayer, ResidualFFN, WeightPatch, unwrap
 from .hadamard import CONSTRUCTIONS, hadamard
 from .models import Layout, module_device
-from .settings import Int, Number, OneOf
+from .settings import Int, Number, OneOf, read
+
+
+FIT_SAMPLES = Int(1, none_ok=True)  # patch.fit_samples: the calibration samples a fitted patch uses (null: all)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -61,10 +64,7 @@ class PatchContext:
     seed: int = 0  # of the trained patches' batch order (the run's seed)
 
     def setting(self, name: str):
-        """The patch setting ``name`` (its value is the caller's: conf/patch/<variant>.yaml for the pipeline)."""
-        if name not in self.settings:
-            raise ValueError(f"patch.{name} is not set: the patch variant reads it (pass it in settings)")
-        return self.settings[name]
+        return read(self.settings, "patch", name)
 
     def require_hidden_states(self) -> None:
         if self.model is None or self.samples is None:
@@ -174,7 +174,7 @@ class Fold:
 
 
 @register("replaceme", needs_hidden_states=True, changes_earlier_layer=True,
-          reads={"ridge": Number(positive=False), "fit_samples": Int(1, none_ok=True)})
+          reads={"ridge": Number(positive=False), "fit_samples": FIT_SAMPLES})
 def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
     """ReplaceMe's least-squares estimator (mts-ai/ReplaceMe ReplaceMe/lstsq.py): on calibration tokens, M the
     MLP output of layer s-1 and Y = x_s - M the stream before it (lines 185-196), T = (MᵀM + αI)⁻¹ Mᵀ(x_e - Y)
@@ -209,7 +209,7 @@ def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
     return Fold(s - 1, T)
 
 
-@register("lstsq", needs_hidden_states=True, reads={"ridge": Number(positive=False), "fit_samples": Int(1, none_ok=True)})
+@register("lstsq", needs_hidden_states=True, reads={"ridge": Number(positive=False), "fit_samples": FIT_SAMPLES})
 def lstsq_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     gram = cross = None
     for xs, xe in ctx.pairs(s, e):
@@ -240,7 +240,7 @@ def _fit_mse(net: nn.Module, n_items: int, batch: int, loss_of, *, lr: float, ep
 
 
 @register("streamline_ffn", needs_hidden_states=True,
-          reads={"lr": Number(), "epochs": Int(0), "token_batch": Int(1), "fit_samples": Int(1, none_ok=True)})
+          reads={"lr": Number(), "epochs": Int(0), "token_batch": Int(1), "fit_samples": FIT_SAMPLES})
 def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
     """LLM-Streamline's FFN replacement as lp builds it: x + mlp(norm(x)) with the norm and SwiGLU MLP of layer s,
     trained with MSE. Not the official code's: its README trains Transformer layers (``streamline_layer``) and
@@ -262,7 +262,7 @@ def streamline_ffn_patch(ctx: PatchContext, s: int, e: int) -> ResidualFFN:
 
 @register("streamline_layer", needs_hidden_states=True, replaces_block=True,
           reads={"lr": Number(), "min_lr": Number(none_ok=True), "weight_decay": Number(positive=False),
-                 "clip": Number(none_ok=True), "epochs": Int(0), "fit_samples": Int(1, none_ok=True)})
+                 "clip": Number(none_ok=True), "epochs": Int(0), "fit_samples": FIT_SAMPLES})
 def streamline_layer_patch(ctx: PatchContext, s: int, e: int) -> ReplacementLayer:
     """LLM-Streamline's layer replacement as its official code (RUCKBReasoning/LLM-Streamline): the block
     [s, e) holds n+1 layers (the pipeline selects with interval n+1, train_mseloss.py line 120); one decoder

@@ -17,7 +17,7 @@ from .calibration import BoundaryStats, stream_boundaries
 from .evaluation import Prefix, layer_output_kind, perplexity, prefix_reuse_applies
 from .keys import USES
 from .pruning import pruned
-from .settings import Flag, Int, OneOf
+from .settings import Flag, Int, OneOf, read
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,7 @@ class SelectionContext:
     scores: dict | None = None  # a metric's score of every candidate, kept in the record (`patched` fills it)
 
     def setting(self, name: str):
-        """The prune setting ``name`` (its value is the caller's: conf/prune/*.yaml for the pipeline)."""
-        if name not in (self.settings or {}):
-            raise ValueError(f"prune.{name} is not set: the selection metric reads it (pass it in settings)")
-        return self.settings[name]
+        return read(self.settings, "prune", name)
 
     @property
     def num_layers(self) -> int:

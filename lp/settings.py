@@ -69,6 +69,14 @@ class Limit:
         return "is not valid: it must be null (whole splits), an integer >= 1 (documents per task) or a fraction in (0, 1)"
 
 
+def read(settings: dict | None, group: str, name: str):
+    """The setting ``name`` of a config group given to a library function (a metric's or a patch's): its
+    value is the caller's (the pipeline gives the composed conf/<group>/ file); missing is an error."""
+    if name not in (settings or {}):
+        raise ValueError(f"{group}.{name} is not set: the {group} method reads it (pass it in its settings)")
+    return settings[name]
+
+
 def check_value(rule, value, name: str, bounds: dict | None = None) -> None:
     """``value`` of the setting ``name`` is valid by ``rule`` (None: any value), or a ValueError says what is."""
     why = rule.problem(value, bounds or {}) if rule is not None else None
