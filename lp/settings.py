@@ -4,7 +4,8 @@ declares the settings it reads with their rules where it is registered (lp.selec
 lp.patches.register). Torch-free, like lp.keys.
 
 A rule checks one value and says what would be valid; ``hi`` may name a bound that only the model knows
-(``layers``: its last layer index, ``context``: its context length), given to :func:`check` as ``bounds``.
+(``layers``: its last layer index, ``start``: the last start of an n-layer block, ``context``: its context
+length), given to :func:`check` as ``bounds``.
 """
 from __future__ import annotations
 
