@@ -186,7 +186,7 @@ def model_key(cfg: dict) -> dict:
 
 
 def data_key(cfg: dict) -> dict:
-    return {**cfg["data"], "bos": cfg["data"]["bos"], **data_lib.content_key(cfg["data"])}
+    return {**cfg["data"], **data_lib.content_key(cfg["data"])}
 
 
 def eval_key(cfg: dict) -> dict:
@@ -489,6 +489,12 @@ def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
     return caches
 
 
+def _trained(dist: dict) -> str:
+    """What distillation trains (lp.distill.TRAIN_CHOICES): distill.train for offline_kl; mse trains the
+    patches alone and has no such setting."""
+    return dist["train"] if dist["method"] == "offline_kl" else "patch"
+
+
 def distill(cfg: dict, model, removed: list[int], prepared, on_step=None):
     dist = cfg["distill"]
     common = dict(lr=float(dist["lr"]), weight_decay=float(dist["weight_decay"]), epochs=dist["epochs"],
@@ -498,7 +504,7 @@ def distill(cfg: dict, model, removed: list[int], prepared, on_step=None):
     train_cache, train = prepared["train"]
     val_cache, val = prepared.get("val", (None, None))
     return distill_kl(model, train_cache, train, val_cache, val, min_lr_factor=dist["min_lr_factor"],
-                      train=dist["train"], early_stop=dist["early_stop"],
+                      train=_trained(dist), early_stop=dist["early_stop"],
                       autocast_dtype=dist["autocast"], on_step=on_step, **common)
 
 
@@ -523,7 +529,7 @@ def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict,
     name, e = cfg["data"]["name"], cfg["eval"]
     ppl_free = _finite(perplexity(model, windows[name], e["batch_size"], cfg["progress"],
                                   "training-free perplexity", prefixes.get(name)), "training-free perplexity")
-    stack.enter_context(_restored(trainable_parameters(model, (cfg["distill"]["train"] if cfg["distill"]["method"] == "offline_kl" else "patch"))))
+    stack.enter_context(_restored(trainable_parameters(model, _trained(cfg["distill"]))))
     with _timed(timings, "distill"):
         result = distill(cfg, model, removed, prepared,
                          on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))

@@ -82,9 +82,14 @@ def task_manager(include_path: str | Path | None = None, tasks: tuple[str, ...] 
     state = tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(folder).rglob("*.yaml"))) if folder else ()
     if folder and tasks:
         local = _task_manager(folder, state, include_defaults=False)
-        if set(tasks) <= set(local.all_tasks) | set(getattr(local, "all_groups", []) or []):
+        if set(tasks) <= known_tasks(local):
             return local
     return _task_manager(folder, state, include_defaults=True)
+
+
+def known_tasks(tm) -> set[str]:
+    """The task and group names a TaskManager can load."""
+    return set(tm.all_tasks) | set(getattr(tm, "all_groups", []) or [])
 
 
 @lru_cache(maxsize=4)

