@@ -7,7 +7,7 @@ SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # confi
 # the prune settings each metric reads, besides metric and n (what a run_id hashes: nothing it ignores), as each
 # metric declares them in lp.selection.register; a metric not (yet) registered hashes every prune setting
 USES: dict[str, set] = {}
-EXECUTION = {"prefix_reuse", "zeroshot_batch_size"}  # how a run is computed, not what: never part of its identity
+EXECUTION = {"prefix_reuse", "zeroshot_batch_size", "token_budget"}  # how a run is computed, not what: never part of its identity
 
 
 def used_prune_settings(prune: dict) -> dict:

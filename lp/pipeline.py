@@ -19,6 +19,7 @@ import torch
 
 from . import data as data_lib
 from .calibration import STATS_FORMAT, BoundaryStats, collect_stats
+from .engine import ENGINE_VERSION, ENGINES, PrefixStates
 from .distill import TRAIN_CHOICES, TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity, prefix_reuse_applies
 from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
@@ -39,6 +40,7 @@ from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 log = logging.getLogger(__name__)
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
+ZEROSHOT = "\0zeroshot"  # eval_prefixes' entry for the zero-shot batches (no data set is so named)
 PROBE_SAMPLES = 4  # calibration samples on which each patch is compared with no patch
 
 
@@ -55,7 +57,7 @@ def _rules() -> dict:
             "data": {"seqlen": Int(2, "context"), "calib_samples": Int(1), "calib_batch_size": Int(1),
                      "bos": OneOf(data_lib.BOS_CHOICES)},
             "eval": {"max_windows": Int(1, none_ok=True), "batch_size": Int(1), "prefix_reuse": Flag(),
-                     "rp_metric": OneOf(RP_METRICS)},
+                     "rp_metric": OneOf(RP_METRICS), "engine": OneOf(ENGINES), "token_budget": Int(1)},
             "logger": {"backend": OneOf(BACKENDS)}}
 
 
@@ -167,7 +169,21 @@ class Workspace:
             if not prefix_reuse_applies(model):  # e.g. embeddings that enter layer 0 scaled: the plain path
                 return None
             self._prefixes[k] = Prefix.compute(model, windows, layer, batch_size)
-        self._prefixes[k] = self._prefixes.pop(k)  # most recently used last
+        return self._used(k)
+
+    def zeroshot_prefix(self, layer: int, key: str) -> PrefixStates | None:
+        """The dense states entering ``layer`` of the zero-shot batches of evaluation ``key`` (lp.engine), filled
+        by whichever evaluation computes them first."""
+        if layer == 0:
+            return None
+        k = (key, "zeroshot", layer)
+        if k not in self._prefixes:
+            self._prefixes[k] = PrefixStates(layer, self.prefix_budget)
+        return self._used(k)
+
+    def _used(self, k):
+        """The entry ``k``, now the most recently used; the least recently used dropped past the budget."""
+        self._prefixes[k] = self._prefixes.pop(k)
         while sum(p.nbytes for p in self._prefixes.values()) > self.prefix_budget and len(self._prefixes) > 1:
             self._prefixes.pop(next(iter(self._prefixes)))
         return self._prefixes.get(k)
@@ -317,27 +333,38 @@ def _zeroshot_settings(cfg: dict) -> dict:
     e = cfg["eval"]
     tasks = list(e.get("tasks") or [])
     return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"),
-                batch_size=e.get("zeroshot_batch_size") or e["batch_size"],
-                include_path=local_task_dir() if tasks else None, seed=cfg["seed"])
+                batch_size=e.get("zeroshot_batch_size") or e["batch_size"], engine=e["engine"],
+                token_budget=e["token_budget"], include_path=local_task_dir() if tasks else None, seed=cfg["seed"])
+
+
+def engine_of(cfg: dict) -> dict | None:
+    """The engine that scores the zero-shot tasks, with its version (None without tasks)."""
+    e = cfg["eval"]
+    if not e.get("tasks"):
+        return None
+    return {"name": e["engine"], "version": ENGINE_VERSION if e["engine"] == "lp" else versions()["lm_eval"]}
 
 
 def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None = None, label: str = "") -> dict:
     """Perplexity on every evaluation data set, and zero-shot accuracy on eval.tasks."""
     e, progress = cfg["eval"], cfg["progress"]
+    prefixes = prefixes or {}
     ppl = {name: _finite(perplexity(model, w, e["batch_size"], progress, f"{label} perplexity ({name})",
-                                    (prefixes or {}).get(name)), f"{label} perplexity on {name}")
+                                    prefixes.get(name)), f"{label} perplexity on {name}")
            for name, w in windows.items()}
     zs = _zeroshot_settings(cfg)
-    results, outcomes = evaluate_tasks(model, tokenizer, zs.pop("tasks"), **zs)
+    results, outcomes = evaluate_tasks(model, tokenizer, zs.pop("tasks"), prefix=prefixes.get(ZEROSHOT), **zs)
     return {"ppl": ppl, "zeroshot": results, "outcomes": outcomes}
 
 
-def evaluate_dense(cfg: dict, model, tokenizer, windows: dict) -> dict:
-    """The dense model's evaluation, cached per (model, data, eval settings, seed, versions)."""
-    key = key_of(model_key(cfg), data_key(cfg), eval_key(cfg), cfg["seed"], versions())
+def evaluate_dense(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None = None) -> dict:
+    """The dense model's evaluation, cached per (model, data, eval settings, engine, seed, versions). When it
+    runs, it fills the zero-shot prefix states that ``prefixes`` holds (the pruned evaluation starts there)."""
+    key = key_of(model_key(cfg), data_key(cfg), eval_key(cfg), engine_of(cfg), cfg["seed"], versions())
     tasks = _zeroshot_settings(cfg)["tasks"]
+    zs_prefix = {ZEROSHOT: prefixes[ZEROSHOT]} if ZEROSHOT in (prefixes or {}) else None
     return cached_json(Path(cfg["cache_dir"]) / "dense" / f"{key}.json",
-                       lambda: evaluate(cfg, model, tokenizer, windows, label="dense"),
+                       lambda: evaluate(cfg, model, tokenizer, windows, zs_prefix, label="dense"),
                        lambda entry: _dense_problem(entry, windows, tasks))
 
 
@@ -430,15 +457,24 @@ def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict
     return lambda s, e: build_patch(variant, ctx, s, e)
 
 
+def first_changed(cfg: dict, removed: list[int]) -> int:
+    """The first layer that pruning changes: the first removed one, or layer s-1 itself when the patch folds
+    into it (replaceme). The layers before it, and their outputs, are the dense model's."""
+    return max(min(removed, default=0) - PATCHES[cfg["patch"]["variant"]].changes_earlier_layer, 0)
+
+
 def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[int]) -> dict:
     """The dense hidden states entering the first layer that pruning changes, per evaluation data set (the
-    layers before it need not run again); layer s-1 itself when the patch folds into it (replaceme)."""
+    layers before it need not run again), and under "zeroshot" the states of lp's engine's batches."""
     e = cfg["eval"]
     if not e["prefix_reuse"]:
         return {}
-    first = max(min(removed, default=0) - PATCHES[cfg["patch"]["variant"]].changes_earlier_layer, 0)
+    first = first_changed(cfg, removed)
     ekey = key_of(model_key(cfg), data_key(cfg), eval_key(cfg))
-    return {name: ws.prefix(model, w, first, e["batch_size"], f"{ekey}/{name}") for name, w in windows.items()}
+    out = {name: ws.prefix(model, w, first, e["batch_size"], f"{ekey}/{name}") for name, w in windows.items()}
+    if e.get("tasks") and e["engine"] == "lp":
+        out[ZEROSHOT] = ws.zeroshot_prefix(first, ekey)
+    return out
 
 
 class PatchCheck:
@@ -580,13 +616,13 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     tracker.log({"time/calibration": timings["calibration"]})
     with _timed(timings, "eval_windows"):
         windows = data.eval_windows()
-    with _timed(timings, "dense_eval"):
-        dense = evaluate_dense(cfg, model, tokenizer, windows)
     with _timed(timings, "selection"):
         removed, fitted, scores = select(cfg, model, stats, data)
     tracker.log({"removed": str(removed), "time/selection": timings["selection"]})
     with _timed(timings, "eval_prefixes"):  # the dense hidden states entering the first changed layer
         prefixes = eval_prefixes(cfg, ws, model, windows, removed)
+    with _timed(timings, "dense_eval"):  # fills the zero-shot prefix states when it runs
+        dense = evaluate_dense(cfg, model, tokenizer, windows, prefixes)
     out = {"removed": removed, "fitted": fitted, "selection_scores": scores, "num_layers": Layout(model).num_layers,
            "params_dense": count_parameters(model)}
     with _timed(timings, "teacher"):
@@ -642,7 +678,7 @@ def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: Bound
         "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
                            "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
         "zeroshot": {"dense": zs_dense, "pruned": zs_pruned,
-                     "lm_eval": versions()["lm_eval"] if zs_dense else None},
+                     "lm_eval": versions()["lm_eval"] if zs_dense else None, "engine": engine_of(cfg)},
         "retention": _retention(cfg, dense, pruned_eval),
         "outcomes": outcomes_path(f"{rid}.json").name if pruned_eval["outcomes"] else None,
         "eval_tokens": windows[main].numel(), "calib_tokens": stats.tokens,

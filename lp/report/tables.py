@@ -72,6 +72,11 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         if given:  # only runs that have the field are labelled
             row["patch"] += f" [{', '.join(given)}]"
         rp = r.get("retention") or {}
+        zs = r.get("zeroshot") or {}
+        if zs.get("dense"):  # the engine that scored the tasks (records before lp's engine: HFLM)
+            engine = (zs.get("engine") or {"name": "hflm"})["name"]
+            if engine != "lp":
+                row["eval"] += f" [{engine}]"
         by_data = r["ppl"].get("datasets") or {r["data"]: {"dense": r["ppl"]["dense"], "pruned": r["ppl"]["pruned"]}}
         row.update(ppl_by_data={k: v["pruned"] for k, v in by_data.items()},
                    ppl_dense_by_data={k: v["dense"] for k, v in by_data.items()})
@@ -80,7 +85,6 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
                    created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
                    avg_dense=rp.get("avg_dense"), settings=r.get("run_id", "").rsplit("__", 1)[-1],
                    config=config)
-        zs = r.get("zeroshot") or {}
         acc = lambda v: v["acc"] if isinstance(v, dict) else v  # noqa: E731  (older records: plain numbers)
         row.update({f"acc_{t}": acc(v) for t, v in zs.get("pruned", {}).items()})
         row.update({f"dense_{t}": acc(v) for t, v in zs.get("dense", {}).items()})

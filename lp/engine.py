@@ -1,0 +1,279 @@
+"""lp's loglikelihood engine for lm-eval: each distinct context scored once, the output head only where a
+continuation token is predicted, batches by a token budget, and dense prefix reuse for pruned models.
+
+:class:`PackedLM` is lm-eval's HFLM with its model part replaced (``_loglikelihood_tokens``): tokenisation
+(the context/continuation split, empty contexts, BOS, left truncation at the model's length), requests,
+``loglikelihood_rolling``, ``generate_until``, caching hooks and everything else are HFLM's own, so the
+requests it scores are HFLM's requests, token for token. It is registered with lm-eval as ``lp``
+(``lm_eval --model lp --model_args pretrained=...`` works as for ``hf``).
+
+How a batch is built. A request (context c, continuation x) is scored from the input (c + x)[-(L+1):][:-1],
+exactly as HFLM truncates it; its *shared* part is that input up to and including the last context token, its
+*suffix* the rest (x without its last token). Requests with the same shared part (the choices of one
+question) form a group: the shared part once, then every suffix, each suffix seeing the shared part and
+itself, never another suffix (a prefix-sharing attention mask; positions restart after the shared part for
+every suffix). Groups are packed into rows (several questions per row, block-diagonal), rows into batches of
+at most ``token_budget`` tokens, longest first, so an out-of-memory error shows on the first batch. The final
+norm's output is gathered at the positions that predict a continuation token only, and the head and
+log-softmax (float32) run on those rows alone: never a (batch, length, vocabulary) tensor.
+
+Dense prefix reuse (:class:`PrefixStates`): the layers before the first one that pruning changes are the dense
+model's, so the hidden states entering that layer, per batch, are kept (within a byte budget) from the first
+evaluation that computes them (the dense one, or an earlier run of a sweep) and later evaluations start there.
+The batches are a function of the requests alone, so the states fit exactly: outcomes are identical.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm.auto import tqdm
+
+from .evaluation import _Skip, layer_output_kind, prefix_reuse_applies
+from .models import Layout
+
+ENGINE_VERSION = 1  # part of the dense evaluation's cache key and of the record: raise it when outcomes may change
+ENGINES = ("lp", "hflm")  # eval.engine: lp's engine, or lm-eval's HFLM (the reference the tests compare against)
+HEAD_CHUNK = 2**27  # logits computed at most this many (positions x vocabulary) at a time (512 MiB in float32)
+
+
+@dataclass
+class _Group:
+    """Requests that share their scored input up to the last context token."""
+
+    shared: tuple[int, ...]
+    members: list = field(default_factory=list)  # (request index, suffix tokens, continuation tokens)
+
+    @property
+    def size(self) -> int:
+        return len(self.shared) + sum(len(s) for _, s, _ in self.members)
+
+
+def group_requests(requests: list, max_length: int) -> list[_Group]:
+    """Requests ((context, continuation) strings, context tokens, continuation tokens) grouped by shared part,
+    with HFLM's left truncation: the input is (context + continuation)[-(max_length + 1):][:-1]."""
+    groups: dict[tuple, _Group] = {}
+    for i, (_, ctx, cont) in enumerate(requests):
+        if not ctx or not cont or len(cont) > max_length:
+            raise ValueError(f"request {i}: a context and a continuation of 1..{max_length} tokens are needed "
+                             f"(got {len(ctx)} and {len(cont)})")
+        inp = (list(ctx) + list(cont))[-(max_length + 1):][:-1]
+        cut = len(inp) - len(cont) + 1
+        shared = tuple(inp[:cut])
+        groups.setdefault(shared, _Group(shared)).members.append((i, inp[cut:], list(cont)))
+    # longest first (ties by tokens: the order, hence every batch, is a function of the requests alone)
+    return sorted(groups.values(), key=lambda g: (-g.size, g.shared))
+
+
+def pack(groups: list[_Group], token_budget: int) -> list[list[list[_Group]]]:
+    """Batches of rows of groups: within a batch every row is as long as its longest group (the batch's
+    first); a row takes groups while they fit, a batch rows while rows x length stays within the budget."""
+    batches, i = [], 0
+    while i < len(groups):
+        width = groups[i].size
+        rows, used = [[]], 0
+        while i < len(groups):
+            g = groups[i]
+            if used + g.size > width:  # a new row, if the batch has room for it
+                if (len(rows) + 1) * width > token_budget:
+                    break
+                rows.append([])
+                used = 0
+            rows[-1].append(g)
+            used += g.size
+            i += 1
+        batches.append(rows)
+    return batches
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # (rows, width)
+    pos: torch.Tensor  # position ids
+    seg: torch.Tensor  # group of each token in its row (-1: padding)
+    part: torch.Tensor  # 0: the group's shared part, j >= 1: its j-th suffix
+    where: list  # per member: (request index, row, token indices that predict the continuation, continuation)
+
+    @property
+    def key(self) -> str:
+        """What the batch is, for prefix reuse."""
+        h = hashlib.sha256()
+        for t in (self.ids, self.pos, self.seg, self.part):
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
+def layout_batch(rows: list[list[_Group]], pad_id: int) -> _Batch:
+    width = max(sum(g.size for g in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos, seg, part = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros_like(ids)
+    where = []
+    for r, row in enumerate(rows):
+        t = 0
+        for gi, g in enumerate(row):
+            n = len(g.shared)
+            ids[r, t : t + n] = torch.tensor(g.shared)
+            pos[r, t : t + n] = torch.arange(n)
+            seg[r, t : t + n] = gi
+            last_shared, t = t + n - 1, t + n
+            for j, (req, suffix, cont) in enumerate(g.members, start=1):
+                k = len(suffix)
+                if k:
+                    ids[r, t : t + k] = torch.tensor(suffix)
+                    pos[r, t : t + k] = torch.arange(n, n + k)
+                    seg[r, t : t + k], part[r, t : t + k] = gi, j
+                where.append((req, r, [last_shared, *range(t, t + k)], cont))
+                t += k
+    return _Batch(ids, pos, seg, part, where)
+
+
+def attention_mask(b: _Batch, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """The additive (rows, 1, width, width) mask: a token sees the earlier tokens of its group's shared part and
+    of its own suffix (within ``window`` positions for sliding-window layers); padding sees itself."""
+    q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))
+    see = (b.seg[q] == b.seg[k]) & (b.seg[q] >= 0)
+    idx = torch.arange(b.ids.shape[1])
+    see &= idx[:, None] >= idx[None, :]
+    see &= (b.part[k] == 0) | (b.part[k] == b.part[q])
+    if window is not None:
+        see &= b.pos[q] - b.pos[k] < window
+    see |= torch.eye(b.ids.shape[1], dtype=torch.bool)  # padding attends to itself (no empty softmax row)
+    return torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)[:, None]
+
+
+class PrefixStates:
+    """Dense hidden states entering decoder layer ``layer``, per batch (on the CPU), kept while they fit in
+    ``budget`` bytes (batches past it are computed as usual)."""
+
+    def __init__(self, layer: int, budget: int):
+        self.layer, self.budget, self.states, self.tuple_output = layer, budget, {}, None
+        self.hits = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self.states.values())
+
+    def offer(self, key: str, hidden: torch.Tensor) -> None:
+        if key not in self.states and self.nbytes + hidden.numel() * hidden.element_size() <= self.budget:
+            self.states[key] = hidden.detach().to("cpu", copy=True)
+
+
+def _masks(model, b: _Batch, dtype: torch.dtype, device):
+    """What the model's forward takes as attention_mask: one mask, or one per layer type (sliding windows)."""
+    types, window = getattr(model.config, "layer_types", None), getattr(model.config, "sliding_window", None)
+    if not types:  # one kind of layer: a sliding window for all where the config sets one (Mistral, Phi-3)
+        return attention_mask(b, dtype, window).to(device)
+    full = attention_mask(b, dtype).to(device)
+    if "sliding_attention" not in types:
+        return full
+    return {"full_attention": full, "sliding_attention": attention_mask(b, dtype, window).to(device)}
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The head on final hidden states, with the transforms the families' forward applies after it."""
+    logits = Layout(model).head(hidden)
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2/3
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    if getattr(cfg, "logits_scaling", None) and cfg.model_type == "granite":
+        logits = logits / cfg.logits_scaling
+    return logits
+
+
+@contextmanager
+def _skipping(model, layer: int, tuple_output: bool):
+    """The first ``layer`` decoder layers stand aside (their output is fed as inputs_embeds)."""
+    lay = Layout(model)
+    kept = lay.layers
+    lay.layers = torch.nn.ModuleList([_Skip(tuple_output)] * layer + list(kept)[layer:])
+    try:
+        yield
+    finally:
+        lay.layers = kept
+
+
+@torch.no_grad()
+def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None) -> torch.Tensor:
+    """The final norm's output for a batch (rows, width, d), from the prefix states where they hold it."""
+    lay = Layout(model)
+    embed = lay.base.get_input_embeddings().weight
+    device, dtype = embed.device, embed.dtype
+    mask, pos = _masks(model, b, dtype, device), b.pos.to(device)
+    key = b.key if prefix is not None else None
+    if prefix is not None and key in prefix.states:
+        prefix.hits += 1
+        with _skipping(model, prefix.layer, prefix.tuple_output):
+            return lay.base(inputs_embeds=prefix.states[key].to(device), attention_mask=mask, position_ids=pos,
+                            use_cache=False).last_hidden_state
+    hook = None
+    if prefix is not None:
+        def grab(module, args, kwargs):
+            prefix.offer(key, args[0] if args else kwargs["hidden_states"])
+        hook = lay.layers[prefix.layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with layer_output_kind(model) as returns:
+            out = lay.base(input_ids=b.ids.to(device), attention_mask=mask, position_ids=pos,
+                           use_cache=False).last_hidden_state
+        if prefix is not None:
+            prefix.tuple_output = returns[0]
+        return out
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+@torch.no_grad()
+def score_batch(model, b: _Batch, prefix: PrefixStates | None = None) -> list[tuple[int, float, bool]]:
+    """(request index, log-likelihood of its continuation, whether it is the greedy continuation)."""
+    hidden = final_hidden(model, b, prefix)
+    rows = torch.tensor([r for _, r, idx, _ in b.where for _ in idx])
+    cols = torch.tensor([i for _, _, idx, _ in b.where for i in idx])
+    target = torch.tensor([t for *_, cont in b.where for t in cont])
+    picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    vocab = Layout(model).head.out_features if hasattr(Layout(model).head, "out_features") else None
+    step = max(1, HEAD_CHUNK // (vocab or 2**17))
+    logp, greedy = [], []
+    for s in range(0, len(picked), step):
+        logits = output_logits(model, picked[s : s + step]).float()
+        t = target[s : s + step].to(logits.device)
+        logp.append(F.log_softmax(logits, dim=-1).gather(1, t[:, None])[:, 0].cpu())
+        greedy.append((logits.argmax(dim=-1) == t).cpu())
+    logp, greedy = torch.cat(logp), torch.cat(greedy)
+    out, at = [], 0
+    for req, _, idx, _ in b.where:
+        out.append((req, float(logp[at : at + len(idx)].sum()), bool(greedy[at : at + len(idx)].all())))
+        at += len(idx)
+    return out
+
+
+@register_model("lp")
+class PackedLM(HFLM):
+    """HFLM with lp's engine for its loglikelihood requests (module docstring). ``token_budget``: tokens per
+    batch (rows x width); ``prefix``: dense states to start from or to fill (:class:`PrefixStates`)."""
+
+    def __init__(self, pretrained, token_budget: int = 16384, prefix: PrefixStates | None = None, **kwargs):
+        kwargs.pop("batch_size", None)  # batches are built by token_budget
+        super().__init__(pretrained=pretrained, batch_size=1, **kwargs)
+        self.token_budget = int(token_budget)
+        if prefix is not None and (prefix.layer == 0 or not prefix_reuse_applies(self.model)):
+            prefix = None  # nothing to skip, or a family whose embeddings cannot be fed back: the plain path
+        self.prefix = prefix
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        groups = group_requests(requests, self.max_length)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        res: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lp loglikelihood")
+        for rows in pack(groups, self.token_budget):
+            for req, logp, greedy in score_batch(self.model, layout_batch(rows, pad), self.prefix):
+                res[req] = (logp, greedy)
+                if requests[req][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[req][0], res[req])
+            bar.update(sum(len(g.members) for row in rows for g in row))
+        bar.close()
+        return res
