@@ -1,0 +1,125 @@
+"""Zero-shot evaluation: lp's engine against lm-eval's HFLM on the same model and tasks (a benchmark, not a test).
+
+    python -m experiments.bench.engine --out results/bench_engine_cpu.json                 # default model, eval=quick
+    python -m experiments.bench.engine --out results/bench_engine_gpu.json model=qwen2.5_coder_1.5b \\
+        model.name_or_path=DIR model.gguf_file=F model.parts=null eval=local eval.limit=null --removed 14-20
+
+Overrides after the options compose the run's config (conf/, as experiments.run takes them). Timed, on the
+dense model: HFLM at eval.zeroshot_batch_size (default eval.batch_size), then lp's engine (which keeps the states
+entering the first removed layer); on the model with --removed layers taken out: lp's engine starting from
+those states (prefix reuse), then from the embeddings. Reported: seconds, peak GPU memory, tokens each engine
+fed the model and the TFLOP/s that makes (2 x parameters per token, the head only where each engine applies
+it), and the documents whose acc or acc_norm differs between engines and between prefix reuse on and off.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from experiments.bench.common import clock, device_name, emit, peak_gib, reset_peak
+
+
+def _blocks(spec: str) -> list[int]:
+    lo, _, hi = spec.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def _differ(a: dict, b: dict) -> dict:
+    """Documents whose acc or acc_norm differs between two sets of outcomes, of all."""
+    n = d = 0
+    for t in a:
+        for m in ("acc", "acc_norm"):
+            if a[t][m] is not None:
+                d += sum(x != y for x, y in zip(a[t][m], b[t][m], strict=True))
+        n += len(a[t]["ids"])
+    return {"documents": n, "differ": d, "fraction": round(d / n, 5)}
+
+
+def main(argv=None) -> dict:
+    from hydra import compose, initialize_config_dir
+    from lm_eval.models.huggingface import HFLM
+    from omegaconf import OmegaConf
+
+    from experiments.batch import CONF
+    from lp import engine as lp_engine
+    from lp.engine import PrefixStates
+    from lp.models import Layout, load_model
+    from lp.pruning import pruned
+    from lp.zeroshot import evaluate_tasks, local_task_dir
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--removed", default="14-18", help="layers to take out, lo-hi (default: the main job's block)")
+    ap.add_argument("--out")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=a.overrides), resolve=True)
+    m, e = cfg["model"], cfg["eval"]
+    model, tok = load_model(m["name_or_path"], m.get("gguf_file"), m["dtype"], m["device"], m.get("device_map"),
+                            parts=m.get("parts"), sha256=m.get("sha256"), install=m.get("install") or "")
+    lay, removed = Layout(model), _blocks(a.removed)
+    per_layer = sum(p.numel() for p in lay.layers[0].parameters())
+    head = sum(p.numel() for p in lay.head.parameters())
+    zs = dict(tasks=list(e["tasks"]), limit=e.get("limit"), num_fewshot=e.get("num_fewshot"),
+              include_path=local_task_dir(), seed=cfg["seed"])
+
+    fed = {}  # what each engine gives the model: token positions x layers run, positions through the head
+
+    def lp_batch(orig):
+        def counted(model_, b, prefix=None):
+            start = prefix.layer if prefix is not None and b.key in prefix.states else 0
+            fed["layers"] += b.ids.numel() * (Layout(model_).num_layers - start)
+            fed["head"] += sum(len(w[2]) for w in b.where)
+            return orig(model_, b, prefix)
+        return counted
+
+    def hflm_batch(orig):
+        def counted(self, inps, *args, **kw):
+            fed["layers"] += inps.numel() * Layout(model).num_layers
+            fed["head"] += inps.numel()
+            return orig(self, inps, *args, **kw)
+        return counted
+
+    def timed(name, **kw):
+        owner, attr, wrap = ((HFLM, "_model_call", hflm_batch) if kw["engine"] == "hflm"
+                             else (lp_engine, "final_hidden", lp_batch))
+        orig = getattr(owner, attr)
+        setattr(owner, attr, wrap(orig))
+        fed.update(layers=0, head=0)
+        reset_peak()
+        t = clock()
+        try:
+            _, out = evaluate_tasks(model, tok, **zs, **kw)
+        finally:
+            setattr(owner, attr, orig)
+        s = clock() - t
+        flops = 2 * (fed["layers"] * per_layer + fed["head"] * head)
+        rows[name] = {"seconds": round(s, 2), "peak_gib": peak_gib(), "tokens_x_layers": fed["layers"],
+                      "head_positions": fed["head"], "tflops_per_s": round(flops / s / 1e12, 3)}
+        print(name, rows[name], flush=True)
+        return out
+
+    rows: dict = {}
+    states = PrefixStates(min(removed), 64 * 2**30)
+    hf = timed("dense_hflm", engine="hflm", batch_size=e.get("zeroshot_batch_size") or e["batch_size"])
+    dense = timed("dense_lp", engine="lp", token_budget=e["token_budget"], prefix=states)
+    with pruned(model, removed, lambda *_: None):
+        reuse = timed("pruned_lp_prefix_reuse", engine="lp", token_budget=e["token_budget"], prefix=states)
+        plain = timed("pruned_lp", engine="lp", token_budget=e["token_budget"])
+    return emit({
+        "what": "zero-shot evaluation, lm-eval's HFLM vs lp's engine (lp/engine.py)",
+        "command": "python -m experiments.bench.engine " + " ".join([f"--removed {a.removed}", *a.overrides]),
+        "device": device_name(m["device"]), "torch": torch.__version__, "model": m["name"], "dtype": m["dtype"],
+        "tasks": zs["tasks"], "limit": zs["limit"], "removed": removed, "token_budget": e["token_budget"],
+        "hflm_batch_size": e.get("zeroshot_batch_size") or e["batch_size"], "date": time.strftime("%Y-%m-%d"),
+        "runs": rows, "speedup_dense": round(rows["dense_hflm"]["seconds"] / rows["dense_lp"]["seconds"], 2),
+        "prefix_states_gib": round(states.nbytes / 2**30, 3), "prefix_hits": states.hits,
+        "outcomes_differ_dense_lp_vs_hflm": _differ(hf, dense),
+        "outcomes_differ_prefix_reuse_on_vs_off": _differ(reuse, plain),
+    }, a.out)
+
+
+if __name__ == "__main__":
+    main()
