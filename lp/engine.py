@@ -132,18 +132,20 @@ def layout_batch(rows: list[list[_Group]], pad_id: int) -> _Batch:
     return _Batch(ids, pos, seg, part, where)
 
 
-def attention_mask(b: _Batch, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
-    """The additive (rows, 1, width, width) mask: a token sees the earlier tokens of its group's shared part and
-    of its own suffix (within ``window`` positions for sliding-window layers); padding sees itself."""
+def attention_mask(b: _Batch, dtype: torch.dtype, window: int | None = None, device=None) -> torch.Tensor:
+    """The additive (rows, 1, width, width) mask, built on ``device``: a token sees the earlier tokens of its
+    group's shared part and of its own suffix (within ``window`` positions for sliding-window layers); padding
+    sees itself."""
+    seg, part, pos = (t.to(device) for t in (b.seg, b.part, b.pos))
     q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))
-    see = (b.seg[q] == b.seg[k]) & (b.seg[q] >= 0)
-    idx = torch.arange(b.ids.shape[1])
+    see = (seg[q] == seg[k]) & (seg[q] >= 0)
+    idx = torch.arange(b.ids.shape[1], device=seg.device)
     see &= idx[:, None] >= idx[None, :]
-    see &= (b.part[k] == 0) | (b.part[k] == b.part[q])
+    see &= (part[k] == 0) | (part[k] == part[q])
     if window is not None:
-        see &= b.pos[q] - b.pos[k] < window
-    see |= torch.eye(b.ids.shape[1], dtype=torch.bool)  # padding attends to itself (no empty softmax row)
-    return torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)[:, None]
+        see &= pos[q] - pos[k] < window
+    see |= torch.eye(b.ids.shape[1], dtype=torch.bool, device=seg.device)  # padding sees itself: no empty row
+    return torch.zeros(see.shape, dtype=dtype, device=seg.device).masked_fill_(~see, torch.finfo(dtype).min)[:, None]
 
 
 class PrefixStates:
@@ -167,11 +169,11 @@ def _masks(model, b: _Batch, dtype: torch.dtype, device):
     """What the model's forward takes as attention_mask: one mask, or one per layer type (sliding windows)."""
     types, window = getattr(model.config, "layer_types", None), getattr(model.config, "sliding_window", None)
     if not types:  # one kind of layer: a sliding window for all where the config sets one (Mistral, Phi-3)
-        return attention_mask(b, dtype, window).to(device)
-    full = attention_mask(b, dtype).to(device)
+        return attention_mask(b, dtype, window, device)
+    full = attention_mask(b, dtype, device=device)
     if "sliding_attention" not in types:
         return full
-    return {"full_attention": full, "sliding_attention": attention_mask(b, dtype, window).to(device)}
+    return {"full_attention": full, "sliding_attention": attention_mask(b, dtype, window, device)}
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -263,6 +265,17 @@ class PackedLM(HFLM):
         if prefix is not None and (prefix.layer == 0 or not prefix_reuse_applies(self.model)):
             prefix = None  # nothing to skip, or a family whose embeddings cannot be fed back: the plain path
         self.prefix = prefix
+        self._encoded: dict = {}
+
+    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs) -> list[int]:
+        """HFLM's encoding, remembered per string: the choices of a question encode its context again each."""
+        key = (string, add_special_tokens, left_truncate_len)
+        if kwargs or key not in self._encoded:
+            out = super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            if kwargs:
+                return out
+            self._encoded[key] = out
+        return list(self._encoded[key])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         groups = group_requests(requests, self.max_length)

@@ -95,5 +95,6 @@ def record(n, patch, ppl, created, status="complete", seed=0, data="d", metric="
     if acc is not None:
         from lp.zeroshot import retention
 
-        r.update(zeroshot={"dense": dense_acc, "pruned": acc}, retention=retention(dense_acc, acc))
+        r.update(zeroshot={"dense": dense_acc, "pruned": acc, "engine": {"name": "lp", "version": 1}},
+                 retention=retention(dense_acc, acc))
     return r
