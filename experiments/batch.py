@@ -26,8 +26,15 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 def runs_of(path: str | Path) -> list[list[str]]:
     """The override list of each run in ``path``: one run a line, blank lines and ``#`` comments skipped."""
-    lines = Path(path).read_text().splitlines()
-    return [shlex.split(line, comments=True) for line in lines if shlex.split(line, comments=True)]
+    runs = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:  # an unclosed quote
+            raise ValueError(f"{path}, line {i}: {e}: {line!r}") from e
+        if words:
+            runs.append(words)
+    return runs
 
 
 def main(argv=None) -> int:

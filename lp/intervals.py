@@ -7,50 +7,14 @@ percentile interval over ``resamples`` draws, seeded, so it is reproducible.
 
 Outcomes are lm-eval's own per-document scores (``log_samples``), per task ``{"ids": [...], "acc": [0/1 ...],
 "acc_norm": [...] | None}``; only documents that every compared model scored enter (a run with ``eval.limit``
-compares on the documents both scored). A record without outcomes gets no interval: :func:`load_outcomes`
-returns None and the tables say so.
+compares on the documents both scored). A record without outcomes gets no interval (their side files are read
+and checked by lp.records.load_outcomes) and the tables say so.
 """
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
-
 import numpy as np
 
-OUTCOMES_FORMAT = 1
 CHUNK = 256  # resamples drawn at once (bounds memory: CHUNK x documents indices)
-
-
-def outcomes_path(record_path: str | Path) -> Path:
-    """The side file of a record: ``<run_id>.outcomes.json.gz`` beside ``<run_id>.json``."""
-    p = Path(record_path)
-    return p.with_name(p.name[: -len(".json")] + ".outcomes.json.gz")
-
-
-def save_outcomes(path: str | Path, dense: dict, pruned: dict) -> None:
-    from .records import atomic_write
-
-    blob = gzip.compress(json.dumps({"format": OUTCOMES_FORMAT, "dense": dense, "pruned": pruned},
-                                    separators=(",", ":")).encode(), mtime=0)  # mtime=0: same bytes for same data
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
-
-
-def load_outcomes(record_path: str | Path) -> dict | None:
-    """{"dense": ..., "pruned": ...} of a record, or None when it has no side file (older records). A side file
-    that cannot be read is an error naming it, never silently an interval-free row."""
-    p = outcomes_path(record_path)
-    if not p.is_file():
-        return None
-    from .records import DamagedFile
-
-    try:
-        data = json.loads(gzip.decompress(p.read_bytes()))
-        if data.get("format") != OUTCOMES_FORMAT or not {"dense", "pruned"} <= set(data):
-            raise ValueError(f"format {data.get('format')!r}, keys {sorted(data)}")
-    except (OSError, EOFError, ValueError, AttributeError) as e:
-        raise DamagedFile(f"{p} is damaged ({e})") from e
-    return data
 
 
 def _aligned(models: list[dict], metric: str) -> dict[str, np.ndarray]:

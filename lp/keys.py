@@ -7,6 +7,7 @@ SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # confi
 # the prune settings each metric reads, besides metric and n (what a run_id hashes: nothing it ignores), as each
 # metric declares them in lp.selection.register; a metric not (yet) registered hashes every prune setting
 USES: dict[str, set] = {}
+DISTILL_USES: dict[str, set] = {}  # the distill settings each distill.method reads (lp.pipeline.DISTILL)
 EXECUTION = {"prefix_reuse", "zeroshot_batch_size", "token_budget"}  # how a run is computed, not what: never part of its identity
 
 
@@ -20,4 +21,7 @@ def group_settings(cfg: dict, group: str) -> dict:
     """A config group's settings that can change results (what keys records and caches)."""
     if group == "prune":
         return used_prune_settings(cfg["prune"])
+    if group == "distill":  # a setting the method does not read is not part of the run
+        used = {"method"} | DISTILL_USES.get(cfg["distill"].get("method"), set(cfg["distill"]))
+        return {k: v for k, v in cfg["distill"].items() if k in used}
     return {k: v for k, v in cfg[group].items() if k not in EXECUTION}

@@ -269,12 +269,16 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[
             raise ValueError(f"model.sha256: {folder / gguf_file} does not have the pinned SHA-256 {sha256}; "
                              f"reinstall the package ({install or pkg})")
         return str(folder), gguf_file
+    if name_or_path and Path(name_or_path).is_file():
+        where = Path(name_or_path)
+        raise ValueError(f"model.name_or_path={name_or_path!r} is a file, not a folder: give its folder and its name "
+                         f"apart, model.name_or_path={str(where.parent)!r} model.gguf_file={where.name!r}")
     return name_or_path, gguf_file
 
 
-def model_config(m: dict) -> tuple[int, int | None, int]:
-    """(number of decoder layers, context length, hidden size) from the model's config alone, before its
-    weights load (for a GGUF file: its header)."""
+def model_config(m: dict) -> tuple[int, int | None, int, int | None]:
+    """(number of decoder layers, context length, hidden size, vocabulary size) from the model's config alone,
+    before its weights load (for a GGUF file: its header)."""
     from transformers import AutoConfig
 
     path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
@@ -283,13 +287,17 @@ def model_config(m: dict) -> tuple[int, int | None, int]:
         with _gguf_read_once():
             cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except OSError as e:
+        if gguf and (Path(path) / gguf).is_file():  # the file is there: its header is what failed
+            raise ValueError(f"model: the header of {Path(path) / gguf} could not be read, the file may be damaged "
+                             f"({type(e).__name__}: {e})") from e
         raise FileNotFoundError(f"model.name_or_path={m['name_or_path']!r}: no config could be read (no such local "
                                 f"folder, or the hub is out of reach): {e}") from e
     except Exception as e:  # a damaged GGUF header
         raise ValueError(f"model: the config of {Path(path) / (gguf or '')} could not be read, the file may be "
                          f"damaged ({type(e).__name__}: {e})") from e
     cfg = getattr(cfg, "text_config", None) or cfg
-    return cfg.num_hidden_layers, getattr(cfg, "max_position_embeddings", None), cfg.hidden_size
+    return (cfg.num_hidden_layers, getattr(cfg, "max_position_embeddings", None), cfg.hidden_size,
+            getattr(cfg, "vocab_size", None))
 
 
 @contextmanager

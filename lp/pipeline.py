@@ -23,17 +23,18 @@ from .engine import ENGINE_VERSION, ENGINES, PrefixStates
 from .distill import TRAIN_CHOICES, TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity, prefix_reuse_applies
 from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
-from .intervals import outcomes_path, rp_interval, save_outcomes
+from .intervals import rp_interval
 from .models import Layout, count_parameters, load_model, local_content, model_config
 from . import prunecomp
 from .modules import MODEL_PRECISION, PRECISIONS
 from .patches import PATCHES, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
-from .records import (DamagedFile, RECORD_VERSION, cached_json, is_complete, key_of, locked, read_json, set_aside,
+from .records import (DamagedFile, RECORD_VERSION, cached_json, key_of, locked, outcomes_path, read_json, record_problem,
+                      save_outcomes, set_aside,
                       versions, write_json)
-from .keys import SETTING_GROUPS, group_settings
+from .keys import DISTILL_USES, SETTING_GROUPS, group_settings
 from .selection import METRICS, SelectionContext, patched_scores, select_layers
-from .settings import Flag, Int, Limit, Number, OneOf, check, check_value
+from .settings import Flag, Fraction, Int, Limit, Number, OneOf, Path_, check, check_value
 from .tracking import BACKENDS, make_tracker
 from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 
@@ -54,7 +55,7 @@ def _rules() -> dict:
     return {"prune": {"metric": OneOf(tuple(sorted(METRICS))), "n": Int(0, "layers")},
             "patch": {"variant": OneOf(tuple(sorted(PATCHES)))},
             "distill": {"method": OneOf(tuple(DISTILL_METHODS))},
-            "data": {"seqlen": Int(2, "context"), "calib_samples": Int(1), "calib_batch_size": Int(1),
+            "data": {"seqlen": Int(2, "context"), "calib_samples": Int(1, "calib_samples"), "calib_batch_size": Int(1),
                      "bos": OneOf(data_lib.BOS_CHOICES)},
             "eval": {"max_windows": Int(1, none_ok=True), "batch_size": Int(1), "prefix_reuse": Flag(),
                      "rp_metric": OneOf(RP_METRICS), "engine": OneOf(ENGINES), "token_budget": Int(1)},
@@ -69,8 +70,9 @@ _TRAINED = {"samples": Int(1), "val_samples": Int(0, none_ok=True), "seqlen": In
             "batch_size": Int(1), "lr": Number(), "weight_decay": Number(positive=False),
             "epochs": Int(1)}  # 0 epochs would label an untrained patch distilled
 DISTILL = {"none": {}, "mse": _TRAINED,  # what each distill.method reads
-           "offline_kl": {**_TRAINED, "topk": Int(1), "min_lr_factor": Number(), "early_stop": Int(1, none_ok=True),
+           "offline_kl": {**_TRAINED, "topk": Int(1, "vocab"), "min_lr_factor": Number(), "early_stop": Int(1, none_ok=True),
                           "train": OneOf(TRAIN_CHOICES), "autocast": OneOf(("bfloat16", "float16", None))}}
+DISTILL_USES.update({method: set(rules) for method, rules in DISTILL.items()})
 
 
 def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
@@ -84,6 +86,9 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     if dist["method"] == "mse" and variant == "streamline_layer":
         raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
                          "layer already trained so: use distill=none or distill=offline_kl")
+    if variant == "none" and dist["method"] != "none":
+        raise ValueError(f"distill={dist['method']} trains the patch, and patch=none leaves none to train: use "
+                         f"patch=linearpatch (or another patch), or distill=none")
     if variant == "replaceme" and dist["method"] != "none":
         raise ValueError("patch=replaceme folds its map into the model's weights and leaves no patch to train: "
                          "use distill=none")
@@ -106,15 +111,41 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
         raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
 
 
+def known_settings() -> dict[str, set]:
+    """Every setting a method of the prune, patch and distill groups reads (the registries as they are now)."""
+    return {"prune": {"metric", "n", "start", "indices", "patch"} | {k for m in METRICS.values() for k in m.reads},
+            "patch": {"variant"} | set(OPTIONAL["patch"]) | {k for m in PATCHES.values() for k in m.reads},
+            "distill": {"method"} | {k for rules in DISTILL.values() for k in rules}}
+
+
+TOP = {"seed": Int(0), "resume": Flag(), "progress": Flag(), "results_dir": Path_(), "cache_dir": Path_()}
+BOOTSTRAP = {"resamples": Int(1, "resamples"), "level": Fraction(), "seed": Int(0)}
+MAX_CALIB_SAMPLES = 4096  # 32x the paper's 128: more is a typo, not a protocol (each sample is a forward pass)
+MAX_RESAMPLES = 100_000
+
+
 def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
-             hidden_size: int | None = None) -> None:
-    """Checks that need no weights: the config alone, then (given them) the model's layer count, context and
-    hidden size. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the distillation's), then
-    how the choices go together (:func:`validate_choices`)."""
+             hidden_size: int | None = None, vocab_size: int | None = None) -> None:
+    """Checks that need no weights: the config alone, then (given them) the model's layer count, context,
+    hidden size and vocabulary. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the
+    distillation's), then how the choices go together (:func:`validate_choices`)."""
     p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
     L = num_layers if num_layers is not None else math.inf
     bounds = {"layers": L - 1, "start": L - p["n"] if isinstance(p["n"], int) else math.inf,
-              "context": max_positions or math.inf}
+              "context": max_positions or math.inf, "vocab": vocab_size or math.inf,
+              "calib_samples": MAX_CALIB_SAMPLES, "resamples": MAX_RESAMPLES}
+    for group, known in known_settings().items():  # a misspelt +key is an error, never a silent no-op
+        unknown = sorted(set(cfg[group]) - known)
+        if unknown:
+            raise ValueError(f"{', '.join(f'{group}.{k}' for k in unknown)}: no {group} method reads "
+                             f"{'this setting' if len(unknown) == 1 else 'these settings'} (misspelt?); "
+                             f"{group} settings: {sorted(known)}")
+    check(TOP, cfg, "", "every run", bounds)
+    check(BOOTSTRAP, cfg.get("bootstrap") or {}, "bootstrap", "every run's intervals", bounds)
+    if not isinstance(p.get("indices"), (list, type(None))):
+        raise ValueError(f"prune.indices={p['indices']!r} must be a list of layer indices, e.g. prune.indices=[5]")
+    if not isinstance(e.get("tasks"), (list, type(None))) or any(not isinstance(t, str) for t in e.get("tasks") or []):
+        raise ValueError(f"eval.tasks={e.get('tasks')!r} must be a list of task names, e.g. eval.tasks=[piqa_local]")
     for group, rules in _rules().items():
         check(rules, cfg[group], group, "every run", bounds)
     for group, rules in OPTIONAL.items():
@@ -136,7 +167,6 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
         if ds["source"] == "brown":
             data_lib.brown_files(ds.get("path"))
         data_lib.local_data_files(ds, name)
-    check_value(Int(0), cfg["seed"], "seed")
 
 
 # ------------------------------------------------------------------ what runs of one process share
@@ -578,6 +608,10 @@ def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None)
     # what the config can tell, with the model's layer count and context length from its config file: all
     # before the weights load
     validate(cfg, *model_config(cfg["model"])) if cfg["model"].get("name_or_path") else validate(cfg)
+    device = cfg["model"].get("device")
+    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():  # before the load
+        raise ValueError(f"model.device={device}: torch sees no CUDA device here (torch {torch.__version__}); use "
+                         f"model.device=cpu, or a CUDA build of torch on a GPU machine")
     rid = run_id(cfg)
     record_path = Path(cfg["results_dir"]) / "records" / f"{rid}.json"
     if cfg.get("resume"):
@@ -586,10 +620,13 @@ def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None)
         except DamagedFile as e:  # a damaged record is redone; any other error is not resume's to hide
             log.warning(f"resume: {e}; the run is redone")
             old = None
-        if is_complete(old) and not cfg.get("save_model"):
+        why = record_problem(old, record_path) if old is not None else "no record"
+        if old is not None and why is not None:
+            log.warning(f"resume: {record_path} is not a complete record ({why}); the run is redone")
+        if why is None and not cfg.get("save_model"):
             log.info(f"resume: {record_path} is complete, skipped")
             return old
-        if is_complete(old):  # the record is done but the model was asked for: rebuilt from the caches
+        if why is None:  # the record is done but the model was asked for: rebuilt from the caches
             log.info(f"resume: {record_path} is complete, but save_model={cfg['save_model']} asks for the model: "
                      f"rebuilding it (calibration and the dense evaluation come from their caches)")
     tracker = make_tracker(cfg["logger"], cfg, rid, group)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import asdict, dataclass, field
@@ -11,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .models import Layout, module_device
-from .modules import PATCH_MODULES, ChannelScale, Patched, ReplacementLayer, ResidualFFN, unwrap
+from .modules import PATCH_MODULES, ChannelScale, LinearPatch, Patched, ReplacementLayer, ResidualFFN, unwrap
 from .patches import Fold
 
 SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
@@ -188,9 +190,44 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
 
     With ``fold``, scalar patches (prunecomp) are folded into the saved weights where that is exact (see
     :func:`foldable`): the folder is then a plain model that ``from_pretrained`` loads without lp."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir()) and not (path / SPEC_FILE).is_file()):
+        raise FileExistsError(f"save_model={path}: {'a file' if not path.is_dir() else 'a folder of other files'} is "
+                              f"there; lp replaces only a folder it saved itself (with {SPEC_FILE}): give a new or "
+                              f"empty folder")
+    _remove_stale(path)
+    tmp = path.with_name(f".{path.name}.saving-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_pruned(model, tokenizer, tmp, spec, fold)
+        if path.exists():  # the old folder out of the way, the new one in: a reader sees one run's folder or none
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.replace(old)
+            tmp.replace(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.replace(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_stale(path: Path) -> None:
+    """Folders that an interrupted save of ``path`` left beside it (their process is gone)."""
+    for p in path.parent.glob(f".{path.name}.saving-*") if path.parent.is_dir() else []:
+        pid = p.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def _write_pruned(model: nn.Module, tokenizer, path: Path, spec: PruneSpec, fold: bool) -> None:
+    """The folder's content; the spec is written last (a folder without it is not a saved model)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     layout = Layout(model)
     patches = patches_of(model)
     layers, norm = layout.layers, layout.norm
@@ -211,7 +248,6 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
     spec = dataclasses.replace(spec, patches={k: v for k, v in spec.patches.items() if int(k) not in folded},
                                folded={str(k): v for k, v in folded.items()},
                                precision={str(pos): p.precision for pos, p in kept.items() if hasattr(p, "precision")})
-    (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
     if any(kind != ReplacementLayer.kind for kind in spec.patches.values()):
         # patches that plain from_pretrained would silently drop: make it fail loudly instead, naming the way
         config = json.loads((path / "config.json").read_text())
@@ -219,6 +255,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
                       lp_note="patched model: load it with lp.pruning.load_pruned(folder); plain from_pretrained "
                               "would drop the patches")
         (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
 
 def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
@@ -242,7 +279,11 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
                                                  dtype=DTYPES[dtype]).to(device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    weights = load_file(str(path / PATCH_FILE))
+    try:
+        weights = load_file(str(path / PATCH_FILE))
+    except Exception as e:  # missing, truncated, not safetensors
+        raise ValueError(f"{path / PATCH_FILE} could not be read ({type(e).__name__}: {e}): the folder is damaged; "
+                         f"save the model again") from e
     layers = Layout(model).layers
     L = len(layers)
     bad = [i for i in spec.removed if not 0 <= i < spec.original_layers] + \
@@ -259,10 +300,27 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
             patch = ResidualFFN(*map(copy.deepcopy, Layout(model).mlp_branch(donor)))
             patch.load_state_dict(state)
         else:
+            _check_patch_weight(path, pos, kind, state, model.config.hidden_size)
             patch = PATCH_MODULES[kind](state["weight"], spec.precision.get(pos, "model"))
+        bad = [k for k, v in patch.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise ValueError(f"{path / PATCH_FILE}: the patch at layer {pos} holds non-finite values in {bad}: the "
+                             f"file is damaged; save the model again")
         patch.requires_grad_(False)
         attach_patch(model, int(pos), patch)
     return model, tokenizer, spec
+
+
+def _check_patch_weight(path: Path, pos: str, kind: str, state: dict, hidden: int) -> None:
+    """A weight patch's one tensor is there and of the shape its kind has at this model's hidden size."""
+    if kind not in PATCH_MODULES:
+        raise ValueError(f"{path / SPEC_FILE}: patch kind {kind!r} at layer {pos} is not one lp knows "
+                         f"({sorted(PATCH_MODULES)})")
+    want = {ChannelScale.kind: [(hidden,), (1,), ()], LinearPatch.kind: [(hidden, hidden)]}.get(kind)  # others: theirs
+    got = tuple(state["weight"].shape) if "weight" in state else None
+    if got is None or want is not None and got not in want:
+        raise ValueError(f"{path / PATCH_FILE}: the {kind} patch at layer {pos} has weight shape {got}, not one of {want} "
+                         f"(hidden size {hidden} in config.json): the file is damaged or of another model")
 
 
 def interfaces(removed: list[int]) -> list[tuple[int, int]]:

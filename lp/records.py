@@ -7,6 +7,7 @@ that need the same entry build it once. Cache keys include :func:`versions`.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 RECORD_VERSION = 2  # 2: zeroshot results per task with stderr, n-shot, versions; run_id hashes used settings
 CACHE_FORMAT = 2  # of calibration statistics, dense evaluations and teacher caches
+OUTCOMES_FORMAT = 1  # of a record's per-document outcomes (its side file)
 
 
 def sha256_of(path: str | Path) -> str:
@@ -55,17 +57,28 @@ def key_of(*parts) -> str:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the content to a temporary file that then replaces ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the usual permissions: the umask applies
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the usual permissions: the umask applies
+    except OSError as e:
+        raise _unwritable(path, e) from e
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or isinstance(e.__cause__ or e.__context__, OSError):  # torch.save wraps them
+            raise _unwritable(path, e) from e
         raise
+
+
+def _unwritable(path: Path, e: BaseException) -> OSError:
+    return OSError(getattr(e, "errno", None) or getattr(e.__cause__, "errno", None),
+                   f"could not write {path} ({type(e).__name__}: {e}): is the disk full or the folder read-only? "
+                   f"Free space, or set results_dir / cache_dir to a writable folder; nothing finished was lost")
 
 
 @contextmanager
@@ -74,9 +87,16 @@ def locked(path: str | Path):
     from filelock import FileLock
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError as e:
+        raise _unwritable(Path(str(path) + ".lock"), e) from e
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _finite(obj, where: str = "") -> None:
@@ -146,32 +166,150 @@ def cached_json(path: Path, compute: Callable[[], dict], problem: Callable[[dict
     return entry
 
 
-def is_complete(record: dict | None) -> bool:
-    return bool(record) and record.get("status") == "complete" and record.get("version") == RECORD_VERSION
+# ------------------------------------------------------------------ per-document outcomes (a record's side file)
+def outcomes_path(record_path: str | Path) -> Path:
+    """The side file of a record: ``<run_id>.outcomes.json.gz`` beside ``<run_id>.json``."""
+    p = Path(record_path)
+    return p.with_name(p.name[: -len(".json")] + ".outcomes.json.gz")
 
 
-REQUIRED = ("run_id", "model", "data", "metric", "n", "patch", "distill", "eval", "seed", "removed", "ppl")
+def save_outcomes(path: str | Path, dense: dict, pruned: dict) -> None:
+    blob = gzip.compress(json.dumps({"format": OUTCOMES_FORMAT, "dense": dense, "pruned": pruned},
+                                    separators=(",", ":")).encode(), mtime=0)  # mtime=0: same bytes for same data
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def load_outcomes(record_path: str | Path, record: dict | None = None) -> dict | None:
+    """{"dense": ..., "pruned": ...} of a record, or None when it has no side file and the record names none
+    (older records). A side file that cannot be read, that the record names but is missing, or (given the
+    ``record``) that does not match it (:func:`check_outcomes`) is :class:`lp.records.DamagedFile` naming it:
+    never silently an interval-free row, never an interval from wrong outcomes."""
+    p = outcomes_path(record_path)
+    if not p.is_file():
+        if record is not None and record.get("outcomes"):
+            raise DamagedFile(f"{p} is missing (the record names it)")
+        return None
+    try:
+        data = json.loads(gzip.decompress(p.read_bytes()))
+        if data.get("format") != OUTCOMES_FORMAT or not {"dense", "pruned"} <= set(data):
+            raise ValueError(f"format {data.get('format')!r}, keys {sorted(data)}")
+        if record is not None:
+            check_outcomes(data, record)
+    except (OSError, EOFError, ValueError, AttributeError, TypeError) as e:
+        raise DamagedFile(f"{p} is damaged ({e})") from e
+    return data
+
+
+def check_outcomes(data: dict, record: dict) -> None:
+    """The outcomes are the record's: the same tasks, per task ids and 0/1 lists of one length, as many documents
+    as the record says, and (for a single task) the mean of acc equal to the record's acc. A ValueError says
+    what does not hold."""
+    zs = record.get("zeroshot") or {}
+    for side in ("dense", "pruned"):
+        results, got = zs.get(side) or {}, data[side]
+        if not isinstance(got, dict) or set(got) != set(results):
+            raise ValueError(f"{side}: tasks {sorted(got) if isinstance(got, dict) else got} are not the record's "
+                             f"{sorted(results)}")
+        for t, o in got.items():
+            ids = o.get("ids") if isinstance(o, dict) else None
+            if not isinstance(ids, list) or not ids:
+                raise ValueError(f"{side}/{t}: no document ids")
+            for m in ("acc", "acc_norm"):
+                v = o.get(m)
+                if v is None and m == "acc_norm":
+                    continue
+                if not isinstance(v, list) or len(v) != len(ids):
+                    raise ValueError(f"{side}/{t}: {m} has {len(v) if isinstance(v, list) else v!r} values for "
+                                     f"{len(ids)} documents")
+                if any(x not in (0, 1) or isinstance(x, float) for x in v):
+                    raise ValueError(f"{side}/{t}: {m} holds values other than 0 and 1")
+            res = results[t] if isinstance(results[t], dict) else {"acc": results[t]}
+            n = res.get("samples")
+            if isinstance(n, int) and n != len(ids):
+                raise ValueError(f"{side}/{t}: {len(ids)} documents, the record says {n}")
+            if isinstance(n, int) and not any("/" in str(i) for i in ids) and \
+                    abs(sum(o["acc"]) / len(ids) - res["acc"]) > 1e-6:
+                raise ValueError(f"{side}/{t}: mean acc {sum(o['acc']) / len(ids):.6f} is not the record's "
+                                 f"{res['acc']:.6f}")
+
+
+_NUM = {"type": "number"}
+_TASK_RESULT = {"anyOf": [_NUM, {"type": "object", "required": ["acc"], "properties": {
+    "acc": _NUM, "acc_norm": {"type": ["number", "null"]}, "samples": {"type": ["integer", "null"]}}}]}
+RECORD_SCHEMA = {  # what the tables, figures and resume read of a record (jsonschema)
+    "type": "object",
+    "required": ["version", "status", "run_id", "model", "data", "metric", "n", "patch", "distill", "eval", "seed",
+                 "removed", "ppl", "params_pruned", "created"],
+    "properties": {
+        "version": {"const": RECORD_VERSION}, "status": {"const": "complete"},
+        **{k: {"type": "string", "minLength": 1} for k in ("run_id", "model", "data", "metric", "patch", "distill",
+                                                           "eval", "created")},
+        "n": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0},
+        "removed": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "params_pruned": {"type": "integer", "minimum": 1},
+        "ppl": {"type": "object", "required": ["dense", "pruned"], "properties": {
+            "dense": {**_NUM, "exclusiveMinimum": 0}, "pruned": {**_NUM, "exclusiveMinimum": 0},
+            "datasets": {"type": "object", "additionalProperties": {
+                "type": "object", "required": ["dense", "pruned"],
+                "properties": {"dense": _NUM, "pruned": _NUM}}}}},
+        "retention": {"type": ["object", "null"], "properties": {"rp": _NUM, "avg_dense": _NUM, "avg_pruned": _NUM}},
+        "zeroshot": {"type": ["object", "null"], "properties": {
+            "dense": {"type": "object", "additionalProperties": _TASK_RESULT},
+            "pruned": {"type": "object", "additionalProperties": _TASK_RESULT}}},
+        "outcomes": {"type": ["string", "null"]},
+        "config": {"type": "object"},
+    },
+}
+
+
+def record_problem(record, path: str | Path | None = None) -> str | None:
+    """Why ``record`` (read from ``path``) is not a complete, usable record, or None: the schema, a non-finite
+    number anywhere, and (with ``path``) the per-document outcomes it names (lp.intervals.check_outcomes)."""
+    import jsonschema
+
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(RECORD_SCHEMA).iter_errors(record))
+    if err is not None:
+        where = "/".join(map(str, err.absolute_path)) or "the record"
+        return f"{where}: {err.message}"
+    try:
+        _finite(record)
+    except ValueError as e:
+        return str(e)
+    if path is not None and record.get("outcomes"):
+        try:
+            load_outcomes(path, record)
+        except DamagedFile as e:
+            return str(e)
+    return None
+
+
+def is_complete(record: dict | None, path: str | Path | None = None) -> bool:
+    return record is not None and record_problem(record, path) is None
 
 
 def load_records(root: str | Path, skipped: list | None = None) -> list[dict]:
     """Every complete record under ``root`` (any number of sweeps), each with the in-memory ``_path`` it was
-    read from. Files that are not (damaged, of another format version, incomplete, missing a field) are left
-    out and listed in ``skipped`` as (path, why)."""
+    read from and its validated per-document outcomes ``_outcomes`` (None if it has none). Files that are not
+    valid records (:func:`record_problem`) are left out; a record whose outcomes file is damaged or does not
+    match it keeps its row without outcomes. Both are listed in ``skipped`` as (path, why)."""
     out = []
     for p in sorted(Path(root).rglob("*.json")):
         try:
             r = read_json(p)
+            why = record_problem(r)
         except DamagedFile as e:
             why = str(e)
-        else:
-            missing = [k for k in REQUIRED if k not in (r or {})]
-            if not is_complete(r):
-                why = f"status {r.get('status')!r}, version {r.get('version')!r} (reads version {RECORD_VERSION})"
-            elif missing:
-                why = f"missing fields {missing}"
-            else:
-                out.append({**r, "_path": str(p)})
-                continue
+        if why is None:
+            try:
+                outcomes = load_outcomes(p, r) if r.get("outcomes") else None
+            except DamagedFile as e:
+                outcomes = None
+                if skipped is not None:
+                    skipped.append((str(outcomes_path(p)), f"{e}; the run's row has no intervals"))
+            out.append({**r, "_path": str(p), "_outcomes": outcomes})
+            continue
         if skipped is not None:
             skipped.append((str(p), why))
     return out

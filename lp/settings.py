@@ -60,6 +60,24 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Fraction:
+    """A number in (0, 1): a confidence level."""
+
+    def problem(self, value, bounds: dict):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+        return None if ok else "is not valid: it must be a number in (0, 1), e.g. 0.95"
+
+
+@dataclass(frozen=True)
+class Path_:
+    """A folder lp writes into: a non-empty path."""
+
+    def problem(self, value, bounds: dict):
+        ok = isinstance(value, str) and value.strip() != ""
+        return None if ok else "is not valid: it must be a folder's path (runs, results, /scratch/lp, ...), not empty"
+
+
+@dataclass(frozen=True)
 class Limit:
     """lm-eval's limit: null (whole splits), documents per task, or a fraction of each task."""
 
@@ -94,6 +112,6 @@ def check(rules: dict, settings: dict, group: str, reader: str, bounds: dict | N
         if name not in settings:
             if optional:
                 continue
-            raise ValueError(f"{group}.{name} is not set: {reader} reads it (the YAML files of conf/{group}/ "
+            raise ValueError(f"{group + '.' if group else ''}{name} is not set: {reader} reads it (the YAML files of conf/{group}/ "
                              f"set it; give +{group}.{name}=... in a config of your own)")
-        check_value(rule, settings[name], f"{group}.{name}", bounds)
+        check_value(rule, settings[name], f"{group}.{name}" if group else name, bounds)

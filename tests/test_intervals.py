@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from lp.intervals import drp_interval, load_outcomes, outcomes_path, rp_interval, save_outcomes, task_means
+from lp.intervals import drp_interval, rp_interval, task_means
+from lp.records import load_outcomes, outcomes_path, save_outcomes
 from lp.records import DamagedFile
 from lp.report.tables import accuracy, frame, paired
 
@@ -68,7 +69,7 @@ def _record(tmp_path, name, patch, acc, outcomes=True):
         rec["outcomes"] = outcomes_path(path).name
         save_outcomes(outcomes_path(path), _model(t=[1, 1, 1, 1, 0] * 20), _model(t=acc))
     path.write_text(json.dumps(rec))
-    return {**rec, "_path": str(path)}
+    return {**rec, "_path": str(path), "_outcomes": load_outcomes(path, rec)}  # as lp.records.load_records reads it
 
 
 def test_tables_show_intervals_only_for_records_with_outcomes(tmp_path):

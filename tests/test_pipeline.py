@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lp import pipeline
-from lp.intervals import load_outcomes
+from lp.records import load_outcomes
 from lp.records import load_records
 from tests.conftest import CONF, ROOT, cfg_for
 
@@ -152,7 +152,7 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("data.seqlen=0", r"data.seqlen=0 is not valid: it must be an integer in \[2, 4096\]"),
     ("data.seqlen=1", r"data.seqlen=1 is not valid"),
     ("data.seqlen=100000", r"data.seqlen=100000 is not valid: it must be an integer in \[2, 4096\]"),
-    ("data.calib_samples=0", r"data.calib_samples=0 is not valid: it must be an integer >= 1"),
+    ("data.calib_samples=0", r"data.calib_samples=0 is not valid: it must be an integer in \[1, 4096\]"),
     ("eval.max_windows=0", r"eval.max_windows=0 is not valid: it must be an integer >= 1 or null"),
     ("eval.max_windows=-1", r"eval.max_windows=-1 is not valid"),
     ("data.bos=maybe", r"data.bos='maybe' is not one of"),

@@ -11,6 +11,7 @@ import torch
 from lp import records
 from lp.calibration import BoundaryStats, collect_stats
 from lp.records import DamagedFile, load_records, read_json, write_json
+from tests.conftest import record
 
 
 def test_non_finite_numbers_are_never_recorded(tmp_path):
@@ -22,7 +23,7 @@ def test_non_finite_numbers_are_never_recorded(tmp_path):
 def test_damaged_json_is_named_and_aggregate_lists_what_it_skipped(tmp_path):
     (tmp_path / "half.json").write_text('{"status": "compl')
     (tmp_path / "old.json").write_text(json.dumps({"status": "complete", "version": 1}))
-    ok = {"status": "complete", "version": records.RECORD_VERSION, **{k: 0 for k in records.REQUIRED}}
+    ok = record(3, "linearpatch", 20.0, "2026-01-01")
     (tmp_path / "nofield.json").write_text(json.dumps({k: v for k, v in ok.items() if k != "removed"}))
     write_json(tmp_path / "good.json", ok)
     with pytest.raises(DamagedFile, match="half.json"):
@@ -31,7 +32,7 @@ def test_damaged_json_is_named_and_aggregate_lists_what_it_skipped(tmp_path):
     assert len(load_records(tmp_path, skipped)) == 1
     why = dict((Path(p).name, w) for p, w in skipped)
     assert set(why) == {"half.json", "old.json", "nofield.json"}
-    assert "not JSON" in why["half.json"] and "version 1" in why["old.json"] and "removed" in why["nofield.json"]
+    assert "not JSON" in why["half.json"] and "required" in why["old.json"] and "'removed' is a required" in why["nofield.json"]
 
 
 def test_damaged_statistics_file_is_named(tmp_path, llama, ids):

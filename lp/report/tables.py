@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..intervals import drp_interval, load_outcomes, rp_interval
+from ..intervals import drp_interval, rp_interval
 from ..keys import SETTING_GROUPS, group_settings
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         row.update(rp_se=rp.get("rp_stderr"), at_chance=tuple(rp.get("at_chance") or ()), rp_ac=above,
                    limit=_field(config, "eval.limit"),
                    rp_metric=rp.get("metric", "acc"),
-                   outcomes=load_outcomes(r["_path"]) if r.get("outcomes") and r.get("_path") else None)
+                   outcomes=r.get("_outcomes"))
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:

@@ -1,0 +1,251 @@
+"""Faults and bad input, round 4: each class of failure a user (or a crashed job) meets, refused or named."""
+import gzip
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from lp import pipeline
+from lp.pruning import PATCH_FILE, SPEC_FILE, load_pruned, pruned, save_pruned
+from lp.records import DamagedFile, load_outcomes, load_records, outcomes_path, save_outcomes, write_json
+from lp.report.tables import frame, paired
+from tests.conftest import cfg_for, record
+
+
+# ------------------------------------------------------------------ 1. saves: complete and of one run, or refused
+def _patched_save(model, path, scale):
+    from lp.modules import LinearPatch
+
+    d = model.config.hidden_size
+    with pruned(model, [2, 3], lambda s, e: LinearPatch(scale * torch.eye(d))) as spec:
+        save_pruned(model, None, path, spec)
+
+
+def test_an_interrupted_save_leaves_the_earlier_save_whole(llama, tmp_path, monkeypatch):
+    from lp import pruning
+
+    out = tmp_path / "D"
+    _patched_save(llama, out, 2.0)
+    real = pruning._write_pruned
+
+    def dies(model, tok, path, spec, fold):  # the new weights are written, then the process is stopped
+        real(model, tok, path, spec, fold)
+        (path / SPEC_FILE).unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pruning, "_write_pruned", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _patched_save(llama, out, 3.0)
+    model, _, _ = load_pruned(out)  # the first save, whole: its patch, its weights
+    assert torch.equal(list(pruning.patches_of(model).values())[0].weight, 2.0 * torch.eye(24))
+    assert [p.name for p in tmp_path.iterdir()] == ["D"]  # nothing left beside it
+
+
+def test_a_killed_saves_leftovers_are_removed_and_other_folders_refused(llama, tmp_path):
+    out = tmp_path / "D"
+    stale = tmp_path / ".D.saving-999999999"  # a save killed by SIGTERM: no process of that id is alive
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    _patched_save(llama, out, 2.0)
+    assert not stale.exists() and (out / SPEC_FILE).is_file()
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine: a folder of other files"):
+        _patched_save(llama, other, 2.0)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan", "non-finite values"), ("shape", r"weight shape \(12, 12\)"), ("garbage", "could not be read")])
+def test_load_pruned_refuses_damaged_patches(llama, tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "D"
+    _patched_save(llama, out, 2.0)
+    weights = load_file(str(out / PATCH_FILE))
+    key = next(iter(weights))
+    if damage == "nan":
+        weights[key][0, 0] = math.nan
+    elif damage == "shape":
+        weights[key] = torch.eye(12)
+    if damage == "garbage":
+        (out / PATCH_FILE).write_bytes(b"\x00" * 64)
+    else:
+        save_file(weights, str(out / PATCH_FILE))
+    with pytest.raises(ValueError, match=message):
+        load_pruned(out)
+
+
+# ------------------------------------------------------------------ 2-4. records and their outcomes
+def _run_with_outcomes(tmp_path, name="a", acc=(1, 0, 1, 1)):
+    rec = record(3, "linearpatch", 20.0, "2026-01-01", acc={"t": sum(acc) / len(acc)}, dense_acc={"t": 0.75})
+    rec["run_id"] = name
+    for side, a in (("dense", (1, 1, 1, 0)), ("pruned", acc)):
+        rec["zeroshot"][side]["t"] = {"acc": sum(a) / len(a), "samples": len(a)}
+    path = tmp_path / "records" / f"{name}.json"
+    rec["outcomes"] = outcomes_path(path).name
+    outcomes = {s: {"t": {"ids": [0, 1, 2, 3], "acc": list(a), "acc_norm": None}}
+                for s, a in (("dense", (1, 1, 1, 0)), ("pruned", acc))}
+    save_outcomes(outcomes_path(path), outcomes["dense"], outcomes["pruned"])
+    write_json(path, rec)
+    return path, rec, outcomes
+
+
+def _rewrite(path, outcomes):
+    outcomes_path(path).write_bytes(gzip.compress(json.dumps({"format": 1, **outcomes}).encode()))
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "lengths", "not_01", "nan", "other_task", "flipped", "missing"])
+def test_damaged_outcomes_are_named_and_never_used(tmp_path, damage):
+    path, rec, out = _run_with_outcomes(tmp_path)
+    t = out["pruned"]["t"]
+    if damage == "cut_short":
+        outcomes_path(path).write_bytes(outcomes_path(path).read_bytes()[:20])
+    elif damage == "missing":
+        outcomes_path(path).unlink()
+    else:
+        if damage == "lengths":
+            t["acc"] = t["acc"][:3]
+        elif damage == "not_01":
+            t["acc"] = [1, 0, 2, 1]
+        elif damage == "nan":
+            t["acc"] = [1, 0, float("nan"), 1]
+        elif damage == "other_task":
+            out["pruned"] = {"u": t}
+        elif damage == "flipped":  # well-formed, but not what the record says the run scored
+            t["acc"] = [0, 0, 0, 1]
+        _rewrite(path, out)
+    with pytest.raises(DamagedFile, match=outcomes_path(path).name):
+        load_outcomes(path, rec)
+    skipped = []
+    recs = load_records(tmp_path / "records", skipped)
+    assert len(recs) == 1 and recs[0]["_outcomes"] is None  # the row stays, without the outcomes
+    assert [os.path.basename(p) for p, _ in skipped] == [outcomes_path(path).name]
+    assert paired(frame(recs))[["rp_lo", "rp_hi"]].isna().all(axis=None)  # no interval from them
+
+
+@pytest.mark.parametrize("bad", ["nan_ppl", "no_ppl", "inf_rp", "wrong_type", "outcomes"])
+def test_bad_records_are_named_skipped_and_redone_on_resume(tmp_path, bad):
+    path, rec, out = _run_with_outcomes(tmp_path)
+    good, _, _ = _run_with_outcomes(tmp_path, "b")
+    if bad == "outcomes":
+        out["pruned"]["t"]["acc"] = [1, 1]
+        _rewrite(path, out)
+    else:
+        if bad == "nan_ppl":
+            rec["ppl"]["pruned"] = float("nan")
+        elif bad == "no_ppl":
+            del rec["ppl"]
+        elif bad == "inf_rp":
+            rec["retention"]["rp"] = float("inf")
+        else:
+            rec["n"] = "three"
+        path.write_text(json.dumps(rec))  # json writes NaN / Infinity, as a crashed or foreign writer may
+    skipped = []
+    recs = load_records(tmp_path / "records", skipped)
+    assert f"records/{path.stem}." in str(skipped) and any(r["run_id"] == "b" for r in recs)
+    if bad != "outcomes":
+        assert all(r["run_id"] == "b" for r in recs)
+        df = frame(recs)
+        assert not df.isin([math.inf]).any(axis=None)
+    from lp.records import record_problem
+
+    assert record_problem(json.loads(path.read_text()), path) is not None  # what resume asks: redo it
+    assert record_problem(json.loads(good.read_text()), good) is None
+
+
+def test_resume_redoes_a_run_whose_record_is_damaged(tiny_dir, tmp_path, caplog):
+    cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2")
+    first = pipeline.run(cfg)
+    path = tmp_path / "records" / f"{first['run_id']}.json"
+    damaged = {**first, "ppl": {**first["ppl"], "pruned": float("nan")}}
+    path.write_text(json.dumps(damaged))
+    with caplog.at_level("WARNING"):
+        again = pipeline.run({**cfg, "resume": True})
+    assert "the run is redone" in caplog.text and again["ppl"] == first["ppl"]
+    assert json.loads(path.read_text())["ppl"]["pruned"] == first["ppl"]["pruned"]
+
+
+# ------------------------------------------------------------------ 6-7. settings, before the weights load
+@pytest.mark.parametrize("override,message", [
+    ("bootstrap.level=2", r"bootstrap.level=2 is not valid"),
+    ("bootstrap.resamples=0", r"bootstrap.resamples=0 is not valid"),
+    ("distill=offline_kl", r"patch=none leaves none to train"),
+    ("distill.topk=100000", None),
+    ("eval.tasks=piqa_local", r"eval.tasks='piqa_local' must be a list"),
+    ("+prune.startt=3", r"prune.startt: no prune method reads this setting"),
+    ("results_dir=''", r"results_dir='' is not valid"),
+    ("data.calib_samples=100000", r"data.calib_samples=100000 is not valid"),
+    ("resume=yes", r"resume='yes' is not valid: it must be true or false"),
+    ("prune.indices=5", r"prune.indices=5 must be a list"),
+])
+def test_what_the_config_can_tell_is_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch, override,
+                                                                      message):
+    from lp import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    extra = ["patch=none"] if override.startswith("distill=") else []
+    if override == "distill.topk=100000":  # the tiny model's vocabulary is 400
+        extra, message = ["patch=linearpatch", "distill=offline_kl"], r"distill.topk=100000 is not valid: .* \[1, "
+    cfg = cfg_for(tiny_dir, tmp_path, *extra, override)
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(cfg, workspace=pipeline.Workspace())
+
+
+def test_unused_distill_settings_do_not_change_the_run(tiny_dir, tmp_path):
+    plain = cfg_for(tiny_dir, tmp_path, "prune.n=2")
+    extra = {**plain, "distill": {**plain["distill"], "lr": 0.5}}  # distill=none reads no lr
+    assert pipeline.run_id(plain) == pipeline.run_id(extra)
+
+
+# ------------------------------------------------------------------ 8. errors that say what is wrong
+def test_model_file_errors_name_the_file(tmp_path):
+    from lp.models import model_config
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"is a file, not a folder: .*model.gguf_file='m.gguf'"):
+        model_config({"name_or_path": str(gguf)})
+    with pytest.raises(ValueError, match=r"m.gguf could not be read|header of .*m.gguf"):
+        model_config({"name_or_path": str(tmp_path), "gguf_file": "m.gguf"})
+
+
+def test_unwritable_cache_is_named_with_its_path(tmp_path):
+    from lp.records import atomic_write
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: a full disk stands in
+            def full(tmp):
+                raise OSError(28, "No space left on device")
+            with pytest.raises(OSError, match=r"could not write .*x.pt .*disk full"):
+                atomic_write(tmp_path / "x.pt", full)
+            assert not list(tmp_path.glob(".x.pt*"))
+        else:
+            with pytest.raises(OSError, match=r"could not write .*ro/x.pt"):
+                atomic_write(ro / "x.pt", lambda tmp: tmp.write_text("1"))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_model_device_cuda_without_cuda_is_refused_before_the_load(tiny_dir, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    from lp import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(ValueError, match="model.device=cuda: torch sees no CUDA device"):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, "model.device=cuda"), workspace=pipeline.Workspace())
+
+
+def test_a_batch_line_with_an_unclosed_quote_names_file_and_line(tmp_path):
+    from experiments.batch import runs_of
+
+    f = tmp_path / "runs.txt"
+    f.write_text("prune.n=3\n# a comment\nprune.n=5 'patch=diag\n")
+    with pytest.raises(ValueError, match=r"runs.txt, line 3: .*quotation"):
+        runs_of(f)
