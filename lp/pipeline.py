@@ -738,8 +738,8 @@ def _retention(cfg: dict, dense: dict, pruned_eval: dict) -> dict:
 def _summary(record: dict, path: Path) -> None:
     """The short end-of-run summary, on stdout (the rest goes to the log)."""
     ppl = record["ppl"]
-    print(f"[lp] {record['run_id']}\n     removed {record['removed']}  ppl dense {ppl['dense']:.3f}  "
-          f"pruned {ppl['pruned']:.3f}  params {record['params_dense']:,} -> {record['params_pruned']:,}")
+    print(f"[lp] {record['run_id']}\n     removed {record['removed']}  ppl dense {ppl['dense']:.2f}  "
+          f"pruned {ppl['pruned']:.2f}  params {record['params_dense']:,} -> {record['params_pruned']:,}")
     if record["retention"]:
         print(format_table(record["zeroshot"]["dense"], record["zeroshot"]["pruned"], record["retention"]))
     print(f"     record: {path}")

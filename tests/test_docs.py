@@ -30,3 +30,27 @@ def test_table_blocks_name_tables_the_aggregate_writes(tmp_path):
     for page in PAGES:
         text = page.read_text()
         assert fill_blocks(text, tables).count("<!-- /table -->") == text.count("<!-- /table -->")
+
+
+def test_the_environment_is_the_lock():
+    """Tests and committed numbers run on requirements.txt (uv pip compile; README): every package the lock pins
+    for this platform is installed at that version, so a package left on a machine cannot hide a missing pin."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    wrong = []
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if not line or line[0] in "# ":
+            continue
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            have = version(req.name)
+        except PackageNotFoundError:
+            have = None
+        if have is None or have not in req.specifier:
+            wrong.append(f"{req.name} {have} (lock: {req.specifier})")
+    assert not wrong, (f"installed packages differ from requirements.txt: {wrong}; install the lock: "
+                       f"pip install -r requirements.txt (README)")
