@@ -237,8 +237,7 @@ def score_batch(model, b: _Batch, prefix: PrefixStates | None = None) -> list[tu
     cols = torch.tensor([i for _, _, idx, _ in b.where for i in idx])
     target = torch.tensor([t for *_, cont in b.where for t in cont])
     picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
-    vocab = Layout(model).head.out_features if hasattr(Layout(model).head, "out_features") else None
-    step = max(1, HEAD_CHUNK // (vocab or 2**17))
+    step = max(1, HEAD_CHUNK // (getattr(Layout(model).head, "out_features", None) or 2**17))
     logp, greedy = [], []
     for s in range(0, len(picked), step):
         logits = output_logits(model, picked[s : s + step]).float()

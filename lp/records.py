@@ -285,10 +285,6 @@ def record_problem(record, path: str | Path | None = None) -> str | None:
     return None
 
 
-def is_complete(record: dict | None, path: str | Path | None = None) -> bool:
-    return record is not None and record_problem(record, path) is None
-
-
 def load_records(root: str | Path, skipped: list | None = None) -> list[dict]:
     """Every complete record under ``root`` (any number of sweeps), each with the in-memory ``_path`` it was
     read from and its validated per-document outcomes ``_outcomes`` (None if it has none). Files that are not
