@@ -70,9 +70,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) or isinstance(e.__cause__ or e.__context__, OSError):  # torch.save wraps them
+        if isinstance(e, OSError) or isinstance(e.__cause__ or e.__context__, OSError) or (
+                isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITE_FAILED)):
             raise _unwritable(path, e) from e
         raise
+
+
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter", "file write failed", "unexpected pos")  # torch.save on a full disk
 
 
 def _unwritable(path: Path, e: BaseException) -> OSError:

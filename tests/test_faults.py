@@ -232,6 +232,18 @@ def test_unwritable_cache_is_named_with_its_path(tmp_path):
         ro.chmod(0o700)
 
 
+def test_a_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    from lp.records import atomic_write
+
+    def full(obj, f, *a, **k):  # what torch.save raises when the disk fills under it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"could not write .*calib_x.pt .*disk full"):
+        atomic_write(tmp_path / "stats" / "calib_x.pt", lambda tmp: torch.save({}, tmp))
+    assert not list((tmp_path / "stats").glob(".calib_x*"))  # no temporary left
+
+
 def test_model_device_cuda_without_cuda_is_refused_before_the_load(tiny_dir, tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CUDA is here")
