@@ -123,13 +123,31 @@ def topk_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, indices: 
 
 
 # ------------------------------------------------------------------ training
-TRAIN_CHOICES = ("patch", "patch+norms")  # what distill.train may name
+# what distill.train may name: the patch (the paper's), the patch and the norms after it, or the partial-layer
+# fine-tuning of Lu et al. ("Reassessing Layer Pruning in LLMs", github yaolu-zjut/Navigation_LLM_layer_pruning,
+# partial_fine-tuning.py, --partial_layer_name: norm_lmhead, last1, last2, last3)
+TAIL_CHOICES = {"norm_lmhead": 0, "last1": 1, "last2": 2, "last3": 3}
+TRAIN_CHOICES = ("patch", "patch+norms", *TAIL_CHOICES)
+
+
+def tail_parameters(model, k: int) -> list[torch.nn.Parameter]:
+    """The last ``k`` decoder layers of the pruned model (its final layer included), the final norm and the LM
+    head, as partial_fine-tuning.py sets requires_grad (its lines after "for lm_head and norm"); patches inside
+    those layers stay as they are. With tied embeddings the head is the input embedding: it trains too."""
+    layout = Layout(model)
+    patch_ids = {id(p) for m in patches_of(model).values() for p in m.parameters()}
+    mods = [*list(layout.layers)[len(layout.layers) - k:], layout.norm, layout.head]
+    params = [p for m in mods for p in m.parameters() if id(p) not in patch_ids]
+    return list({id(p): p for p in params}.values())
 
 
 def trainable_parameters(model, train: str) -> list[torch.nn.Parameter]:
-    """``patch``: the patch weights; ``patch+norms``: also every norm weight from the first patch on."""
+    """``patch``: the patch weights; ``patch+norms``: also every norm weight from the first patch on;
+    ``norm_lmhead`` / ``lastK``: :func:`tail_parameters` (no patch needed)."""
     if train not in TRAIN_CHOICES:
         raise ValueError(f"distill.train={train!r} is not one of {list(TRAIN_CHOICES)}")
+    if train in TAIL_CHOICES:
+        return tail_parameters(model, TAIL_CHOICES[train])
     patches = patches_of(model)
     if not patches:
         raise ValueError("distill: the pruned model has no patch to train (patch=none?)")

@@ -20,7 +20,7 @@ import torch
 from . import data as data_lib
 from .calibration import STATS_FORMAT, BoundaryStats, collect_stats
 from .engine import ENGINE_VERSION, ENGINES, PrefixStates
-from .distill import TRAIN_CHOICES, TeacherCache, distill_kl, distill_mse, trainable_parameters
+from .distill import TAIL_CHOICES, TRAIN_CHOICES, TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import Prefix, perplexity, prefix_reuse_applies
 from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
 from .intervals import rp_interval
@@ -86,9 +86,10 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     if dist["method"] == "mse" and variant == "streamline_layer":
         raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
                          "layer already trained so: use distill=none or distill=offline_kl")
-    if variant == "none" and dist["method"] != "none":
+    if variant == "none" and dist["method"] != "none" and _trained(dist) not in TAIL_CHOICES:
         raise ValueError(f"distill={dist['method']} trains the patch, and patch=none leaves none to train: use "
-                         f"patch=linearpatch (or another patch), or distill=none")
+                         f"patch=linearpatch (or another patch), distill.train=last3 (the last layers and the head), "
+                         f"or distill=none")
     if variant == "replaceme" and dist["method"] != "none":
         raise ValueError("patch=replaceme folds its map into the model's weights and leaves no patch to train: "
                          "use distill=none")

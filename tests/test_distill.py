@@ -128,6 +128,26 @@ def test_patch_none_has_nothing_to_train(samples):
         trainable_parameters(model, "all")
 
 
+@pytest.mark.parametrize("train,k", [("last3", 3), ("norm_lmhead", 0)])
+def test_partial_layer_fine_tuning_trains_only_the_last_layers_and_the_head(tmp_path, samples, train, k):
+    """Lu et al.'s partial-layer fine-tuning (prune=last, then the last k kept layers, the final norm and the
+    head, with lp's offline top-k KL): only those change, the KL on the training samples goes down, and it needs
+    no patch."""
+    cache = TeacherCache(tmp_path, 6, 12, 7, 2).build(tiny_model(), samples, progress=False)
+    student = tiny_model()
+    prune_and_patch(student, [4, 5], lambda s, e: None)  # prune=last: 4 of 6 layers kept, no patch
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    kl = distill._val_loss(student, cache, samples, torch.device("cpu"), contextlib.nullcontext)
+    res = distill_kl(student, cache, samples, cache, samples, **{**TRAINING, "epochs": 4}, lr=3e-3, train=train,
+                     progress=False)
+    changed = {n.split(".")[0] if n.startswith("lm_head") else n for n, p in student.named_parameters()
+               if not torch.equal(p, before[n])}
+    layers = {int(n.split(".")[2]) for n in changed if n.startswith("model.layers.")}
+    assert layers == set(range(4 - k, 4)) and "lm_head" in changed and "model.norm.weight" in changed
+    assert not any(n.startswith("model.embed_tokens") for n in changed)  # the tiny model's head is untied
+    assert res.val[-1] < kl
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_shape", "meta"])
 def test_a_damaged_teacher_shard_is_set_aside_and_rebuilt(tmp_path, samples, caplog, damage):
     teacher = tiny_model()
@@ -153,3 +173,15 @@ def test_a_damaged_teacher_shard_is_set_aside_and_rebuilt(tmp_path, samples, cap
     for i in range(3):
         assert torch.equal(cache.shard(i)["indices"], whole[i]["indices"])
         assert torch.equal(cache.shard(i)["probs"], whole[i]["probs"])
+
+
+def test_prune_last_with_partial_layer_fine_tuning_runs_from_the_config(tiny_dir, tmp_path):
+    from lp import pipeline
+    from tests.conftest import cfg_for
+
+    small = ["distill.samples=4", "distill.seqlen=16", "distill.batch_size=2", "distill.val_samples=0",
+             "distill.topk=5", "distill.lr=1e-2"]
+    rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune=last", "prune.n=2", "patch=none", "distill=offline_kl",
+                               "distill.train=last3", *small))
+    assert rec["removed"] == [4, 5] and rec["distill_result"]["steps"] == 2
+    assert rec["ppl"]["training_free"] != rec["ppl"]["pruned"]  # the tail was trained
