@@ -17,6 +17,7 @@ from .modules import PATCH_MODULES, ChannelScale, LinearPatch, Patched, Replacem
 from .patches import Fold
 
 SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
+REMOTE_FILE, REMOTE_KINDS = "modeling_lp.py", {"diag", "linearpatch"}  # weight patches: a remote-code form too
 PATCHED_PREFIX = "lp-patched-"  # config.json's model_type of a folder with patches: plain loading fails loudly
 
 
@@ -248,12 +249,22 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, spec: PruneSpec, fold
     spec = dataclasses.replace(spec, patches={k: v for k, v in spec.patches.items() if int(k) not in folded},
                                folded={str(k): v for k, v in folded.items()},
                                precision={str(pos): p.precision for pos, p in kept.items() if hasattr(p, "precision")})
-    if any(kind != ReplacementLayer.kind for kind in spec.patches.values()):
-        # patches that plain from_pretrained would silently drop: make it fail loudly instead, naming the way
+    kinds = {kind for kind in spec.patches.values() if kind != ReplacementLayer.kind}
+    if kinds:
+        # patches that plain from_pretrained would silently drop: make it fail loudly instead, naming the way;
+        # weight patches also get the hub's remote-code form (a modeling file and auto_map)
         config = json.loads((path / "config.json").read_text())
+        remote = kinds <= REMOTE_KINDS
         config.update(model_type=f"{PATCHED_PREFIX}{config['model_type']}",
-                      lp_note="patched model: load it with lp.pruning.load_pruned(folder); plain from_pretrained "
-                              "would drop the patches")
+                      lp_note="patched model: load it with lp.pruning.load_pruned(folder)" + (
+                          ", or AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)" if remote else
+                          f"; patches {sorted(kinds - REMOTE_KINDS)} have no stock-transformers form"))
+        if remote:
+            template = (Path(__file__).parent / "remote" / REMOTE_FILE).read_text()
+            (path / REMOTE_FILE).write_text(template.replace("__BASE_MODEL_TYPE__", config["model_type"].removeprefix(
+                PATCHED_PREFIX)).replace("__BASE_ARCHITECTURE__", config["architectures"][0]))
+            config["auto_map"] = {"AutoConfig": "modeling_lp.LPPatchedConfig",
+                                  "AutoModelForCausalLM": "modeling_lp.LPPatchedForCausalLM"}
         (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
@@ -275,6 +286,7 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     config = json.loads((path / "config.json").read_text())
     kind = config.pop("model_type").removeprefix(PATCHED_PREFIX)
     config.pop("lp_note", None)
+    config.pop("auto_map", None)
     model = AutoModelForCausalLM.from_pretrained(path, config=AutoConfig.for_model(kind, **config),
                                                  dtype=DTYPES[dtype]).to(device).eval()
     model.requires_grad_(False)

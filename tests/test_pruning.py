@@ -127,10 +127,11 @@ def test_save_load_round_trip(llama, ids, tmp_path):
     assert model.config.num_hidden_layers == 3
     assert isinstance(Layout(model).norm, Patched)
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
-    # plain transformers would drop the patch: it must fail loudly, naming the way to load the folder
+    # plain transformers would drop the patch: it must fail loudly, naming the way to load the folder (lp's, or
+    # the folder's own modeling file)
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(Exception, match="lp-patched-llama"):
+    with pytest.raises(Exception, match="trust_remote_code=True"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert "load_pruned" in (tmp_path / "config.json").read_text()
 
@@ -355,3 +356,42 @@ def test_patch_precision_model_computes_in_the_hidden_dtype(ids):
         LinearPatch(P, precision="fp8")
     stats = _stats(4, 24)
     assert build_patch("linearpatch", PatchContext(stats, {"precision": "float32"}), 1, 3).precision == "float32"
+
+
+@pytest.mark.parametrize("model_type,kind", [("llama", "linearpatch"), ("qwen2", "diag"), ("gemma3_text", "linearpatch")])
+def test_a_patched_folder_loads_with_stock_transformers_and_no_lp(tmp_path, model_type, kind):
+    """save_model of a patched model: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), in a
+    process where lp cannot be imported, gives lp's pruned model's logits (float32, 1e-5)."""
+    import subprocess
+    import sys
+
+    from lp.modules import ChannelScale, LinearPatch
+    from tests.conftest import tiny_model
+
+    model = tiny_model(model_type)
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    make = (lambda: LinearPatch(torch.eye(d) + 0.1 * torch.randn(d, d, generator=g))) if kind == "linearpatch" else \
+        (lambda: ChannelScale(1 + torch.rand(d, generator=g)))
+    x = torch.randint(0, 128, (2, 10), generator=g)
+    out = tmp_path / "saved"
+    with pruned(model, [1, 2, 4], lambda s, e: make()) as spec:
+        want = model(input_ids=x).logits
+        save_pruned(model, None, out, spec)
+    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+    code = f"""
+import sys
+sys.modules["lp"] = None  # lp cannot be imported here
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+io = torch.load({str(tmp_path / "io.pt")!r})
+with torch.no_grad():
+    got = m(input_ids=io["x"]).logits
+print("maxdiff", (got - io["want"]).abs().max().item(), type(m).__name__)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    diff = float(res.stdout.split("maxdiff")[1].split()[0])
+    assert diff < 1e-5 and "LPPatchedForCausalLM" in res.stdout
+    assert load_pruned(out)[0] is not None  # lp's own loader still reads the folder
