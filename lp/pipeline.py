@@ -36,6 +36,7 @@ from .keys import DISTILL_USES, SETTING_GROUPS, group_settings
 from .selection import METRICS, SelectionContext, patched_scores, select_layers
 from .settings import Flag, Fraction, Int, Limit, Number, OneOf, Path_, check, check_value
 from .tracking import BACKENDS, make_tracker
+from .width import WidthPlan, pruned_layers, width_pruned
 from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,13 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     if p.get("indices") is not None and p["metric"] != "manual":
         raise ValueError(f"prune.indices={p['indices']} is read only by prune=manual; prune.metric={p['metric']} "
                          f"chooses the layers itself: use prune=manual prune.indices=[...], or drop prune.indices")
+    if METRICS[p["metric"]].width is not None:
+        if variant != "none" or dist["method"] != "none":
+            raise ValueError(f"prune.metric={p['metric']} narrows layers (heads, channels) and removes none, so there "
+                             f"is no interface to patch or patch to train: use patch=none distill=none")
+        if p["n"] == 0 and p.get("ratio") is None:
+            raise ValueError(f"prune.n=0 with prune.ratio=null: prune.metric={p['metric']} would remove nothing; give "
+                             f"prune.n (the budget in layers' worth of parameters) or prune.ratio")
     if p["n"] == 0 and (variant != "none" or dist["method"] != "none"):
         raise ValueError(f"prune.n=0 removes no layer, so patch={variant} / distill={dist['method']} would do "
                          f"nothing: use prune.n >= 1, or patch=none distill=none for the dense reference")
@@ -155,6 +163,8 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     check(PATCHES[cfg["patch"]["variant"]].reads, cfg["patch"], "patch", f"patch={cfg['patch']['variant']}", bounds)
     check(DISTILL[dist["method"]], dist, "distill", f"distill.method={dist['method']}", bounds)
     validate_choices(cfg, hidden_size)
+    if METRICS[p["metric"]].width is not None and num_layers is not None:
+        pruned_layers(num_layers, p["protect_first"], p["protect_last"])
     if p["metric"] == "manual":
         idx = p.get("indices") or []
         if len(set(idx)) != p["n"] or any(not isinstance(i, int) or not 0 <= i < L for i in idx):
@@ -423,6 +433,8 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
     ctx = SelectionContext(stats=stats, n=p["n"] + replaces, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
                            model=model if scored else None, settings=p, samples=_score_samples(cfg, data) if scored else None,
                            batch_size=cfg["data"]["calib_batch_size"])
+    if METRICS[p["metric"]].width is not None:  # width pruning (LLM-Pruner): no layer goes, every layer narrows
+        return [], {"width": METRICS[p["metric"]].width(ctx)}, None
     if cfg["patch"]["variant"] == "prunecomp":
         pick = lambda m, st: select_layers(p["metric"], replace(ctx, stats=st, n=1, model=m if scored else None))[0]  # noqa: E731
         removed, scales = prunecomp.select(model, data.samples(), p["n"], pick, ctx.batch_size, cfg["progress"])
@@ -491,6 +503,8 @@ def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict
 def first_changed(cfg: dict, removed: list[int]) -> int:
     """The first layer that pruning changes: the first removed one, or layer s-1 itself when the patch folds
     into it (replaceme). The layers before it, and their outputs, are the dense model's."""
+    if METRICS[cfg["prune"]["metric"]].width is not None:  # the layers before the first narrowed one are dense
+        return cfg["prune"]["protect_first"]
     return max(min(removed, default=0) - PATCHES[cfg["patch"]["variant"]].changes_earlier_layer, 0)
 
 
@@ -669,6 +683,7 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
         check = PatchCheck(cfg, model, data, removed)
     with ExitStack() as stack:
         with _timed(timings, "patch"):
+            width = stack.enter_context(width_pruned(model, fitted["width"])) if "width" in fitted else None
             spec = stack.enter_context(pruned(model, removed, patch_maker(cfg, model, stats, data, fitted)))
         with _timed(timings, "patch_check"):  # its second part: the patched model on the same samples
             out["patch_check"] = check.patched(model)
@@ -683,7 +698,8 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
             save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
         write_json(record_path, record)  # the record first: a failed save below loses no evaluation
         if cfg.get("save_model"):
-            save_pruned(model, tokenizer, cfg["save_model"], replace(spec, variant=cfg["patch"]["variant"]))
+            save_pruned(model, tokenizer, cfg["save_model"], replace(spec, variant=cfg["patch"]["variant"],
+                                                                     widths=width.shapes() if width else {}))
     return record
 
 
@@ -706,7 +722,8 @@ def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: Bound
                        for s, t in joins],
         "params_dense": params_dense, "params_pruned": params_pruned, "patch_params": patch_params,
         "prune_ratio": round(1 - params_pruned / params_dense, 6),
-        "fitted": {k: {str(i): v for i, v in d.items()} for k, d in fitted.items()} or None,
+        "fitted": {k: d.record() if isinstance(d, WidthPlan) else {str(i): v for i, v in d.items()}
+                   for k, d in fitted.items()} or None,
         "selection_scores": {str(i): v if math.isfinite(v) else None for i, v in selection_scores.items()}
                             if selection_scores else None,
         "folded_maps": maps or None, "patch_check": patch_check,

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .models import Layout, module_device
@@ -51,6 +52,7 @@ class PruneSpec:
     folded: dict[str, float] = field(default_factory=dict)  # scalar patches folded into the saved weights
     precision: dict[str, str] = field(default_factory=dict)  # position -> patch.precision of weight patches
     maps: dict[str, str] = field(default_factory=dict)  # dense layer -> kind of a d x d map folded into it (replaceme)
+    widths: dict[str, dict] = field(default_factory=dict)  # layer -> {kv_heads, channels} it keeps (width pruning)
 
 
 def interface_position(removed: list[int], e: int, replaced=()) -> int:
@@ -250,6 +252,12 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, spec: PruneSpec, fold
                                folded={str(k): v for k, v in folded.items()},
                                precision={str(pos): p.precision for pos, p in kept.items() if hasattr(p, "precision")})
     kinds = {kind for kind in spec.patches.values() if kind != ReplacementLayer.kind}
+    if spec.widths:  # layers of their own widths: config.json has one width for all, so plain loading must fail
+        config = json.loads((path / "config.json").read_text())
+        config.update(model_type=f"{PATCHED_PREFIX}{config['model_type']}",
+                      lp_note="width-pruned model (its layers' widths in lp_pruning.json): load it with "
+                              "lp.pruning.load_pruned(folder)")
+        (path / "config.json").write_text(json.dumps(config, indent=2))
     if kinds:
         # patches that plain from_pretrained would silently drop: make it fail loudly instead, naming the way;
         # weight patches also get the hub's remote-code form (a modeling file and auto_map)
@@ -287,8 +295,11 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     kind = config.pop("model_type").removeprefix(PATCHED_PREFIX)
     config.pop("lp_note", None)
     config.pop("auto_map", None)
-    model = AutoModelForCausalLM.from_pretrained(path, config=AutoConfig.for_model(kind, **config),
-                                                 dtype=DTYPES[dtype]).to(device).eval()
+    config = AutoConfig.for_model(kind, **config)
+    if spec.widths:
+        model = _load_narrowed(path, config, spec.widths, DTYPES[dtype]).to(device).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=DTYPES[dtype]).to(device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     try:
@@ -321,6 +332,32 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
         patch.requires_grad_(False)
         attach_patch(model, int(pos), patch)
     return model, tokenizer, spec
+
+
+def _load_narrowed(path: Path, config, widths: dict, dtype):
+    """A width-pruned folder: the model built from its config, each layer given its saved widths, then the
+    weights (every tensor of the folder's safetensors files, shapes checked by load_state_dict)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from .width import apply_shapes
+
+    if dtype == "auto":  # what from_pretrained's "auto" reads: the dtype the folder was saved in
+        dtype = getattr(config, "dtype", None) or "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    try:
+        apply_shapes(model, widths)
+        state = {k: v for f in sorted(path.glob("*.safetensors")) if f.name != PATCH_FILE for k, v in load_file(str(f)).items()}
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, KeyError, IndexError, OSError) as e:
+        raise ValueError(f"{path}: the saved weights do not fit the widths in {SPEC_FILE} ({type(e).__name__}: {e}): "
+                         f"the folder is damaged; save the model again") from e
+    tied = {k for k in result.missing_keys if config.tie_word_embeddings and k.endswith("lm_head.weight")}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise ValueError(f"{path}: the saved weights lack {sorted(set(result.missing_keys) - tied)[:5]} or hold unknown "
+                         f"{result.unexpected_keys[:5]}: the folder is damaged; save the model again")
+    model.tie_weights()
+    return model
 
 
 def _check_patch_weight(path: Path, pos: str, kind: str, state: dict, hidden: int) -> None:

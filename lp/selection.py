@@ -17,7 +17,7 @@ from .calibration import BoundaryStats, stream_boundaries
 from .evaluation import Prefix, layer_output_kind, perplexity, prefix_reuse_applies
 from .keys import USES
 from .pruning import pruned
-from .settings import Flag, Int, OneOf, read
+from .settings import Flag, Fraction, Int, OneOf, read
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,18 @@ class Metric:
     select: Callable[[SelectionContext], list[int]]
     runs_model: bool = False  # scores layers by running the model on calibration samples (gets model, samples)
     reads: dict = field(default_factory=dict)  # prune setting -> its rule (lp.settings; None: checked where read)
+    width: Callable | None = None  # width pruning (lp.width): ctx -> WidthPlan; then ``select`` removes no layer
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def register(name: str, runs_model: bool = False, reads: dict | None = None):
+def register(name: str, runs_model: bool = False, reads: dict | None = None, width: Callable | None = None):
     """Register a selection metric ``name`` (prune.metric=name): the one place a metric is declared. ``reads``:
     the prune.* settings it reads besides metric and n, each with its rule (lp.settings), which validation
     checks; their names are kept in lp.keys.USES (what its run ids hash), their values in conf/prune/."""
     def wrap(fn):
-        METRICS[name] = Metric(fn, runs_model, dict(reads or {}))
+        METRICS[name] = Metric(fn, runs_model, dict(reads or {}), width)
         USES[name] = set(reads or ())
         return fn
     return wrap
@@ -297,6 +298,23 @@ def taylor_scores(ctx: SelectionContext) -> torch.Tensor:
 def taylor(ctx: SelectionContext) -> list[int]:
     """Taylor+: remove the n layers of lowest first-order importance, never blocks 0-3 or the last two."""
     return _lowest(ctx, taylor_scores(ctx))
+
+
+def llm_pruner_plan(ctx: SelectionContext):
+    """LLM-Pruner's block-wise width plan (lp.width): heads and MLP channels by Taylor importance."""
+    from .width import plan
+
+    model, samples = _needs_model(ctx, "llm_pruner")
+    return plan(model, samples, ctx.n, ctx.setting("ratio"), ctx.setting("protect_first"), ctx.setting("protect_last"),
+                ctx.batch_size)
+
+
+@register("llm_pruner", runs_model=True, width=llm_pruner_plan,
+          reads={"score_samples": Int(1), "score_seqlen": Int(2, "context", none_ok=True), "ratio": Fraction(none_ok=True),
+                 "protect_first": Int(0, "layers"), "protect_last": Int(0, "layers")})
+def llm_pruner(ctx: SelectionContext) -> list[int]:
+    """LLM-Pruner removes no layer: it narrows layers protect_first .. L - protect_last - 1 (lp.width)."""
+    return []
 
 
 # ------------------------------------------------------------------ lp's own: the block the patched model keeps best

@@ -61,11 +61,15 @@ class Flag:
 
 @dataclass(frozen=True)
 class Fraction:
-    """A number in (0, 1): a confidence level."""
+    """A number in (0, 1): a confidence level, a pruning ratio."""
+
+    none_ok: bool = False
 
     def problem(self, value, bounds: dict):
+        if value is None and self.none_ok:
+            return None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
-        return None if ok else "is not valid: it must be a number in (0, 1), e.g. 0.95"
+        return None if ok else f"is not valid: it must be a number in (0, 1), e.g. 0.95{' or null' if self.none_ok else ''}"
 
 
 @dataclass(frozen=True)

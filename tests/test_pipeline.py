@@ -181,8 +181,12 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("distill=offline_kl ~distill.min_lr_factor", r"distill.min_lr_factor is not set: distill.method=offline_kl reads it"),
     ("patch=streamline_layer patch.clip=-1", r"patch.clip=-1 is not valid: it must be a number > 0 or null"),
     ("prune=ppl prune.protect_ends=maybe", r"prune.protect_ends='maybe' is not valid: it must be true or false"),
-    ("distill=offline_kl distill.train=all", r"distill.train='all' is not one of \['patch', 'patch\+norms'\]"),
+    ("distill=offline_kl distill.train=all", r"distill.train='all' is not one of \['patch', 'patch\+norms', 'norm_lmhead', 'last1', 'last2', 'last3'\]"),
     ("logger.backend=mlflow", r"logger.backend='mlflow' is not one of \['none', 'wandb'\]"),
+    ("prune=llm_pruner", r"prune.metric=llm_pruner narrows layers \(heads, channels\) and removes none"),
+    ("prune=llm_pruner patch=none prune.protect_first=3 prune.protect_last=3", r"leave no layer of 6 to prune"),
+    ("prune=llm_pruner patch=none prune.ratio=1.5", r"prune.ratio=1.5 is not valid: it must be a number in \(0, 1\)"),
+    ("prune=llm_pruner patch=none prune.n=0", r"prune.n=0 with prune.ratio=null"),
 ])
 def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match, monkeypatch):
     def no_weights(*a, **k):
