@@ -24,7 +24,7 @@ from .distill import TAIL_CHOICES, TRAIN_CHOICES, TeacherCache, distill_kl, dist
 from .evaluation import Prefix, perplexity, prefix_reuse_applies
 from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
 from .intervals import rp_interval
-from .models import Layout, count_parameters, load_model, local_content, model_config
+from .models import Layout, count_parameters, load_model, local_content, model_config, resolve_source
 from . import prunecomp
 from .modules import MODEL_PRECISION, PRECISIONS
 from .patches import PATCHES, PatchContext, build_patch
@@ -36,6 +36,7 @@ from .keys import DISTILL_USES, SETTING_GROUPS, group_settings
 from .selection import METRICS, SelectionContext, patched_scores, select_layers
 from .settings import Flag, Fraction, Int, Limit, Number, OneOf, Path_, check, check_value
 from .tracking import BACKENDS, make_tracker
+from .export import gguf_problem, prune_gguf
 from .width import WidthPlan, pruned_layers, width_pruned
 from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 
@@ -150,6 +151,12 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
                              f"{'this setting' if len(unknown) == 1 else 'these settings'} (misspelt?); "
                              f"{group} settings: {sorted(known)}")
     check(TOP, cfg, "", "every run", bounds)
+    if cfg.get("save_gguf") is not None:
+        if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
+            raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")
+        why = gguf_problem(cfg, METRICS[p["metric"]].width is not None) if p.get("metric") in METRICS else None
+        if why:
+            raise ValueError(f"save_gguf={cfg['save_gguf']}: {why}")
     check(BOOTSTRAP, cfg.get("bootstrap") or {}, "bootstrap", "every run's intervals", bounds)
     if not isinstance(p.get("indices"), (list, type(None))):
         raise ValueError(f"prune.indices={p['indices']!r} must be a list of layer indices, e.g. prune.indices=[5]")
@@ -640,6 +647,8 @@ def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None)
             log.warning(f"resume: {record_path} is not a complete record ({why}); the run is redone")
         if why is None and not cfg.get("save_model"):
             log.info(f"resume: {record_path} is complete, skipped")
+            if cfg.get("save_gguf"):  # the record names the removed layers: the file needs no model
+                write_gguf(cfg, old["removed"])
             return old
         if why is None:  # the record is done but the model was asked for: rebuilt from the caches
             log.info(f"resume: {record_path} is complete, but save_model={cfg['save_model']} asks for the model: "
@@ -700,7 +709,16 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], replace(spec, variant=cfg["patch"]["variant"],
                                                                      widths=width.shapes() if width else {}))
+        if cfg.get("save_gguf"):
+            write_gguf(cfg, removed)
     return record
+
+
+def write_gguf(cfg: dict, removed: list[int]) -> None:
+    """save_gguf: the model's own GGUF file without the removed layers (lp.export; checked by validate)."""
+    m = cfg["model"]
+    folder, name = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"), m.get("install", ""))
+    log.info(f"save_gguf: wrote {prune_gguf(Path(folder) / name, cfg['save_gguf'], removed)}")
 
 
 def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: BoundaryStats, windows: dict, timings: dict,

@@ -1,0 +1,94 @@
+"""GGUF out: a model loaded from a GGUF file and pruned to a plain stack, written as a GGUF file for llama.cpp.
+
+The kept layers' tensors are copied byte for byte in their original quantisation (no de-quantise / re-quantise
+round trip), renumbered ``blk.<new>.*``; ``<arch>.block_count`` and every per-layer metadata array (a
+numeric array of block_count entries, as some architectures keep head counts or window sizes per layer) are cut
+to the kept layers; everything else (tokenizer, chat template, general.*) is copied as it is. The copy follows
+gguf's own ``gguf_new_metadata.py`` (fields, then tensor infos, then the data).
+
+Only a plain stack can be written so: a patch is an operation llama.cpp does not have, and a patch folded into
+the weights (prunecomp, replaceme) or trained weights (distill.train) change tensors that would then need
+re-quantising; width pruning (prune=llm_pruner) gives layers their own widths. :func:`gguf_problem` says which.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+FOLDED = ("prunecomp", "replaceme")  # patches that save_model folds into kept weights
+
+
+def gguf_problem(cfg: dict, narrows: bool) -> str | None:
+    """Why ``save_gguf`` cannot write this run's model (``narrows``: its metric prunes width), or None; read
+    from the config alone, so it is said before the weights load."""
+    variant, dist = cfg["patch"]["variant"], cfg["distill"]["method"]
+    if not cfg["model"].get("gguf_file"):
+        return "it copies the kept layers out of the model's own GGUF file, and model.gguf_file is null: use save_model=DIR"
+    if variant in FOLDED:
+        return f"patch={variant} folds into kept weights, which would then need re-quantising: use patch=none, or save_model=DIR"
+    if variant != "none":
+        return f"patch={variant} is an operation llama.cpp does not have: use patch=none, or save_model=DIR (which keeps it)"
+    if dist != "none":
+        return f"distill={dist} trains weights, which would then need re-quantising: use distill=none, or save_model=DIR"
+    if narrows:
+        return f"prune.metric={cfg['prune']['metric']} gives each layer its own widths: use save_model=DIR"
+    return None
+
+
+def prune_gguf(source: str | Path, out: str | Path, removed: list[int]) -> Path:
+    """Write ``source`` without the decoder layers ``removed`` to ``out`` (beside it first, then renamed into
+    place: an interrupted write leaves no half file under that name)."""
+    import gguf
+
+    source, out = Path(source), Path(out)
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    count_key = f"{arch}.block_count"
+    L = int(reader.fields[count_key].contents())
+    bad = [i for i in removed if not 0 <= i < L]
+    if bad or len(set(removed)) != len(removed):
+        raise ValueError(f"layers to remove {removed} must be distinct indices in [0, {L - 1}] of {source}")
+    kept = [i for i in range(L) if i not in set(removed)]
+    new_index = {old: new for new, old in enumerate(kept)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+    try:
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue  # written by the writer itself
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            value = field.contents()
+            if field.name == count_key:
+                value = len(kept)
+            elif (sub is not None and sub != gguf.GGUFValueType.STRING and field.name.startswith(f"{arch}.")
+                  and len(value) == L):
+                value = [value[i] for i in kept]  # a per-layer array
+            writer.add_key_value(field.name, value, kind, sub_type=sub)
+        tensors = []
+        for t in reader.tensors:
+            m = BLOCK.fullmatch(t.name)
+            if m and int(m[1]) not in new_index:
+                continue
+            tensors.append((f"blk.{new_index[int(m[1])]}.{m[2]}" if m else t.name, t))
+        for name, t in tensors:
+            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, t in tensors:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        writer.close()
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"save_gguf={out}: writing failed ({e})") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
