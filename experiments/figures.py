@@ -5,8 +5,10 @@
 import argparse
 from pathlib import Path
 
-from lp.report.figures import (cosine, load, magnitude, methods, outliers, patches, ppl_vs_n, rp_vs_n, save,
-                               selection_scores)
+from lp.records import load_records
+from lp.report.figures import (cosine, depth, depth_models, load, magnitude, methods, outliers, patches, ppl_vs_n,
+                               save, selection_scores)
+from lp.report.tables import frame, paper_rows
 
 
 def main(argv=None) -> list[Path]:
@@ -21,8 +23,9 @@ def main(argv=None) -> list[Path]:
     out = Path(a.out)
     written = save(ppl_vs_n(df), out, "ppl_vs_n") + save(patches(df), out, "patches")
     written += save(methods(df), out, "methods")
-    if (fig := rp_vs_n(df)) is not None:
-        written += save(fig, out, "rp_vs_n")
+    every = frame(load_records(a.records))  # the depth figures: every model, not only the most common
+    for model in depth_models(every):
+        written += save(depth(every, model, paper_rows()), out, f"depth_{model}")
     if (fig := selection_scores(records)) is not None:
         written += save(fig, out, "selection_scores")
     if stats is None:

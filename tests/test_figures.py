@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lp.calibration import BoundaryStats
@@ -69,3 +70,43 @@ def test_selection_scores_figure_draws_every_candidate_and_the_cosine(tmp_path):
     stats = BoundaryStats.load(tmp_path / "stats.pt")
     assert list(cos_line.get_ydata()) == [stats.cos[s, s + 2].item() for s in range(5)]
     assert figures.selection_scores(figures.load(recs)[0]) is None  # no patched runs: no figure
+
+
+def _outcomes(p_dense, p_pruned, n=40):
+    """Per-document 0/1 outcomes of one task, dense and pruned, right on the first p * n documents."""
+    doc = lambda p: {"ids": list(range(n)), "acc": [1 if i < p * n else 0 for i in range(n)], "acc_norm": None}  # noqa: E731
+    return {"dense": {"t": doc(p_dense)}, "pruned": {"t": doc(p_pruned)}}
+
+
+def test_depth_figure_draws_each_matching_record_once_with_its_bands(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lp.report import figures
+    from lp.report.tables import frame, paper_rows
+
+    runs = [(1, "none", "cosine", 0.5), (2, "none", "cosine", 0.4), (1, "linearpatch", "cosine", 0.55),
+            (2, "linearpatch", "cosine", 0.45), (2, "none", "block_influence", 0.3)]
+    recs = []
+    for i, (n, patch, metric, acc) in enumerate(runs):
+        r = record(n, patch, 20.0, f"2026-01-0{i + 1}", metric=metric, acc={"t": acc}, dense_acc={"t": 0.6})
+        r.update(num_layers=6, _outcomes=_outcomes(0.6, acc))
+        recs.append(r)
+    other = record(1, "none", 20.0, "2026-01-08", acc={"t": 0.2}, dense_acc={"t": 0.6})
+    other.update(model="other", num_layers=6)  # another model: never on m's figure
+    df = frame(recs + [other])
+    assert figures.depth_models(df) == ["m"]
+    fig = figures.depth(df, "m", paper_rows())
+    rp_ax, drp_ax, paper_ax = fig.axes
+    lines = {ln.get_label(): ln for ln in rp_ax.get_lines() if not ln.get_label().startswith("_")}
+    assert sum(len(ln.get_xdata()) for ln in lines.values()) == len(runs)  # one marker per matching record
+    assert list(lines["cosine"].get_xdata()) == [1 / 6, 2 / 6]
+    assert list(lines["cosine"].get_ydata()) == [r["retention"]["rp"] for r in recs[:2]]
+    assert len(rp_ax.collections) == 3  # a band per method: every record has outcomes
+    drp = {ln.get_label(): ln for ln in drp_ax.get_lines() if not ln.get_label().startswith("_")}
+    assert set(drp) == {"cosine", "block_influence"}  # LP[L] is the reference itself
+    assert list(drp["block_influence"].get_ydata()) == pytest.approx([(0.3 - 0.45) / 0.6 * 100])  # vs LP[L], n = 2
+    paper = paper_rows()
+    want = paper[(paper["model"] == "llama3.1-8b") & paper["rp"].notna() & (paper["n"] > 0)]
+    assert sum(len(ln.get_xdata()) for ln in paper_ax.get_lines() if not ln.get_label().startswith("_")) == len(want)
+    assert figures.depth(df, "nobody") is None

@@ -10,6 +10,8 @@ One model, calibration data set and evaluation per call (the most common among t
                         massive outliers on a few tokens, in the plain basis and after the Hadamard rotation
 * cosine.{png,pdf}      mean token-wise cosine similarity between every pair of layer boundaries
 * ppl_vs_n.{png,pdf}    pruned perplexity against the number of removed layers, one line per method
+* depth_<model>.{png,pdf}  RP (95% paired bands) and dRP against LP[L] by depth, per model with zero-shot
+                        records at two depths or more; the paper's LLaMA-3-8B points in their own panel
 * patches.{png,pdf}     patch variants as bars, per depth (the most common selection metric)
 * methods.{png,pdf}     selection metrics as bars, without and with LinearPatch (the most common depth)
 
@@ -112,27 +114,64 @@ def ppl_vs_n(df: pd.DataFrame):
     return fig
 
 
-def rp_vs_n(df: pd.DataFrame):
-    """Retention (RP %) against the number of removed layers, one line per method, with its 95% paired
-    bootstrap interval where the records have per-document outcomes, else its standard error (the legend says
-    which); None if no record has zero-shot results."""
-    df = _top(df[df["rp"].notna()])
-    if df.empty:
+LP_L = {"metric": "cosine", "patch": "linearpatch", "distill": "none"}  # the depth figure's dRP reference: LP[L]
+PAPER_MODEL = "llama3.1-8b"  # the paper's LLaMA-3-8B rows (results/paper/linearpatch.csv)
+
+
+def _band(ax, x, y, lo, hi, **kw):
+    """A line with a marker per point and, where the interval is known, its band."""
+    line, = ax.plot(x, y, marker="o", **kw)
+    known = lo.notna() & hi.notna()
+    if known.any():
+        ax.fill_between(x[known], lo[known], hi[known], color=line.get_color(), alpha=0.15, lw=0)
+    return line
+
+
+def depth(df: pd.DataFrame, model: str, paper: pd.DataFrame | None = None):
+    """Retention against depth for one ``model`` (its most common calibration data and zero-shot evaluation):
+    RP against the fraction of layers removed, one line per method, a marker per record, the 95% paired
+    bootstrap interval as a band where the records have outcomes; dRP against LP[L] (cosine + LinearPatch at
+    the same n) with its paired interval; and, given ``paper`` (tables.paper_rows()), the paper's LLaMA-3-8B
+    points at their own ratios. None if ``model`` has no zero-shot record."""
+    d = df[(df["model"] == model) & df["rp"].notna()]
+    if d.empty:
         return None
-    if "rp_lo" not in df:
-        df = paired(df)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, g in df.groupby("method"):
-        g = g.groupby("n")[["rp", "rp_se", "rp_lo", "rp_hi"]].mean()
-        paired_ci = g["rp_lo"].notna().all()
-        yerr = [g["rp"] - g["rp_lo"], g["rp_hi"] - g["rp"]] if paired_ci else g["rp_se"]
-        ax.errorbar(g.index, g["rp"], yerr=yerr, marker="o", capsize=3,
-                    label=f"{method} ({'95% paired CI' if paired_ci else '± s.e.'})")
-    ax.axhline(100, color="k", lw=0.8, ls=":", label="dense")
-    ax.set(xlabel="layers removed", ylabel="RP % (mean acc pruned / dense)",
-           title=f"{df['model'].iloc[0]}, {df['eval'].iloc[0]} tasks")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    d = _top(d).copy()
+    d["x"] = d["n"] / d["num_layers"]
+    vs_lp = paired(d, vs=LP_L)
+    d = paired(d)
+    shown = paper[(paper["model"] == PAPER_MODEL) & paper["rp"].notna() & (paper["n"] > 0)] if paper is not None else None
+    panels = 2 + (shown is not None and not shown.empty)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.0))
+    for method, g in d.sort_values("x").groupby("method"):
+        _band(axes[0], g["x"], g["rp"], g["rp_lo"], g["rp_hi"], label=method)
+    for method, g in vs_lp.sort_values("x").groupby("method"):
+        if g["drp"].notna().any():
+            g = g[g["drp"].notna()]
+            _band(axes[1], g["x"], g["drp"], g["drp_lo"], g["drp_hi"], label=method)
+    axes[0].axhline(100, color="k", lw=0.8, ls=":")
+    axes[1].axhline(0, color="k", lw=0.8, ls=":")
+    axes[0].set(xlabel="fraction of layers removed (n / L)", ylabel="RP %",
+                title=f"{model}, {d['eval'].iloc[0]} tasks (bands: 95% paired CI)")
+    axes[1].set(xlabel="fraction of layers removed (n / L)", ylabel="dRP vs cosine + linearpatch (LP[L])",
+                title="against LP[L] at the same n")
+    if panels == 3:
+        for method, g in shown.sort_values("n").groupby("method"):
+            axes[2].plot(g["n"] / g["num_layers"], g["rp"], marker="s", label=method)
+        axes[2].axhline(100, color="k", lw=0.8, ls=":")
+        axes[2].set(xlabel="fraction of layers removed (n / L)", ylabel="RP %", title="the paper: LLaMA-3-8B (reported)")
+        axes[2].legend(fontsize=6)
+    for ax in axes[:2]:
+        ax.set_xlim(axes[0].get_xlim())
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
     return fig
+
+
+def depth_models(df: pd.DataFrame) -> list[str]:
+    """The models whose zero-shot records span two depths or more (a depth figure each)."""
+    z = df[df["rp"].notna()]
+    return sorted(m for m, g in z.groupby("model") if g["n"].nunique() > 1)
 
 
 def selection_scores(records: list[dict]):

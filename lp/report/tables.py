@@ -82,6 +82,7 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
                    ppl_dense_by_data={k: v["dense"] for k, v in by_data.items()})
         row.update(method=method_name(row["metric"], row["patch"], row["distill"]), ppl_dense=r["ppl"]["dense"],
                    ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
+                   num_layers=r.get("num_layers"),
                    created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
                    avg_dense=rp.get("avg_dense"), settings=r.get("run_id", "").rsplit("__", 1)[-1],
                    config=config)
