@@ -617,10 +617,12 @@ def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict,
     name, e = cfg["data"]["name"], cfg["eval"]
     ppl_free = _finite(perplexity(model, windows[name], e["batch_size"], cfg["progress"],
                                   "training-free perplexity", prefixes.get(name)), "training-free perplexity")
-    stack.enter_context(_restored(trainable_parameters(model, _trained(cfg["distill"]))))
+    trained = trainable_parameters(model, _trained(cfg["distill"]))
+    stack.enter_context(_restored(trained))
     with _timed(timings, "distill"):
         result = distill(cfg, model, removed, prepared,
                          on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
+    result.trained_params = sum(p.numel() for p in trained)
     return ppl_free, result
 
 
@@ -749,7 +751,8 @@ def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: Bound
                 **({"training_free": ppl_free} if ppl_free is not None else {}),
                 "datasets": {k: {"dense": dense["ppl"][k], "pruned": v} for k, v in pruned_eval["ppl"].items()}},
         "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
-                           "val": distilled.val, "stopped": distilled.stopped} if distilled else None,
+                           "val": distilled.val, "stopped": distilled.stopped,
+                           "trained_params": distilled.trained_params} if distilled else None,
         "zeroshot": {"dense": zs_dense, "pruned": zs_pruned,
                      "lm_eval": versions()["lm_eval"] if zs_dense else None, "engine": engine_of(cfg)},
         "retention": _retention(cfg, dense, pruned_eval),

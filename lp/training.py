@@ -23,6 +23,7 @@ class TrainResult:
     val: list[float] = field(default_factory=list)  # per epoch, when a validation loss is given
     stopped: str | None = None  # why training stopped early, if it did
     nonfinite: bool = False  # it stopped at a non-finite loss (the last finite parameters are back)
+    trained_params: int = 0  # how many parameters were trained (the record states it beside RP and minutes)
 
 
 def train(params: list[torch.nn.Parameter], batches: Callable[[int], Iterable], loss_of: Callable[[object], torch.Tensor],

@@ -185,3 +185,8 @@ def test_prune_last_with_partial_layer_fine_tuning_runs_from_the_config(tiny_dir
                                "distill.train=last3", *small))
     assert rec["removed"] == [4, 5] and rec["distill_result"]["steps"] == 2
     assert rec["ppl"]["training_free"] != rec["ppl"]["pruned"]  # the tail was trained
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tail = [p for i in (1, 2, 3) for p in dense.model.layers[i].parameters()] + [dense.model.norm.weight, dense.lm_head.weight]
+    assert rec["distill_result"]["trained_params"] == sum(p.numel() for p in tail)  # the last 3 kept layers, norm, head
