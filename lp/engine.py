@@ -39,6 +39,7 @@ from .models import Layout
 
 ENGINE_VERSION = 1  # part of the dense evaluation's cache key and of the record: raise it when outcomes may change
 ENGINES = ("lp", "hflm")  # eval.engine: lp's engine, or lm-eval's HFLM (the reference the tests compare against)
+PREFIX_FORMAT = 1  # of PrefixStates.save's files
 HEAD_CHUNK = 2**27  # logits computed at most this many (positions x vocabulary) at a time (512 MiB in float32)
 
 
@@ -155,6 +156,7 @@ class PrefixStates:
     def __init__(self, layer: int, budget: int):
         self.layer, self.budget, self.states, self.tuple_output = layer, budget, {}, None
         self.hits = 0
+        self.loaded = 0  # batches adopted from a saved file
 
     @property
     def nbytes(self) -> int:
@@ -163,6 +165,35 @@ class PrefixStates:
     def offer(self, key: str, hidden: torch.Tensor) -> None:
         if key not in self.states and self.nbytes + hidden.numel() * hidden.element_size() <= self.budget:
             self.states[key] = hidden.detach().to("cpu", copy=True)
+
+    def save(self, path) -> None:
+        """The states, atomically (a reader sees a whole file or none)."""
+        from .records import atomic_write
+
+        atomic_write(path, lambda tmp: torch.save({"format": PREFIX_FORMAT, "layer": self.layer,
+                                                   "tuple_output": self.tuple_output, "states": self.states}, tmp))
+
+    def load(self, path, hidden_size: int) -> None:
+        """Adopt the states saved at ``path`` (within the budget); :class:`lp.records.DamagedFile` naming the
+        file if it cannot be read, is of another layer or hidden size, or holds a non-finite value."""
+        from .records import DamagedFile
+
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            states = saved["states"]
+            ok = saved["format"] == PREFIX_FORMAT and saved["layer"] == self.layer and all(
+                isinstance(k, str) and isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[-1] == hidden_size
+                for k, h in states.items())
+        except Exception as e:  # a truncated zip, a pickle error, missing fields
+            raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        if not ok:
+            raise DamagedFile(f"{path} is damaged: not the states entering layer {self.layer} at hidden size {hidden_size}")
+        if not all(h.isfinite().all() for h in states.values()):
+            raise DamagedFile(f"{path} is damaged: it holds non-finite hidden states")
+        self.tuple_output = saved["tuple_output"]
+        for k, h in states.items():
+            self.offer(k, h)
+        self.loaded = len(self.states)
 
 
 def _masks(model, b: _Batch, dtype: torch.dtype, device):

@@ -43,7 +43,9 @@ from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 log = logging.getLogger(__name__)
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
-ZEROSHOT = "\0zeroshot"  # eval_prefixes' entry for the zero-shot batches (no data set is so named)
+ZEROSHOT = "\0zeroshot"
+PREFIX_DISK_BUDGET = 2**30  # zero-shot prefix states are saved when they fit (the main job's: ~100 MB; a LLaMA-3-8B
+#                            suite's are tens of GB: it keeps the in-process reuse of a sweep only)  # eval_prefixes' entry for the zero-shot batches (no data set is so named)
 PROBE_SAMPLES = 4  # calibration samples on which each patch is compared with no patch
 
 
@@ -525,8 +527,34 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
     ekey = key_of(model_key(cfg), data_key(cfg), eval_key(cfg))
     out = {name: ws.prefix(model, w, first, e["batch_size"], f"{ekey}/{name}") for name, w in windows.items()}
     if e.get("tasks") and e["engine"] == "lp":
-        out[ZEROSHOT] = ws.zeroshot_prefix(first, ekey)
+        states = out[ZEROSHOT] = ws.zeroshot_prefix(first, ekey)
+        path = zeroshot_prefix_path(cfg, first)
+        if states is not None and not states.states and path.is_file():  # a run of another process made them
+            try:
+                states.load(path, Layout(model).hidden_size)
+            except DamagedFile as err:
+                set_aside(path, str(err))
     return out
+
+
+def zeroshot_prefix_path(cfg: dict, layer: int) -> Path:
+    """Where the dense states entering ``layer`` of the zero-shot batches are kept between processes: keyed
+    on what they are computed from (the model, where it runs, the data, the evaluation and its engine, the
+    layer, versions)."""
+    m = cfg["model"]
+    key = key_of(model_key(cfg), {"device": m.get("device"), "device_map": m.get("device_map")}, data_key(cfg),
+                 eval_key(cfg), engine_of(cfg), layer, versions())
+    return Path(cfg["cache_dir"]) / "prefix" / f"{key}.pt"
+
+
+def keep_zeroshot_prefix(cfg: dict, prefixes: dict) -> None:
+    """Save the zero-shot prefix states a run computed (the dense or the pruned evaluation fills them) when they
+    fit PREFIX_DISK_BUDGET, so that the next process's pruned evaluation starts there too."""
+    states = prefixes.get(ZEROSHOT)
+    if states is None or len(states.states) <= states.loaded or states.nbytes > PREFIX_DISK_BUDGET:
+        return
+    states.save(zeroshot_prefix_path(cfg, states.layer))
+    states.loaded = len(states.states)
 
 
 class PatchCheck:
@@ -704,6 +732,8 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
                                                           timings, tracker)
         with _timed(timings, "pruned_eval"):
             pruned_eval = evaluate(cfg, model, tokenizer, windows, prefixes, label="pruned")
+        with _timed(timings, "eval_prefixes"):
+            keep_zeroshot_prefix(cfg, prefixes)
         record = make_record(cfg, rid, group, data, stats, windows, timings, dense, pruned_eval, **out)
         if pruned_eval["outcomes"]:  # the side file first: a complete record always has its outcomes
             save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
@@ -777,7 +807,11 @@ def _retention(cfg: dict, dense: dict, pruned_eval: dict) -> dict:
 def _summary(record: dict, path: Path) -> None:
     """The short end-of-run summary, on stdout (the rest goes to the log)."""
     ppl = record["ppl"]
-    print(f"[lp] {record['run_id']}\n     removed {record['removed']}  ppl dense {ppl['dense']:.2f}  "
+    width = (record.get("fitted") or {}).get("width")
+    layers = sorted(int(i) for i in width["layers"]) if width else []
+    what = (f"narrowed layers {layers[0]}-{layers[-1]} by {width['ratio']:.2%}" if layers else
+            f"removed {record['removed']}")
+    print(f"[lp] {record['run_id']}\n     {what}  ppl dense {ppl['dense']:.2f}  "
           f"pruned {ppl['pruned']:.2f}  params {record['params_dense']:,} -> {record['params_pruned']:,}")
     if record["retention"]:
         print(format_table(record["zeroshot"]["dense"], record["zeroshot"]["pruned"], record["retention"]))

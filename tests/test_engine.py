@@ -129,3 +129,28 @@ def test_engine_equals_hflm_on_loglikelihood_and_rolling(tiny_dir):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
     assert lp_lm.loglikelihood_rolling(rolling)[0] == pytest.approx(hf.loglikelihood_rolling(rolling)[0], abs=1e-3)
     assert lp_lm.generate_until([Instance("generate_until", {}, ("The jury", {"max_gen_toks": 4, "until": ["\n"]}), 0)])
+
+
+def test_prefix_states_saved_and_loaded_give_the_same_scores(tmp_path):
+    """What a process keeps on disk for the next: the same states, used as in memory; a damaged file is named."""
+    from lp.pruning import pruned
+    from lp.records import DamagedFile
+
+    model = _family_model("llama")
+    requests = _requests(seed=5)
+    states = PrefixStates(2, 2**30)
+    _engine(model, requests, 64, 50, states)
+    states.save(tmp_path / "s.pt")
+    again = PrefixStates(2, 2**30)
+    again.load(tmp_path / "s.pt", model.config.hidden_size)
+    assert again.loaded == len(states.states) and again.tuple_output == states.tuple_output
+    assert all(torch.equal(again.states[k], h) for k, h in states.states.items())
+    with pruned(model, [2], lambda *_: None):
+        assert _engine(model, requests, 64, 50, again) == _engine(model, requests, 64, 50)
+    assert again.hits == len(again.states)
+    data = (tmp_path / "s.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedFile, match=r"cut.pt is damaged"):
+        PrefixStates(2, 2**30).load(tmp_path / "cut.pt", model.config.hidden_size)
+    with pytest.raises(DamagedFile, match=r"not the states entering layer 3"):
+        PrefixStates(3, 2**30).load(tmp_path / "s.pt", model.config.hidden_size)

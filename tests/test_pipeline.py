@@ -753,3 +753,23 @@ def test_engine_matches_hflm_on_the_default_model(tmp_path):
     for t in tasks:
         for a, b in zip(out["lp"]["samples"][t], out["hflm"]["samples"][t], strict=True):
             assert all(abs(x[0] - y[0]) < 1e-3 for x, y in zip(a["filtered_resps"], b["filtered_resps"], strict=True))
+
+
+def test_zeroshot_prefix_states_carry_over_to_the_next_process(tiny_dir, tmp_path):
+    """A run keeps the dense states of its zero-shot batches on disk; the next process (a new Workspace: the
+    dense evaluation from its cache) starts its pruned evaluation there, with the same outcomes; a damaged file
+    is set aside and the run gives the same numbers from the embeddings."""
+    quick = ("eval=quick", "eval.limit=4", "eval.max_windows=3", "eval.batch_size=2", "eval.tasks=[piqa_local]")
+    cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2", "prune.start=2", "patch=none", *quick)
+    first = pipeline.run(cfg, workspace=pipeline.Workspace())
+    [saved] = (tmp_path / "cache" / "prefix").glob("*.pt")
+    want = load_outcomes(tmp_path / "records" / f"{first['run_id']}.json")
+    ws = pipeline.Workspace()
+    again = pipeline.run(cfg, workspace=ws)
+    [states] = [p for k, p in ws._prefixes.items() if k[1] == "zeroshot"]
+    assert states.loaded > 0 and states.hits == states.loaded  # every pruned batch started from the file
+    assert again["retention"] == first["retention"]
+    assert load_outcomes(tmp_path / "records" / f"{again['run_id']}.json") == want
+    saved.write_bytes(saved.read_bytes()[:100])
+    third = pipeline.run(cfg, workspace=pipeline.Workspace())
+    assert saved.with_name(saved.name + ".bad").is_file() and third["retention"] == first["retention"]

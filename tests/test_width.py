@@ -110,12 +110,13 @@ def test_ratio_from_n_is_the_largest_within_n_layers_of_parameters(n, tokens):
     assert removed_at(step) > n * per_layer or any(pruned_counts(u, step)[1] >= u.channels for u in units)
 
 
-def test_llm_pruner_runs_from_the_config_and_its_saved_model_reloads(tiny_dir, tmp_path):
+def test_llm_pruner_runs_from_the_config_and_its_saved_model_reloads(tiny_dir, tmp_path, capsys):
     save = tmp_path / "narrow"
     cfg = cfg_for(tiny_dir, tmp_path, "prune=llm_pruner", "prune.n=1", "patch=none", "prune.protect_first=1",
                   "prune.protect_last=1", "prune.score_samples=3", "prune.score_seqlen=16", f"save_model={save}")
     rec = pipeline.run(cfg)
     assert rec["removed"] == [] and rec["metric"] == "llm_pruner"
+    assert f"narrowed layers 1-4 by {rec['fitted']['width']['ratio']:.2%}" in capsys.readouterr().out
     layer_params = (rec["params_dense"] - rec["params_pruned"])
     assert 0 < layer_params and rec["fitted"]["width"]["ratio"] > 0
     assert sorted(rec["fitted"]["width"]["layers"]) == ["1", "2", "3", "4"]

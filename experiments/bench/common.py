@@ -7,7 +7,7 @@ import time
 
 import torch
 
-SHAPES = ("llama3_8b", "tiny")  # tiny: a few-MB LLaMA for trying a benchmark's code path on a CPU
+SHAPES = ("llama3_8b", "qwen2.5_1.5b", "tiny")  # tiny: a few-MB LLaMA for trying a benchmark's code path on a CPU
 
 
 def llama_config(shape: str, layers: int | None = None):
@@ -18,6 +18,10 @@ def llama_config(shape: str, layers: int | None = None):
         return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
                            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                            max_position_embeddings=8192, rope_theta=500000.0)
+    if shape == "qwen2.5_1.5b":  # Qwen2.5-(Coder-)1.5B's dimensions in the LLaMA layout (no q/k/v biases: 0.02% of it)
+        return LlamaConfig(hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers or 28, num_attention_heads=12,
+                           num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                           rope_theta=1000000.0, tie_word_embeddings=True)
     if shape == "tiny":
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers or 8, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
@@ -72,6 +76,13 @@ def peak_gib(above: int = 0) -> float | None:
         return None
     sync()
     return round((torch.cuda.max_memory_allocated() - above) / 2**30, 3)
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident memory so far (GiB): the CPU's counterpart of peak_gib, never reset."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def allocated() -> int:

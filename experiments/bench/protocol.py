@@ -2,6 +2,7 @@
 
     python -m experiments.bench.protocol --out results/bench_protocol_gpu.json                 # LLaMA-3-8B shape
     python -m experiments.bench.protocol --shape tiny --seqlen 64 --distill-samples 16 --ppl-windows 4   # CPU
+    python -m experiments.bench.protocol --shape qwen2.5_1.5b --train last3 --out results/bench_tail_gpu.json  # Lu et al.
 
 On a random-initialised LLaMA-3-8B-shaped model in bf16, with lp's own functions: calibration over
 ``--calib-samples`` x ``--seqlen`` tokens (lp.calibration.collect_stats), cosine selection of ``--remove``
@@ -9,7 +10,10 @@ layers, the LinearPatch matrix, the teacher's top-50 cache of ``--distill-sample
 (lp.distill.TeacherCache, written to a temporary folder), one epoch of offline distillation at the paper's
 settings (batch 1, AdamW lr 1e-4, weight decay 1e-4, cosine to lr/20, bf16 autocast: conf/distill/paper.yaml),
 and perplexity of the distilled model on ``--ppl-windows`` x ``--seqlen`` windows. Seconds and peak allocator
-memory above the weights per phase. With fewer distillation samples than the paper's 5,000, the teacher and
+memory above the weights per phase (and the process's peak resident memory, what a CPU run can tell).
+``--train`` picks what distillation trains (lp.distill.TRAIN_CHOICES: the patch, or ``last3`` and the like:
+the last kept layers, the final norm and the head, as reverse-order pruning with partial-layer fine-tuning does,
+the layers then removed from the end); the JSON counts the trained parameters. With fewer distillation samples than the paper's 5,000, the teacher and
 distillation phases are also projected linearly to 5,000 (each sample is one independent forward or step), and
 the JSON says which numbers are measured and which projected.
 """
@@ -21,14 +25,14 @@ import tempfile
 import torch
 
 from experiments.bench.common import (SHAPES, allocated, clock, default_device, device_name, emit, peak_gib,
-                                      random_model, reset_peak)
+                                      peak_rss_gib, random_model, reset_peak)
 
 PAPER_SAMPLES = 5000
 
 
 def main(argv=None) -> dict:
     from lp.calibration import collect_stats
-    from lp.distill import TeacherCache, distill_kl
+    from lp.distill import TAIL_CHOICES, TRAIN_CHOICES, TeacherCache, distill_kl, trainable_parameters
     from lp.evaluation import perplexity
     from lp.patches import build_patch
     from lp.pruning import pruned
@@ -43,10 +47,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--distill-samples", type=int, default=PAPER_SAMPLES)
     ap.add_argument("--topk", type=int, default=50)
     ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--train", choices=TRAIN_CHOICES, default="patch")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     dev = default_device()
-    model = random_model(a.shape, torch.bfloat16, dev)
+    model = random_model(a.shape, getattr(torch, a.dtype), dev)
     weights = allocated()
     gen = torch.Generator().manual_seed(0)
     tokens = lambda n: torch.randint(0, model.config.vocab_size, (n, a.seqlen), generator=gen)  # noqa: E731
@@ -63,21 +69,27 @@ def main(argv=None) -> dict:
 
     phase("calibration", lambda: collect_stats(model, calib.to(dev), a.calib_batch, progress=False))
     stats = got["calibration"]
-    phase("selection", lambda: select_layers("cosine", SelectionContext(stats, a.remove, settings={"similarity": "token"})))
+    tail = a.train in TAIL_CHOICES  # reverse order: the last layers go, no patch
+    phase("selection", lambda: list(range(model.config.num_hidden_layers - a.remove, model.config.num_hidden_layers))
+          if tail else select_layers("cosine", SelectionContext(stats, a.remove, settings={"similarity": "token"})))
     s, e = got["selection"][0], got["selection"][-1] + 1
     phase("patch", lambda: build_patch("linearpatch", stats, s, e))
     patch = got["patch"]
     with tempfile.TemporaryDirectory() as tmp:
         cache = TeacherCache(tmp, a.distill_samples, a.seqlen, a.topk, shard_size=1)
         phase("teacher_cache", lambda: cache.build(model, train, progress=False))
-        with pruned(model, got["selection"], lambda *_: patch):
+        with pruned(model, got["selection"], lambda *_: None if tail else patch):
+            trained = sum(p.numel() for p in trainable_parameters(model, a.train))
             phase("distillation", lambda: distill_kl(model, cache, train, lr=1e-4, weight_decay=1e-4, min_lr_factor=20,
-                                                     epochs=1, autocast_dtype="bfloat16", progress=False))
+                                                     epochs=1, train=a.train,
+                                                     autocast_dtype="bfloat16" if a.dtype == "bfloat16" else None,
+                                                     progress=False))
             phase("perplexity", lambda: perplexity(model, windows, 1, progress=False))
     measured = sum(p["seconds"] for p in phases.values())
     scale = PAPER_SAMPLES / a.distill_samples
     projected = measured + (scale - 1) * (phases["teacher_cache"]["seconds"] + phases["distillation"]["seconds"])
-    out = {"model": f"LLaMA shape {a.shape!r}, random init, bf16", "device": device_name(dev), "torch": torch.__version__,
+    out = {"model": f"LLaMA shape {a.shape!r}, random init, {a.dtype}", "device": device_name(dev), "torch": torch.__version__,
+           "train": a.train, "trained_params": trained, "peak_rss_gib": peak_rss_gib(),
            "seqlen": a.seqlen, "calib_samples": a.calib_samples, "calib_batch": a.calib_batch,
            "distill_samples": a.distill_samples, "distill_steps": got["distillation"].steps, "topk": a.topk,
            "ppl_windows": a.ppl_windows, "removed": got["selection"],
