@@ -247,7 +247,10 @@ def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None) -> torch.
     if prefix is not None:
         def grab(module, args, kwargs):
             prefix.offer(key, args[0] if args else kwargs["hidden_states"])
-        hook = lay.layers[prefix.layer].register_forward_pre_hook(grab, with_kwargs=True)
+        # the state entering layer ``prefix.layer``; in a model pruned to that many layers (the last ones gone),
+        # the final norm's input
+        target = lay.layers[prefix.layer] if prefix.layer < len(lay.layers) else lay.norm
+        hook = target.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with layer_output_kind(model) as returns:
             out = lay.base(input_ids=b.ids.to(device), attention_mask=mask, position_ids=pos,

@@ -154,3 +154,20 @@ def test_prefix_states_saved_and_loaded_give_the_same_scores(tmp_path):
         PrefixStates(2, 2**30).load(tmp_path / "cut.pt", model.config.hidden_size)
     with pytest.raises(DamagedFile, match=r"not the states entering layer 3"):
         PrefixStates(3, 2**30).load(tmp_path / "s.pt", model.config.hidden_size)
+
+
+def test_prefix_states_filled_by_a_model_pruned_of_its_last_layers():
+    """prune=last: the pruned model has no layer at the prefix's index; its states (the final norm's input)
+    are filled by its own evaluation and then reused, with the numbers of the model run whole."""
+    from lp.pruning import pruned
+
+    model = _family_model("llama")
+    requests = _requests(seed=6)
+    states = PrefixStates(2, 2**30)
+    with pruned(model, [2, 3], lambda *_: None):
+        plain = _engine(model, requests, 64, 50)
+        assert _engine(model, requests, 64, 50, states) == plain and states.states and states.hits == 0
+        assert _engine(model, requests, 64, 50, states) == plain and states.hits == len(states.states)
+    dense = PrefixStates(2, 2**30)
+    _engine(model, requests, 64, 50, dense)  # the dense model's states entering layer 2: the same tensors
+    assert all(torch.equal(dense.states[k], h) for k, h in states.states.items())
