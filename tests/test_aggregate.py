@@ -209,3 +209,22 @@ def test_labels_split_runs_whose_numbers_differ_by_basis_bos_or_metric_variant()
                    "old": ("d", "cosine", "linearpatch [H=paley]"), "bos": ("d [bos=true]", "cosine", "linearpatch"),
                    "auto": ("d", "cosine", "linearpatch"), "last": ("d", "cosine [mean]", "linearpatch")}
     assert len(aggregate.frame(runs)) == 4  # quarot and auto share a row, as do paley and old
+
+
+def test_cost_table_puts_trained_parameters_and_minutes_beside_rp(tmp_path):
+    recs = tmp_path / "records"
+    dense = {"arc_e": 0.8}
+    free = record(3, "linearpatch", 20.0, "2026-01-01", acc={"arc_e": 0.72}, dense_acc=dense)
+    free.update(params_pruned=90_000_000)
+    tuned = record(3, "none", 20.0, "2026-01-02", metric="last", acc={"arc_e": 0.76}, dense_acc=dense)
+    tuned.update(params_pruned=90_000_000, distill="offline_kl", timings={"distill": 90.0},
+                 distill_result={"steps": 4, "loss": [1.0], "val": [], "stopped": None, "trained_params": 37_000_000})
+    write_json(recs / "a.json", free)
+    write_json(recs / "b.json", tuned)
+    write_json(recs / "c.json", record(5, "none", 40.0, "2026-01-01"))  # no zero-shot: not in this table
+    aggregate.build(recs, tmp_path / "tables")
+    header, rows = csv_rows(tmp_path / "tables" / "cost.csv", 5)
+    assert header == ["model", "data", "eval", "n", "method", "params (M)", "trained (M)", "train min", "RP"]
+    assert [float(x) for x in rows[("m", "d", "ppl", "3", "last + offline_kl")]] == pytest.approx([90.0, 37.0, 1.5, 95.0])
+    assert [float(x) for x in rows[("m", "d", "ppl", "3", "cosine + linearpatch")]] == pytest.approx([90.0, 0.0, 0.0, 90.0])
+    assert set(k[3] for k in rows) == {"3"}

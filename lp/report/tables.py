@@ -83,6 +83,8 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
         row.update(method=method_name(row["metric"], row["patch"], row["distill"]), ppl_dense=r["ppl"]["dense"],
                    ppl_pruned=r["ppl"]["pruned"], removed=str(r["removed"]), params_pruned=r["params_pruned"],
                    num_layers=r.get("num_layers"),
+                   trained_params=(r.get("distill_result") or {}).get("trained_params", 0),
+                   train_seconds=(r.get("timings") or {}).get("distill", 0.0),
                    created=r["created"], rp=rp.get("rp"), avg_pruned=rp.get("avg_pruned"),
                    avg_dense=rp.get("avg_dense"), settings=r.get("run_id", "").rsplit("__", 1)[-1],
                    config=config)
@@ -257,6 +259,29 @@ def accuracy(df: pd.DataFrame) -> Table | None:
     return t
 
 
+COST = {"params_m": "params (M)", "trained_m": "trained (M)", "train_min": "train min", "rp": "RP", "rp_lo": "RP lo",
+        "rp_hi": "RP hi"}
+
+
+def cost(df: pd.DataFrame) -> Table | None:
+    """What each method keeps beside what it costs: parameters left, parameters that distillation trained (0:
+    training-free) and its minutes, and RP with its paired interval; zero-shot records only."""
+    df = df[df["rp"].notna()]
+    if df.empty:
+        return None
+    df = df.assign(params_m=df["params_pruned"] / 1e6, trained_m=df["trained_params"] / 1e6,
+                   train_min=df["train_seconds"] / 60)
+    long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"], value_vars=list(COST), var_name="column")
+    long = long.dropna(subset=["value"]).assign(column=lambda d: d["column"].map(COST))
+    t = _table(long, ["model", "data", "eval", "n", "method"], "column", "value", ["model", "data", "eval", "n"],
+               lower=False, order=[c for c in COST.values() if c in set(long["column"])])
+    t.no_best = [c for c in t.mean.columns if c != "RP"]
+    t.note = ("params: parameters of the pruned model; trained: parameters that distillation trained (the patch, or "
+              "distill.train's layers and head), 0 for training-free methods; train min: its wall time; RP with "
+              "its 95% paired bootstrap interval.")
+    return t
+
+
 # ------------------------------------------------------------------ output
 def text(t: Table, pm: str = " ± ") -> pd.DataFrame:
     """Cells as text: 'mean' or 'mean ± std' (std over seeds), empty where there is no value."""
@@ -373,9 +398,10 @@ def paper(df: pd.DataFrame, path: str | Path = PAPER) -> Table:
 
 def tables(df: pd.DataFrame) -> dict[str, Table]:
     found = {"ppl": ppl_by_depth(df), "methods": methods(df), "ppl_datasets": ppl_by_dataset(df)}
-    acc = accuracy(df)
-    if acc is not None:
-        found["accuracy"] = acc
+    for name, make in (("accuracy", accuracy), ("cost", cost)):
+        t = make(df)
+        if t is not None:
+            found[name] = t
     found["paper"] = paper(df)
     return found
 
@@ -383,6 +409,7 @@ def tables(df: pd.DataFrame) -> dict[str, Table]:
 TITLES = {"ppl": "pruned perplexity by layers removed", "methods": "pruned perplexity by selection metric "
           "and patch", "ppl_datasets": "perplexity by evaluation data (n=0: dense)",
           "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)",
+          "cost": "parameters left and trained, minutes of training, beside RP %",
           "paper": "the LinearPatch paper's reported numbers beside lp's runs of the same models"}
 
 
