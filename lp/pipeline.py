@@ -43,9 +43,9 @@ from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
 log = logging.getLogger(__name__)
 
 DISTILL_METHODS = ["none", "offline_kl", "mse"]
-ZEROSHOT = "\0zeroshot"
+ZEROSHOT = "\0zeroshot"  # eval_prefixes' entry for the zero-shot batches (no data set is so named)
 PREFIX_DISK_BUDGET = 2**30  # zero-shot prefix states are saved when they fit (the main job's: ~100 MB; a LLaMA-3-8B
-#                            suite's are tens of GB: it keeps the in-process reuse of a sweep only)  # eval_prefixes' entry for the zero-shot batches (no data set is so named)
+#                            suite's are tens of GB: it keeps the in-process reuse of a sweep only)
 PROBE_SAMPLES = 4  # calibration samples on which each patch is compared with no patch
 
 
@@ -153,12 +153,6 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
                              f"{'this setting' if len(unknown) == 1 else 'these settings'} (misspelt?); "
                              f"{group} settings: {sorted(known)}")
     check(TOP, cfg, "", "every run", bounds)
-    if cfg.get("save_gguf") is not None:
-        if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
-            raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")
-        why = gguf_problem(cfg, METRICS[p["metric"]].width is not None) if p.get("metric") in METRICS else None
-        if why:
-            raise ValueError(f"save_gguf={cfg['save_gguf']}: {why}")
     check(BOOTSTRAP, cfg.get("bootstrap") or {}, "bootstrap", "every run's intervals", bounds)
     if not isinstance(p.get("indices"), (list, type(None))):
         raise ValueError(f"prune.indices={p['indices']!r} must be a list of layer indices, e.g. prune.indices=[5]")
@@ -172,6 +166,12 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     check(PATCHES[cfg["patch"]["variant"]].reads, cfg["patch"], "patch", f"patch={cfg['patch']['variant']}", bounds)
     check(DISTILL[dist["method"]], dist, "distill", f"distill.method={dist['method']}", bounds)
     validate_choices(cfg, hidden_size)
+    if cfg.get("save_gguf") is not None:
+        if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
+            raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")
+        why = gguf_problem(cfg, METRICS[p["metric"]].width is not None)
+        if why:
+            raise ValueError(f"save_gguf={cfg['save_gguf']}: {why}")
     if METRICS[p["metric"]].width is not None and num_layers is not None:
         pruned_layers(num_layers, p["protect_first"], p["protect_last"])
     if p["metric"] == "manual":

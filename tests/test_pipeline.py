@@ -187,6 +187,8 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("prune=llm_pruner patch=none prune.protect_first=3 prune.protect_last=3", r"leave no layer of 6 to prune"),
     ("prune=llm_pruner patch=none prune.ratio=1.5", r"prune.ratio=1.5 is not valid: it must be a number in \(0, 1\)"),
     ("prune=llm_pruner patch=none prune.n=0", r"prune.n=0 with prune.ratio=null"),
+    ("save_gguf=out/x.gguf patch=none", r"save_gguf=out/x.gguf: it copies the kept layers out of the model's own GGUF file, and model.gguf_file is null"),
+    ("save_gguf=out/x.bin patch=none", r"save_gguf='out/x.bin' must be the path of a .gguf file to write, or null"),
 ])
 def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match, monkeypatch):
     def no_weights(*a, **k):
