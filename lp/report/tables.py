@@ -271,7 +271,8 @@ def cost(df: pd.DataFrame) -> Table | None:
         return None
     df = df.assign(params_m=df["params_pruned"] / 1e6, trained_m=df["trained_params"] / 1e6,
                    train_min=df["train_seconds"] / 60)
-    long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"], value_vars=list(COST), var_name="column")
+    long = df.melt(id_vars=["model", "data", "eval", "n", "method", "seed"], value_vars=[c for c in COST if c in df],
+                   var_name="column")  # the interval columns come with paired()
     long = long.dropna(subset=["value"]).assign(column=lambda d: d["column"].map(COST))
     t = _table(long, ["model", "data", "eval", "n", "method"], "column", "value", ["model", "data", "eval", "n"],
                lower=False, order=[c for c in COST.values() if c in set(long["column"])])
