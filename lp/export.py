@@ -19,19 +19,15 @@ from pathlib import Path
 BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-FOLDED = ("prunecomp", "replaceme")  # patches that save_model folds into kept weights
-
-
 def gguf_problem(cfg: dict, narrows: bool) -> str | None:
     """Why ``save_gguf`` cannot write this run's model (``narrows``: its metric prunes width), or None; read
     from the config alone, so it is said before the weights load."""
     variant, dist = cfg["patch"]["variant"], cfg["distill"]["method"]
     if not cfg["model"].get("gguf_file"):
         return "it copies the kept layers out of the model's own GGUF file, and model.gguf_file is null: use save_model=DIR"
-    if variant in FOLDED:
-        return f"patch={variant} folds into kept weights, which would then need re-quantising: use patch=none, or save_model=DIR"
     if variant != "none":
-        return f"patch={variant} is an operation llama.cpp does not have: use patch=none, or save_model=DIR (which keeps it)"
+        return (f"patch={variant} adds to the kept layers (a patch llama.cpp has no operation for, a map folded into "
+                f"weights or a trained layer, which would need re-quantising): use patch=none, or save_model=DIR")
     if dist != "none":
         return f"distill={dist} trains weights, which would then need re-quantising: use distill=none, or save_model=DIR"
     if narrows:
