@@ -262,21 +262,46 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def token_stream(tokenizer, text: str) -> torch.Tensor:
+def token_stream(tokenizer, text: str, cache: str | Path | None = None) -> torch.Tensor:
     """``tokenize`` for a whole corpus split, with the last few streams kept in memory, keyed on the
-    tokenizer's full definition and the text's SHA-256: the runs of a sweep, which tokenize the same corpus
-    with the same tokenizer again and again, share one. A tokenizer without a serialisable definition (a slow,
-    Python-only one) is never cached. Each caller gets its own copy."""
+    tokenizer's full definition, the tokenizers and transformers versions and the text's SHA-256: the runs of
+    a sweep, which tokenize the same corpus with the same tokenizer again and again, share one; with ``cache``
+    (a folder) also on disk, for the next process (a damaged file is set aside and the text tokenized again).
+    A tokenizer without a serialisable definition (a slow, Python-only one) is never cached. Each caller gets
+    its own copy."""
+    import tokenizers
+    import transformers
+
     spec = tokenizer_definition(tokenizer)
     if spec is None:
         return tokenize(tokenizer, text)
-    key = hashlib.sha256(spec.encode() + b"\0" + text.encode()).hexdigest()
+    key = hashlib.sha256(f"{spec}\0{tokenizers.__version__}\0{transformers.__version__}\0".encode()
+                         + text.encode()).hexdigest()
     if key not in _STREAMS:
-        _STREAMS[key] = tokenize(tokenizer, text)
+        _STREAMS[key] = _stored_stream(Path(cache) / "tokens" / f"{key[:24]}.pt", tokenizer, text) if cache else \
+            tokenize(tokenizer, text)
         while len(_STREAMS) > _STREAMS_KEPT:
             _STREAMS.popitem(last=False)
     _STREAMS.move_to_end(key)
     return _STREAMS[key].clone()
+
+
+def _stored_stream(path: Path, tokenizer, text: str) -> torch.Tensor:
+    from .records import DamagedFile, atomic_write, set_aside
+
+    if path.is_file():
+        try:
+            ids = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.long or not len(ids):
+                raise DamagedFile(f"{path} is damaged: not a stream of token ids")
+            return ids
+        except DamagedFile as e:
+            set_aside(path, str(e))
+        except Exception as e:  # a truncated zip, a pickle error
+            set_aside(path, f"{path} is damaged ({type(e).__name__}: {e})")
+    ids = tokenize(tokenizer, text)
+    atomic_write(path, lambda tmp: torch.save(ids, tmp))
+    return ids
 
 
 _STREAMS: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -106,6 +106,30 @@ class Prefix:
     def nbytes(self) -> int:
         return self.hidden.numel() * self.hidden.element_size()
 
+    def save(self, path) -> None:
+        """Atomically (a reader sees a whole file or none)."""
+        from .records import atomic_write
+
+        atomic_write(path, lambda tmp: torch.save({"hidden": self.hidden, "layer": self.layer, "tuple": self._tuple}, tmp))
+
+    @classmethod
+    def load(cls, path, windows: torch.Tensor, layer: int, hidden_size: int) -> "Prefix":
+        """The prefix saved at ``path``; :class:`lp.records.DamagedFile` naming the file if it cannot be read or
+        is not the states entering ``layer`` of these windows at this hidden size, or holds a non-finite value."""
+        from .records import DamagedFile
+
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            hidden, ok = saved["hidden"], saved["layer"] == layer
+        except Exception as e:  # a truncated zip, a pickle error, missing fields
+            raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        if not ok or not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (*windows.shape, hidden_size):
+            raise DamagedFile(f"{path} is damaged: not the states entering layer {layer} of {tuple(windows.shape)} "
+                              f"windows at hidden size {hidden_size}")
+        if not hidden.isfinite().all():
+            raise DamagedFile(f"{path} is damaged: it holds non-finite hidden states")
+        return cls(hidden, layer, saved["tuple"])
+
     def forward(self, model, start: int, stop: int) -> torch.Tensor:
         """Logits of the (pruned) model for windows[start:stop], its first ``layer`` layers skipped."""
         from .models import Layout

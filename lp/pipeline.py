@@ -211,14 +211,25 @@ class Workspace:
             self._model_key = key
         return self._model
 
-    def prefix(self, model, windows: torch.Tensor, layer: int, batch_size: int, key: str) -> Prefix | None:
+    def prefix(self, model, windows: torch.Tensor, layer: int, batch_size: int, key: str,
+               path: Path | None = None) -> Prefix | None:
+        """The prefix of ``windows`` at ``layer``: kept in memory, else read from ``path`` (written by an earlier
+        process; a damaged file is set aside), else computed (and written there when it fits PREFIX_DISK_BUDGET)."""
         if layer == 0:
             return None
         k = (key, layer)
         if k not in self._prefixes:
             if not prefix_reuse_applies(model):  # e.g. embeddings that enter layer 0 scaled: the plain path
                 return None
-            self._prefixes[k] = Prefix.compute(model, windows, layer, batch_size)
+            if path is not None and path.is_file():
+                try:
+                    self._prefixes[k] = Prefix.load(path, windows, layer, Layout(model).hidden_size)
+                except DamagedFile as err:
+                    set_aside(path, str(err))
+            if k not in self._prefixes:
+                self._prefixes[k] = Prefix.compute(model, windows, layer, batch_size)
+                if path is not None and self._prefixes[k].nbytes <= PREFIX_DISK_BUDGET:
+                    self._prefixes[k].save(path)
         return self._used(k)
 
     def zeroshot_prefix(self, layer: int, key: str) -> PrefixStates | None:
@@ -321,7 +332,8 @@ class Data:
 
     def stream(self) -> torch.Tensor:
         if self._stream is None:
-            self._stream = data_lib.token_stream(self.tokenizer, data_lib.corpus_text(self.cfg["data"], "calib"))
+            self._stream = data_lib.token_stream(self.tokenizer, data_lib.corpus_text(self.cfg["data"], "calib"),
+                                                 self.cfg["cache_dir"])
         return self._stream
 
     def samples(self, n: int | None = None, seqlen: int | None = None, seed: int | None = None) -> torch.Tensor:
@@ -353,7 +365,7 @@ class Data:
                 raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl, eval=quick and "
                                 f"eval=local evaluate data's own split only)") from err
             try:
-                out[name] = data_lib.eval_windows(data_lib.token_stream(self.tokenizer, text), seqlen,
+                out[name] = data_lib.eval_windows(data_lib.token_stream(self.tokenizer, text, self.cfg["cache_dir"]), seqlen,
                                                   e.get("max_windows"), self.bos)
             except ValueError as err:  # a text too short for one window: name the file it came from
                 where = "data" if ds is d else f"eval.datasets.{name}"
@@ -525,10 +537,11 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
         return {}
     first = first_changed(cfg, removed)
     ekey = key_of(model_key(cfg), data_key(cfg), eval_key(cfg))
-    out = {name: ws.prefix(model, w, first, e["batch_size"], f"{ekey}/{name}") for name, w in windows.items()}
+    out = {name: ws.prefix(model, w, first, e["batch_size"], f"{ekey}/{name}", prefix_path(cfg, first, name))
+           for name, w in windows.items()}
     if e.get("tasks") and e["engine"] == "lp":
         states = out[ZEROSHOT] = ws.zeroshot_prefix(first, ekey)
-        path = zeroshot_prefix_path(cfg, first)
+        path = prefix_path(cfg, first, "zeroshot")
         if states is not None and not states.states and path.is_file():  # a run of another process made them
             try:
                 states.load(path, Layout(model).hidden_size)
@@ -537,13 +550,13 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
     return out
 
 
-def zeroshot_prefix_path(cfg: dict, layer: int) -> Path:
-    """Where the dense states entering ``layer`` of the zero-shot batches are kept between processes: keyed
-    on what they are computed from (the model, where it runs, the data, the evaluation and its engine, the
-    layer, versions)."""
+def prefix_path(cfg: dict, layer: int, what: str) -> Path:
+    """Where the dense states entering ``layer`` are kept between processes, for the perplexity windows of
+    evaluation data set ``what`` or for the zero-shot batches (``"zeroshot"``): keyed on what they are
+    computed from (the model, where it runs, the data, the evaluation and its engine, the layer, versions)."""
     m = cfg["model"]
     key = key_of(model_key(cfg), {"device": m.get("device"), "device_map": m.get("device_map")}, data_key(cfg),
-                 eval_key(cfg), engine_of(cfg), layer, versions())
+                 eval_key(cfg), engine_of(cfg) if what == "zeroshot" else None, layer, what, versions())
     return Path(cfg["cache_dir"]) / "prefix" / f"{key}.pt"
 
 
@@ -553,7 +566,7 @@ def keep_zeroshot_prefix(cfg: dict, prefixes: dict) -> None:
     states = prefixes.get(ZEROSHOT)
     if states is None or len(states.states) <= states.loaded or states.nbytes > PREFIX_DISK_BUDGET:
         return
-    states.save(zeroshot_prefix_path(cfg, states.layer))
+    states.save(prefix_path(cfg, states.layer, "zeroshot"))
     states.loaded = len(states.states)
 
 

@@ -180,3 +180,23 @@ def test_brown_documents_are_reread_when_a_file_changes(tmp_path):
     f.write_text("The/at jury/nn spoke/vbd ./.\n", encoding="latin-1")
     after = data.brown_documents(copy)
     assert after[0] == "The jury spoke." and after[1:] == before[1:]
+
+
+def test_token_streams_kept_on_disk_serve_the_next_process(monkeypatch, tmp_path):
+    """With a cache folder the stream is written once and read by a later process (an empty in-process cache)
+    without tokenising; another tokenizer is another file; a damaged file is set aside and tokenised again."""
+    text = data.brown_split("eval")[:20_000]
+    small, large = _bpe(300, text), _bpe(600, text)
+    calls = []
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda tok, t: calls.append(len(t)) or real(tok, t))
+    monkeypatch.setattr(data, "_STREAMS", type(data._STREAMS)())
+    want = data.token_stream(small, text, tmp_path)
+    [saved] = (tmp_path / "tokens").glob("*.pt")
+    monkeypatch.setattr(data, "_STREAMS", type(data._STREAMS)())  # the next process
+    assert torch.equal(data.token_stream(small, text, tmp_path), want) and len(calls) == 1
+    assert not torch.equal(data.token_stream(large, text, tmp_path)[:50], want[:50]) and len(calls) == 2
+    saved.write_bytes(b"garbage")
+    monkeypatch.setattr(data, "_STREAMS", type(data._STREAMS)())
+    assert torch.equal(data.token_stream(small, text, tmp_path), want) and len(calls) == 3
+    assert saved.with_name(saved.name + ".bad").is_file()

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -758,17 +759,23 @@ def test_engine_matches_hflm_on_the_default_model(tmp_path):
             assert all(abs(x[0] - y[0]) < 1e-3 for x, y in zip(a["filtered_resps"], b["filtered_resps"], strict=True))
 
 
-def test_zeroshot_prefix_states_carry_over_to_the_next_process(tiny_dir, tmp_path):
-    """A run keeps the dense states of its zero-shot batches on disk; the next process (a new Workspace: the
-    dense evaluation from its cache) starts its pruned evaluation there, with the same outcomes; a damaged file
-    is set aside and the run gives the same numbers from the embeddings."""
+def test_prefix_states_carry_over_to_the_next_process(tiny_dir, tmp_path, monkeypatch):
+    """A run keeps the dense states of its perplexity windows and its zero-shot batches on disk; the next
+    process (a new Workspace: the dense evaluation from its cache) starts its pruned evaluation there, with the
+    same perplexity and outcomes; a damaged file is set aside and the run gives the same numbers."""
     quick = ("eval=quick", "eval.limit=4", "eval.max_windows=3", "eval.batch_size=2", "eval.tasks=[piqa_local]")
     cfg = cfg_for(tiny_dir, tmp_path, "prune.n=2", "prune.start=2", "patch=none", *quick)
     first = pipeline.run(cfg, workspace=pipeline.Workspace())
-    [saved] = (tmp_path / "cache" / "prefix").glob("*.pt")
+    files = sorted((tmp_path / "cache" / "prefix").glob("*.pt"), key=lambda f: f.stat().st_size)
+    assert len(files) == 2  # the perplexity windows' states and the zero-shot batches'
+    saved = files[-1] if torch.load(files[-1], weights_only=True).get("states") is not None else files[0]
     want = load_outcomes(tmp_path / "records" / f"{first['run_id']}.json")
     ws = pipeline.Workspace()
+    real = pipeline.Prefix.compute
+    monkeypatch.setattr(pipeline.Prefix, "compute", lambda *a, **k: pytest.fail("the windows' prefix was computed again"))
     again = pipeline.run(cfg, workspace=ws)
+    monkeypatch.setattr(pipeline.Prefix, "compute", real)
+    assert again["ppl"] == first["ppl"]
     [states] = [p for k, p in ws._prefixes.items() if k[1] == "zeroshot"]
     assert states.loaded > 0 and states.hits == states.loaded  # every pruned batch started from the file
     assert again["retention"] == first["retention"]
