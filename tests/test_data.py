@@ -149,15 +149,21 @@ def _bpe(vocab_size: int, text: str):
     return PreTrainedTokenizerFast(tokenizer_object=bpe)
 
 
-def test_token_streams_are_kept_per_tokenizer_and_text(monkeypatch):
-    """The in-process cache of corpus streams gives what tokenising gives, for every tokenizer and text, and
-    tokenises each (tokenizer, text) once."""
+@pytest.fixture
+def streams(monkeypatch):
+    """A text, two tokenizers of it, the tokenize calls made, the real tokenize; an empty in-process cache."""
     text = data.brown_split("eval")[:20_000]
-    small, large = _bpe(300, text), _bpe(600, text)
     calls = []
     real = data.tokenize
     monkeypatch.setattr(data, "tokenize", lambda tok, t: calls.append(len(t)) or real(tok, t))
     monkeypatch.setattr(data, "_STREAMS", type(data._STREAMS)())
+    return text, _bpe(300, text), _bpe(600, text), calls, real
+
+
+def test_token_streams_are_kept_per_tokenizer_and_text(monkeypatch, streams):
+    """The in-process cache of corpus streams gives what tokenising gives, for every tokenizer and text, and
+    tokenises each (tokenizer, text) once."""
+    text, small, large, calls, real = streams
     first = data.token_stream(small, text)
     assert torch.equal(first, real(small, text)) and calls == [len(text)]
     first[:] = -1  # a caller's copy: the cache is untouched
@@ -182,15 +188,10 @@ def test_brown_documents_are_reread_when_a_file_changes(tmp_path):
     assert after[0] == "The jury spoke." and after[1:] == before[1:]
 
 
-def test_token_streams_kept_on_disk_serve_the_next_process(monkeypatch, tmp_path):
+def test_token_streams_kept_on_disk_serve_the_next_process(monkeypatch, tmp_path, streams):
     """With a cache folder the stream is written once and read by a later process (an empty in-process cache)
     without tokenising; another tokenizer is another file; a damaged file is set aside and tokenised again."""
-    text = data.brown_split("eval")[:20_000]
-    small, large = _bpe(300, text), _bpe(600, text)
-    calls = []
-    real = data.tokenize
-    monkeypatch.setattr(data, "tokenize", lambda tok, t: calls.append(len(t)) or real(tok, t))
-    monkeypatch.setattr(data, "_STREAMS", type(data._STREAMS)())
+    text, small, large, calls, _ = streams
     want = data.token_stream(small, text, tmp_path)
     [saved] = (tmp_path / "tokens").glob("*.pt")
     monkeypatch.setattr(data, "_STREAMS", type(data._STREAMS)())  # the next process
