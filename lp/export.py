@@ -12,11 +12,13 @@ re-quantising; width pruning (prune=llm_pruner) gives layers their own widths. :
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+MARK = "lp.pruned"  # the metadata key of a file lp wrote: its source file and the layers removed (JSON)
 
 
 def gguf_problem(cfg: dict, narrows: bool) -> str | None:
@@ -35,12 +37,24 @@ def gguf_problem(cfg: dict, narrows: bool) -> str | None:
     return None
 
 
+def _written_by_lp(path: Path) -> bool:
+    import gguf
+
+    try:
+        return MARK in gguf.GGUFReader(path).fields
+    except Exception:  # not a GGUF file, or a damaged one: not lp's to replace
+        return False
+
+
 def prune_gguf(source: str | Path, out: str | Path, removed: list[int]) -> Path:
     """Write ``source`` without the decoder layers ``removed`` to ``out`` (beside it first, then renamed into
     place: an interrupted write leaves no half file under that name)."""
     import gguf
 
     source, out = Path(source), Path(out)
+    if out.exists() and not _written_by_lp(out):
+        raise FileExistsError(f"save_gguf={out}: a file lp did not write is there (no {MARK} key); lp replaces only "
+                              f"a GGUF file it wrote itself: give a new path")
     reader = gguf.GGUFReader(source)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     count_key = f"{arch}.block_count"
@@ -66,6 +80,8 @@ def prune_gguf(source: str | Path, out: str | Path, removed: list[int]) -> Path:
                   and len(value) == L):
                 value = [value[i] for i in kept]  # a per-layer array
             writer.add_key_value(field.name, value, kind, sub_type=sub)
+        writer.add_key_value(MARK, json.dumps({"source": source.name, "removed": sorted(removed)}),
+                             gguf.GGUFValueType.STRING)
         tensors = []
         for t in reader.tensors:
             m = BLOCK.fullmatch(t.name)

@@ -1,4 +1,5 @@
 """GGUF out (lp.export): the pruned GGUF file as llama.cpp and transformers' GGUF reader would read it."""
+import json
 import subprocess
 import sys
 
@@ -47,6 +48,13 @@ def test_pruned_gguf_keeps_the_other_layers_bytes_and_cuts_per_layer_metadata(tm
                       ("blk.1.attn_norm.weight", "blk.3.attn_norm.weight")]:
         assert new[name].tensor_type == old[was].tensor_type  # the original quantisation, no round trip
         assert bytes(new[name].data) == bytes(old[was].data)
+    assert json.loads(got.fields["lp.pruned"].contents()) == {"source": "src.gguf", "removed": [1, 2]}
+    prune_gguf(tmp_path / "src.gguf", out, [0])  # lp's own file: replaced
+    assert gguf.GGUFReader(out).fields["llama.block_count"].contents() == 3
+    (tmp_path / "notes.gguf").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"save_gguf=.*notes.gguf: a file lp did not write is there"):
+        prune_gguf(tmp_path / "src.gguf", tmp_path / "notes.gguf", [1])
+    assert (tmp_path / "notes.gguf").read_text() == "my notes"
     with pytest.raises(ValueError, match=r"distinct indices in \[0, 3\]"):
         prune_gguf(tmp_path / "src.gguf", tmp_path / "bad.gguf", [4])
     assert not list(tmp_path.glob(".*writing*")) and not (tmp_path / "bad.gguf").exists()
