@@ -228,3 +228,20 @@ def test_cost_table_puts_trained_parameters_and_minutes_beside_rp(tmp_path):
     assert [float(x) for x in rows[("m", "d", "ppl", "3", "last + offline_kl")]] == pytest.approx([90.0, 37.0, 1.5, 95.0])
     assert [float(x) for x in rows[("m", "d", "ppl", "3", "cosine + linearpatch")]] == pytest.approx([90.0, 0.0, 0.0, 90.0])
     assert set(k[3] for k in rows) == {"3"}
+
+
+def test_removed_layers_table_names_each_selections_layers(tmp_path):
+    recs = tmp_path / "records"
+    runs = [("cosine", "none", [1, 2]), ("cosine", "linearpatch", [1, 2]), ("block_influence", "none", [0, 3]),
+            ("block_influence", "prunecomp", [2, 4]), ("llm_pruner", "none", [])]
+    for i, (metric, patch, removed) in enumerate(runs):
+        r = record(2, patch, 20.0, f"2026-01-0{i + 1}", metric=metric)
+        r["removed"] = removed
+        write_json(recs / f"{i}.json", r)
+    aggregate.build(recs, tmp_path / "tables")
+    import csv
+
+    header, row = list(csv.reader((tmp_path / "tables" / "removed.csv").open()))
+    assert header == ["model", "data", "n", "block_influence", "block_influence (prunecomp)", "cosine"]
+    assert row == ["m", "d", "2", "0, 3", "2, 4", "1, 2"]  # width pruning removes no layer: no column
+    assert "| 1, 2 " in (tmp_path / "tables" / "removed.md").read_text()

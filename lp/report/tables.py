@@ -283,10 +283,31 @@ def cost(df: pd.DataFrame) -> Table | None:
     return t
 
 
+CHOOSES = ("prunecomp", "streamline_layer")  # patches that choose the removed layers themselves (their own column)
+
+
+def removed_layers(df: pd.DataFrame) -> Table | None:
+    """The layers each selection removes, per model, calibration data and n (the paper's Table 8): a column per
+    selection metric (with its variant), and per metric and patch where the patch chooses the layers itself;
+    width pruning, which removes none, is left out. None without such records."""
+    df = df[df["removed"] != "[]"]
+    if df.empty:
+        return None
+    df = df.assign(selection=[f"{m} ({p})" if p in CHOOSES else m for m, p in zip(df["metric"], df["patch"])],
+                   layers=df["removed"].str.strip("[]"))
+    first = df.sort_values("created").groupby(["model", "data", "n", "selection"])["layers"].last().unstack("selection")
+    t = Table(first, first.map(lambda _: float("nan")), ["model", "data", "n"], lower_is_better=False)
+    t.no_best = list(first.columns)
+    t.note = "Layers removed (dense indices), the newest record of each selection; the patch and the evaluation change none."
+    return t
+
+
 # ------------------------------------------------------------------ output
 def text(t: Table, pm: str = " ± ") -> pd.DataFrame:
-    """Cells as text: 'mean' or 'mean ± std' (std over seeds), empty where there is no value."""
-    fmt = lambda df, head="": df.astype(object).map(lambda v: f"{head}{v:.2f}" if pd.notna(v) else "")  # noqa: E731
+    """Cells as text: 'mean' or 'mean ± std' (std over seeds), empty where there is no value; text cells as
+    they are."""
+    fmt = lambda df, head="": df.astype(object).map(  # noqa: E731
+        lambda v: "" if not isinstance(v, str) and pd.isna(v) else v if isinstance(v, str) else f"{head}{v:.2f}")
     return fmt(t.mean) + fmt(t.std, pm).where(t.mean.notna(), "")
 
 
@@ -399,7 +420,7 @@ def paper(df: pd.DataFrame, path: str | Path = PAPER) -> Table:
 
 def tables(df: pd.DataFrame) -> dict[str, Table]:
     found = {"ppl": ppl_by_depth(df), "methods": methods(df), "ppl_datasets": ppl_by_dataset(df)}
-    for name, make in (("accuracy", accuracy), ("cost", cost)):
+    for name, make in (("accuracy", accuracy), ("cost", cost), ("removed", removed_layers)):
         t = make(df)
         if t is not None:
             found[name] = t
@@ -411,6 +432,7 @@ TITLES = {"ppl": "pruned perplexity by layers removed", "methods": "pruned perpl
           "and patch", "ppl_datasets": "perplexity by evaluation data (n=0: dense)",
           "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)",
           "cost": "parameters left and trained, minutes of training, beside RP %",
+          "removed": "the layers each selection removes, per model and n",
           "paper": "the LinearPatch paper's reported numbers beside lp's runs of the same models"}
 
 
