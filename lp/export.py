@@ -37,6 +37,21 @@ def gguf_problem(cfg: dict, narrows: bool) -> str | None:
     return None
 
 
+def layer_kind_problem(kinds: list | None, removed: list[int]) -> str | None:
+    """Why the pruned file would compute another model than lp's pruned one, or None: where layers of several
+    kinds alternate (Gemma 3's sliding-window and full attention), GGUF readers (transformers, llama.cpp) give
+    each layer its kind by its position, so the kept layers must keep their kinds at their new positions."""
+    if not kinds or len(set(kinds)) == 1:
+        return None
+    kept = [k for i, k in enumerate(kinds) if i not in set(removed)]
+    moved = [i for i, (k, want) in enumerate(zip(kept, kinds)) if k != want]
+    if not moved:
+        return None
+    return (f"its readers set each layer's kind ({', '.join(sorted(set(kinds)))}) by position, and without layers "
+            f"{sorted(removed)} the kept layers at new positions {moved} would change kind: the file would compute "
+            f"another model; save_model=DIR keeps each layer's kind")
+
+
 def _written_by_lp(path: Path) -> bool:
     import gguf
 
@@ -46,12 +61,16 @@ def _written_by_lp(path: Path) -> bool:
         return False
 
 
-def prune_gguf(source: str | Path, out: str | Path, removed: list[int]) -> Path:
+def prune_gguf(source: str | Path, out: str | Path, removed: list[int], kinds: list | None = None) -> Path:
     """Write ``source`` without the decoder layers ``removed`` to ``out`` (beside it first, then renamed into
-    place: an interrupted write leaves no half file under that name)."""
+    place: an interrupted write leaves no half file under that name). ``kinds``: the dense model's layer types
+    (config.layer_types), refused where removing layers would change a kept layer's kind."""
     import gguf
 
     source, out = Path(source), Path(out)
+    why = layer_kind_problem(kinds, removed)
+    if why:
+        raise ValueError(f"save_gguf={out}: {why}")
     if out.exists() and not _written_by_lp(out):
         raise FileExistsError(f"save_gguf={out}: a file lp did not write is there (no {MARK} key); lp replaces only "
                               f"a GGUF file it wrote itself: give a new path")

@@ -276,9 +276,9 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[
     return name_or_path, gguf_file
 
 
-def model_config(m: dict) -> tuple[int, int | None, int, int | None]:
+def model_config(m: dict, field: str | None = None):
     """(number of decoder layers, context length, hidden size, vocabulary size) from the model's config alone,
-    before its weights load (for a GGUF file: its header)."""
+    before its weights load (for a GGUF file: its header); with ``field``, that field of the config instead."""
     from transformers import AutoConfig
 
     path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
@@ -296,6 +296,8 @@ def model_config(m: dict) -> tuple[int, int | None, int, int | None]:
         raise ValueError(f"model: the config of {Path(path) / (gguf or '')} could not be read, the file may be "
                          f"damaged ({type(e).__name__}: {e})") from e
     cfg = getattr(cfg, "text_config", None) or cfg
+    if field is not None:
+        return getattr(cfg, field, None)
     return (cfg.num_hidden_layers, getattr(cfg, "max_position_embeddings", None), cfg.hidden_size,
             getattr(cfg, "vocab_size", None))
 

@@ -691,7 +691,7 @@ def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None)
         if why is None and not cfg.get("save_model"):
             log.info(f"resume: {record_path} is complete, skipped")
             if cfg.get("save_gguf"):  # the record names the removed layers: the file needs no model
-                write_gguf(cfg, old["removed"])
+                write_gguf(cfg, old["removed"], model_config(cfg["model"], "layer_types"))
             return old
         if why is None:  # the record is done but the model was asked for: rebuilt from the caches
             log.info(f"resume: {record_path} is complete, but save_model={cfg['save_model']} asks for the model: "
@@ -729,6 +729,7 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
         dense = evaluate_dense(cfg, model, tokenizer, windows, prefixes)
     out = {"removed": removed, "fitted": fitted, "selection_scores": scores, "num_layers": Layout(model).num_layers,
            "params_dense": count_parameters(model)}
+    kinds = list(getattr(model.config, "layer_types", None) or [])  # the dense model's, for save_gguf
     with _timed(timings, "teacher"):
         prepared = prepare_distill(cfg, model, data, removed)
     with _timed(timings, "patch_check"):
@@ -755,15 +756,16 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
             save_pruned(model, tokenizer, cfg["save_model"], replace(spec, variant=cfg["patch"]["variant"],
                                                                      widths=width.shapes() if width else {}))
         if cfg.get("save_gguf"):
-            write_gguf(cfg, removed)
+            write_gguf(cfg, removed, kinds)
     return record
 
 
-def write_gguf(cfg: dict, removed: list[int]) -> None:
-    """save_gguf: the model's own GGUF file without the removed layers (lp.export; checked by validate)."""
+def write_gguf(cfg: dict, removed: list[int], kinds: list | None) -> None:
+    """save_gguf: the model's own GGUF file without the removed layers (lp.export; the config checked by
+    validate); ``kinds``: the dense model's layer types."""
     m = cfg["model"]
     folder, name = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"), m.get("install", ""))
-    log.info(f"save_gguf: wrote {prune_gguf(Path(folder) / name, cfg['save_gguf'], removed)}")
+    log.info(f"save_gguf: wrote {prune_gguf(Path(folder) / name, cfg['save_gguf'], removed, kinds)}")
 
 
 def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: BoundaryStats, windows: dict, timings: dict,

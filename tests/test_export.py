@@ -112,3 +112,19 @@ print("maxdiff", (got - io["want"]).abs().max().item(), "layers", m.config.num_h
     words = res.stdout.split()
     assert float(words[words.index("maxdiff") + 1]) < 1e-5
     assert words[words.index("layers") + 1] == "25" and words[words.index("same_tokens") + 1] == "True"
+
+
+def test_a_file_whose_layers_would_change_kind_is_refused(tmp_path):
+    """Gemma 3's pattern (five sliding-window layers, then a full-attention one) is set by position when a GGUF
+    file is read: removing layers that shift a full-attention layer to a sliding position is refused."""
+    from lp.export import layer_kind_problem
+
+    kinds = (["sliding_attention"] * 5 + ["full_attention"]) * 3  # 18 layers, as Gemma-3-270M
+    assert layer_kind_problem(kinds, [12, 13, 14, 15, 16, 17]) is None  # a whole period at the end
+    assert layer_kind_problem(["full_attention"] * 18, [3, 4]) is None  # one kind: nothing moves
+    why = layer_kind_problem(kinds, [14, 15, 16])
+    assert "without layers [14, 15, 16] the kept layers at new positions [14] would change kind" in why
+    _tiny_gguf(tmp_path / "src.gguf")
+    with pytest.raises(ValueError, match=r"would change kind"):
+        prune_gguf(tmp_path / "src.gguf", tmp_path / "out.gguf", [1], kinds=["a", "b", "a", "b"])
+    assert not (tmp_path / "out.gguf").exists()
