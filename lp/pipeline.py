@@ -566,7 +566,11 @@ def keep_zeroshot_prefix(cfg: dict, prefixes: dict) -> None:
     states = prefixes.get(ZEROSHOT)
     if states is None or len(states.states) <= states.loaded or states.nbytes > PREFIX_DISK_BUDGET:
         return
-    states.save(prefix_path(cfg, states.layer, "zeroshot"))
+    try:
+        states.save(prefix_path(cfg, states.layer, "zeroshot"))
+    except OSError as err:  # a cache that cannot be written costs the next process time, never this run's record
+        log.warning(f"the zero-shot prefix states were not kept: {err}")
+        return
     states.loaded = len(states.states)
 
 
@@ -746,12 +750,11 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
                                                           timings, tracker)
         with _timed(timings, "pruned_eval"):
             pruned_eval = evaluate(cfg, model, tokenizer, windows, prefixes, label="pruned")
-        with _timed(timings, "eval_prefixes"):
-            keep_zeroshot_prefix(cfg, prefixes)
         record = make_record(cfg, rid, group, data, stats, windows, timings, dense, pruned_eval, **out)
         if pruned_eval["outcomes"]:  # the side file first: a complete record always has its outcomes
             save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
         write_json(record_path, record)  # the record first: a failed save below loses no evaluation
+        keep_zeroshot_prefix(cfg, prefixes)
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], replace(spec, variant=cfg["patch"]["variant"],
                                                                      widths=width.shapes() if width else {}))

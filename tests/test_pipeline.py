@@ -783,3 +783,18 @@ def test_prefix_states_carry_over_to_the_next_process(tiny_dir, tmp_path, monkey
     saved.write_bytes(saved.read_bytes()[:100])
     third = pipeline.run(cfg, workspace=pipeline.Workspace())
     assert saved.with_name(saved.name + ".bad").is_file() and third["retention"] == first["retention"]
+
+
+def test_a_prefix_cache_that_cannot_be_written_loses_no_record(tiny_dir, tmp_path, monkeypatch, caplog):
+    from lp.engine import PrefixStates
+
+    def full(self, path):
+        raise OSError(28, f"could not write {path}: is the disk full")
+
+    monkeypatch.setattr(PrefixStates, "save", full)
+    quick = ("eval=quick", "eval.limit=4", "eval.max_windows=3", "eval.batch_size=2", "eval.tasks=[piqa_local]")
+    with caplog.at_level("WARNING"):
+        rec = pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "prune.start=2", "patch=none", *quick),
+                           workspace=pipeline.Workspace())
+    assert (tmp_path / "records" / f"{rec['run_id']}.json").is_file() and rec["retention"]
+    assert "the zero-shot prefix states were not kept" in caplog.text
