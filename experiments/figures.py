@@ -19,13 +19,16 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("--records", default="results/records")
     ap.add_argument("--out", default="results/figures")
     a = ap.parse_args(argv)
-    records, df, stats, same = load(a.records)
+    every = load_records(a.records)  # read once: the depth figures take every model, the others the most common
+    if not every:
+        raise SystemExit(f"--records {a.records}: no complete records found")
+    records, df, stats, same = load(every)
     out = Path(a.out)
     written = save(ppl_vs_n(df), out, "ppl_vs_n") + save(patches(df), out, "patches")
     written += save(methods(df), out, "methods")
-    every = frame(load_records(a.records))  # the depth figures: every model, not only the most common
-    for model in depth_models(every):
-        written += save(depth(every, model, paper_rows()), out, f"depth_{model}")
+    table = frame(every)
+    for model in depth_models(table):
+        written += save(depth(table, model, paper_rows()), out, f"depth_{model}")
     if (fig := selection_scores(records)) is not None:
         written += save(fig, out, "selection_scores")
     if stats is None:

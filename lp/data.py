@@ -287,18 +287,16 @@ def token_stream(tokenizer, text: str, cache: str | Path | None = None) -> torch
 
 
 def _stored_stream(path: Path, tokenizer, text: str) -> torch.Tensor:
-    from .records import DamagedFile, atomic_write, set_aside
+    from .records import DamagedFile, atomic_write, read_torch, set_aside
 
     if path.is_file():
         try:
-            ids = torch.load(path, map_location="cpu", weights_only=True)
+            ids = read_torch(path)
             if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.long or not len(ids):
                 raise DamagedFile(f"{path} is damaged: not a stream of token ids")
             return ids
         except DamagedFile as e:
             set_aside(path, str(e))
-        except Exception as e:  # a truncated zip, a pickle error
-            set_aside(path, f"{path} is damaged ({type(e).__name__}: {e})")
     ids = tokenize(tokenizer, text)
     atomic_write(path, lambda tmp: torch.save(ids, tmp))
     return ids

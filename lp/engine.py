@@ -176,16 +176,14 @@ class PrefixStates:
     def load(self, path, hidden_size: int) -> None:
         """Adopt the states saved at ``path`` (within the budget); :class:`lp.records.DamagedFile` naming the
         file if it cannot be read, is of another layer or hidden size, or holds a non-finite value."""
-        from .records import DamagedFile
+        from .records import DamagedFile, read_torch
 
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            states = saved["states"]
-            ok = saved["format"] == PREFIX_FORMAT and saved["layer"] == self.layer and all(
-                isinstance(k, str) and isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[-1] == hidden_size
-                for k, h in states.items())
-        except Exception as e:  # a truncated zip, a pickle error, missing fields
-            raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        saved = read_torch(path)
+        states = saved.get("states") if isinstance(saved, dict) else None
+        ok = isinstance(states, dict) and saved.get("format") == PREFIX_FORMAT and saved.get("layer") == self.layer \
+            and "tuple_output" in saved and all(
+            isinstance(k, str) and isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[-1] == hidden_size
+            for k, h in states.items())
         if not ok:
             raise DamagedFile(f"{path} is damaged: not the states entering layer {self.layer} at hidden size {hidden_size}")
         if not all(h.isfinite().all() for h in states.values()):

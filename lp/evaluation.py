@@ -116,13 +116,11 @@ class Prefix:
     def load(cls, path, windows: torch.Tensor, layer: int, hidden_size: int) -> "Prefix":
         """The prefix saved at ``path``; :class:`lp.records.DamagedFile` naming the file if it cannot be read or
         is not the states entering ``layer`` of these windows at this hidden size, or holds a non-finite value."""
-        from .records import DamagedFile
+        from .records import DamagedFile, read_torch
 
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            hidden, ok = saved["hidden"], saved["layer"] == layer
-        except Exception as e:  # a truncated zip, a pickle error, missing fields
-            raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        saved = read_torch(path)
+        hidden = saved.get("hidden") if isinstance(saved, dict) else None
+        ok = isinstance(saved, dict) and saved.get("layer") == layer and "tuple" in saved
         if not ok or not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (*windows.shape, hidden_size):
             raise DamagedFile(f"{path} is damaged: not the states entering layer {layer} of {tuple(windows.shape)} "
                               f"windows at hidden size {hidden_size}")

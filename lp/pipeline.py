@@ -79,6 +79,11 @@ DISTILL = {"none": {}, "mse": _TRAINED,  # what each distill.method reads
 DISTILL_USES.update({method: set(rules) for method, rules in DISTILL.items()})
 
 
+def narrows(cfg: dict) -> bool:
+    """The run's metric prunes width (heads, channels: lp.width) and removes no layer."""
+    return METRICS[cfg["prune"]["metric"]].width is not None
+
+
 def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     """The choices go together (each already valid by its rule), and the model's hidden size has a Hadamard
     matrix of the run's basis."""
@@ -100,7 +105,7 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     if p.get("indices") is not None and p["metric"] != "manual":
         raise ValueError(f"prune.indices={p['indices']} is read only by prune=manual; prune.metric={p['metric']} "
                          f"chooses the layers itself: use prune=manual prune.indices=[...], or drop prune.indices")
-    if METRICS[p["metric"]].width is not None:
+    if narrows(cfg):
         if variant != "none" or dist["method"] != "none":
             raise ValueError(f"prune.metric={p['metric']} narrows layers (heads, channels) and removes none, so there "
                              f"is no interface to patch or patch to train: use patch=none distill=none")
@@ -169,10 +174,10 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     if cfg.get("save_gguf") is not None:
         if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
             raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")
-        why = gguf_problem(cfg, METRICS[p["metric"]].width is not None)
+        why = gguf_problem(cfg, narrows(cfg))
         if why:
             raise ValueError(f"save_gguf={cfg['save_gguf']}: {why}")
-    if METRICS[p["metric"]].width is not None and num_layers is not None:
+    if narrows(cfg) and num_layers is not None:
         pruned_layers(num_layers, p["protect_first"], p["protect_last"])
     if p["metric"] == "manual":
         idx = p.get("indices") or []
@@ -232,14 +237,21 @@ class Workspace:
                     self._prefixes[k].save(path)
         return self._used(k)
 
-    def zeroshot_prefix(self, layer: int, key: str) -> PrefixStates | None:
+    def zeroshot_prefix(self, layer: int, key: str, hidden_size: int, path: Path | None = None) -> PrefixStates | None:
         """The dense states entering ``layer`` of the zero-shot batches of evaluation ``key`` (lp.engine), filled
-        by whichever evaluation computes them first."""
+        by whichever evaluation computes them first; while empty, those ``path`` holds (written by an
+        earlier process, :func:`keep_zeroshot_prefix`; a damaged file is set aside)."""
         if layer == 0:
             return None
         k = (key, "zeroshot", layer)
         if k not in self._prefixes:
             self._prefixes[k] = PrefixStates(layer, self.prefix_budget)
+        states = self._prefixes[k]
+        if not states.states and path is not None and path.is_file():
+            try:
+                states.load(path, hidden_size)
+            except DamagedFile as err:
+                set_aside(path, str(err))
         return self._used(k)
 
     def _used(self, k):
@@ -454,7 +466,7 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
     ctx = SelectionContext(stats=stats, n=p["n"] + replaces, start=p.get("start"), indices=p.get("indices"), seed=cfg["seed"],
                            model=model if scored else None, settings=p, samples=_score_samples(cfg, data) if scored else None,
                            batch_size=cfg["data"]["calib_batch_size"])
-    if METRICS[p["metric"]].width is not None:  # width pruning (LLM-Pruner): no layer goes, every layer narrows
+    if narrows(cfg):  # width pruning (LLM-Pruner): no layer goes, every layer narrows
         return [], {"width": METRICS[p["metric"]].width(ctx)}, None
     if cfg["patch"]["variant"] == "prunecomp":
         pick = lambda m, st: select_layers(p["metric"], replace(ctx, stats=st, n=1, model=m if scored else None))[0]  # noqa: E731
@@ -524,7 +536,7 @@ def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict
 def first_changed(cfg: dict, removed: list[int]) -> int:
     """The first layer that pruning changes: the first removed one, or layer s-1 itself when the patch folds
     into it (replaceme). The layers before it, and their outputs, are the dense model's."""
-    if METRICS[cfg["prune"]["metric"]].width is not None:  # the layers before the first narrowed one are dense
+    if narrows(cfg):  # the layers before the first narrowed one are dense
         return cfg["prune"]["protect_first"]
     return max(min(removed, default=0) - PATCHES[cfg["patch"]["variant"]].changes_earlier_layer, 0)
 
@@ -540,13 +552,7 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
     out = {name: ws.prefix(model, w, first, e["batch_size"], f"{ekey}/{name}", prefix_path(cfg, first, name))
            for name, w in windows.items()}
     if e.get("tasks") and e["engine"] == "lp":
-        states = out[ZEROSHOT] = ws.zeroshot_prefix(first, ekey)
-        path = prefix_path(cfg, first, "zeroshot")
-        if states is not None and not states.states and path.is_file():  # a run of another process made them
-            try:
-                states.load(path, Layout(model).hidden_size)
-            except DamagedFile as err:
-                set_aside(path, str(err))
+        out[ZEROSHOT] = ws.zeroshot_prefix(first, ekey, Layout(model).hidden_size, prefix_path(cfg, first, "zeroshot"))
     return out
 
 

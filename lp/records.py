@@ -139,6 +139,17 @@ def read_json(path: str | Path) -> dict | None:
     return data
 
 
+def read_torch(path: str | Path):
+    """What ``torch.save`` wrote to ``path`` (tensors and plain containers only: ``weights_only``);
+    :class:`DamagedFile` naming it if it cannot be read (a truncated zip, a pickle error)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+
+
 def set_aside(path: Path, why: str) -> None:
     """Move a damaged cache entry out of the way (``*.bad``) so that it is recomputed, and say so."""
     bad = path.with_name(path.name + ".bad")

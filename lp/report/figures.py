@@ -227,12 +227,14 @@ def methods(df: pd.DataFrame):
     return fig
 
 
-def load(records_dir: str | Path) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
-    """Records, their table (one model and data set: the most common), the calibration statistics of the
-    first LinearPatch run (or of the first record; None if not saved) and the records that share them."""
-    records = load_records(records_dir)
+def load(records_dir: str | Path | list[dict]) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
+    """Records (of a folder, or given), their table (one model and data set: the most common), the calibration
+    statistics of the first LinearPatch run (or of the first record; None if not saved) and the records that
+    share them."""
+    records = records_dir if isinstance(records_dir, list) else load_records(records_dir)
     if not records:
-        raise SystemExit(f"--records {records_dir}: no complete records found")
+        raise SystemExit(f"--records {'(the records given)' if isinstance(records_dir, list) else records_dir}: "
+                         f"no complete records found")
     df = frame(records)
     # one model and calibration data (the most common); each figure takes its own evaluation (_top)
     top = df.groupby(["model", "data"]).size().idxmax()
