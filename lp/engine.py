@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
@@ -274,8 +273,11 @@ def score_batch(model, b: _Batch, prefix: PrefixStates | None = None) -> list[tu
     for s in range(0, len(picked), step):
         logits = output_logits(model, picked[s : s + step]).float()
         t = target[s : s + step].to(logits.device)
-        logp.append(F.log_softmax(logits, dim=-1).gather(1, t[:, None])[:, 0].cpu())
-        greedy.append((logits.argmax(dim=-1) == t).cpu())
+        chosen = logits.gather(1, t[:, None])[:, 0]
+        # log p(t) = logit_t - logsumexp: no (positions x vocabulary) log-softmax written; greedy where the
+        # target's logit is the maximum (HFLM's argmax == t, except that a tie counts as greedy here)
+        logp.append((chosen - torch.logsumexp(logits, dim=-1)).cpu())
+        greedy.append((chosen >= logits.max(dim=-1).values).cpu())
     logp, greedy = torch.cat(logp), torch.cat(greedy)
     out, at = [], 0
     for req, _, idx, _ in b.where:
@@ -289,24 +291,33 @@ class PackedLM(HFLM):
     """HFLM with lp's engine for its loglikelihood requests (module docstring). ``token_budget``: tokens per
     batch (rows x width); ``prefix``: dense states to start from or to fill (:class:`PrefixStates`)."""
 
-    def __init__(self, pretrained, token_budget: int = 16384, prefix: PrefixStates | None = None, **kwargs):
+    def __init__(self, pretrained, token_budget: int = 16384, prefix: PrefixStates | None = None,
+                 cache_dir: str | None = None, **kwargs):
         kwargs.pop("batch_size", None)  # batches are built by token_budget
         super().__init__(pretrained=pretrained, batch_size=1, **kwargs)
         self.token_budget = int(token_budget)
         if prefix is not None and (prefix.layer == 0 or not prefix_reuse_applies(self.model)):
             prefix = None  # nothing to skip, or a family whose embeddings cannot be fed back: the plain path
         self.prefix = prefix
-        self._encoded: dict = {}
+        self.cache_dir = cache_dir
 
-    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs) -> list[int]:
-        """HFLM's encoding, remembered per string: the choices of a question encode its context again each."""
-        key = (string, add_special_tokens, left_truncate_len)
-        if kwargs or key not in self._encoded:
-            out = super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
-            if kwargs:
-                return out
-            self._encoded[key] = out
-        return list(self._encoded[key])
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        """HFLM's loglikelihood (``TemplateLM.loglikelihood``) with the token ids of every request with a
+        context from :func:`lp.harness.encode_pairs`: HFLM's rule, computed once per tokenizer and request."""
+        from .harness import encode_pairs
+
+        pairs = [req.args for req in requests]
+        with_context = [p for p in pairs if p[0] != ""]
+        encoded = dict(zip(with_context, encode_pairs(self, with_context, self.cache_dir), strict=True))
+        new = []
+        for context, continuation in pairs:
+            if context == "":  # HFLM's own path: the prefix token as context
+                cont = self.tok_encode(continuation, add_special_tokens=False)
+                ctx, cont = ([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+            else:
+                ctx, cont = encoded[(context, continuation)]
+            new.append(((context, continuation), ctx, cont))
+        return self._loglikelihood_tokens(new, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         groups = group_requests(requests, self.max_length)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -199,9 +200,10 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
 class Workspace:
     """The dense model (loaded once per process) and the dense hidden states entering the first removed layer
     of the evaluation windows (:class:`Prefix`), kept within ``prefix_budget`` bytes, least recently used
-    dropped first. At LLaMA-3-8B scale one prefix of WikiText-2 is ~2.5 GB of bf16 hidden states."""
+    dropped first. At LLaMA-3-8B scale one prefix of WikiText-2 is ~2.5 GB of bf16 hidden states; the zero-shot
+    states of the whole local suite at the 1.5B model's width ~7 GB. The budget: LP_PREFIX_BUDGET_GIB (default 4)."""
 
-    prefix_budget: int = 4 * 2**30
+    prefix_budget: int = field(default_factory=lambda: int(float(os.environ.get("LP_PREFIX_BUDGET_GIB", "4")) * 2**30))
     _model: tuple = ()
     _model_key: str | None = None
     _prefixes: dict = field(default_factory=dict)
@@ -408,7 +410,8 @@ def _zeroshot_settings(cfg: dict) -> dict:
     tasks = list(e.get("tasks") or [])
     return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"),
                 batch_size=e.get("zeroshot_batch_size") or e["batch_size"], engine=e["engine"],
-                token_budget=e["token_budget"], include_path=local_task_dir() if tasks else None, seed=cfg["seed"])
+                token_budget=e["token_budget"], include_path=local_task_dir() if tasks else None, seed=cfg["seed"],
+                cache_dir=cfg["cache_dir"])
 
 
 def engine_of(cfg: dict) -> dict | None:

