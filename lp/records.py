@@ -216,10 +216,11 @@ def load_outcomes(record_path: str | Path, record: dict | None = None) -> dict |
 
 
 def check_outcomes(data: dict, record: dict) -> None:
-    """The outcomes are the record's: the same tasks, per task ids and 0/1 lists of one length, as many documents
-    as the record says, and (for a single task) the mean of acc equal to the record's acc. A ValueError says
-    what does not hold."""
+    """The outcomes are the record's and can be paired: the same tasks, per task unique ids (the same set for
+    the dense and the pruned model) and 0/1 lists of one length, as many documents as the record says, and (for
+    a single task) the mean of acc equal to the record's acc. A ValueError says what does not hold."""
     zs = record.get("zeroshot") or {}
+    ids_of = {}
     for side in ("dense", "pruned"):
         results, got = zs.get(side) or {}, data[side]
         if not isinstance(got, dict) or set(got) != set(results):
@@ -229,6 +230,14 @@ def check_outcomes(data: dict, record: dict) -> None:
             ids = o.get("ids") if isinstance(o, dict) else None
             if not isinstance(ids, list) or not ids:
                 raise ValueError(f"{side}/{t}: no document ids")
+            if any(not isinstance(i, (int, str)) or isinstance(i, bool) for i in ids):
+                raise ValueError(f"{side}/{t}: document ids are not integers or names")
+            if len(set(ids)) != len(ids):  # pairing resamples documents: each must appear once
+                raise ValueError(f"{side}/{t}: {len(ids) - len(set(ids))} duplicated document ids")
+            if side == "pruned" and set(ids) != ids_of.get(t):
+                raise ValueError(f"{side}/{t}: the document ids are not the dense model's "
+                                 f"({len(set(ids) - ids_of.get(t, set()))} not among them)")
+            ids_of[t] = set(ids)
             for m in ("acc", "acc_norm"):
                 v = o.get(m)
                 if v is None and m == "acc_norm":
@@ -249,8 +258,12 @@ def check_outcomes(data: dict, record: dict) -> None:
 
 
 _NUM = {"type": "number"}
-_TASK_RESULT = {"anyOf": [_NUM, {"type": "object", "required": ["acc"], "properties": {
-    "acc": _NUM, "acc_norm": {"type": ["number", "null"]}, "samples": {"type": ["integer", "null"]}}}]}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_SHARE = {"type": "number", "minimum": 0, "maximum": 1}  # an accuracy
+_TASK_RESULT = {"anyOf": [_SHARE, {"type": "object", "required": ["acc"], "properties": {
+    "acc": _SHARE, "acc_norm": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    **{k: {"type": ["number", "null"], "minimum": 0} for k in ("acc_stderr", "acc_norm_stderr")},
+    "samples": {"type": ["integer", "null"], "minimum": 0}}}]}
 RECORD_SCHEMA = {  # what the tables, figures and resume read of a record (jsonschema)
     "type": "object",
     "required": ["version", "status", "run_id", "model", "data", "metric", "n", "patch", "distill", "eval", "seed",
@@ -261,13 +274,18 @@ RECORD_SCHEMA = {  # what the tables, figures and resume read of a record (jsons
                                                            "eval", "created")},
         "n": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0},
         "removed": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-        "params_pruned": {"type": "integer", "minimum": 1},
+        "params_pruned": {"type": "integer", "minimum": 1}, "params_dense": {"type": "integer", "minimum": 1},
+        "num_layers": {"type": "integer", "minimum": 1},
+        "distill_result": {"type": ["object", "null"], "properties": {"trained_params": {"type": "integer", "minimum": 0}}},
         "ppl": {"type": "object", "required": ["dense", "pruned"], "properties": {
             "dense": {**_NUM, "exclusiveMinimum": 0}, "pruned": {**_NUM, "exclusiveMinimum": 0},
             "datasets": {"type": "object", "additionalProperties": {
                 "type": "object", "required": ["dense", "pruned"],
                 "properties": {"dense": _NUM, "pruned": _NUM}}}}},
-        "retention": {"type": ["object", "null"], "properties": {"rp": _NUM, "avg_dense": _NUM, "avg_pruned": _NUM}},
+        "retention": {"type": ["object", "null"], "properties": {
+            "rp": {**_NUM, "minimum": 0}, "avg_dense": _SHARE, "avg_pruned": _SHARE,
+            "rp_stderr": {**_NUM_OR_NULL, "minimum": 0}, "rp_above_chance": {**_NUM_OR_NULL, "minimum": 0},
+            "per_task": {"type": "object", "additionalProperties": _NUM_OR_NULL}}},
         "zeroshot": {"type": ["object", "null"], "properties": {
             "dense": {"type": "object", "additionalProperties": _TASK_RESULT},
             "pruned": {"type": "object", "additionalProperties": _TASK_RESULT}}},

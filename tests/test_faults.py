@@ -97,7 +97,8 @@ def _rewrite(path, outcomes):
     outcomes_path(path).write_bytes(gzip.compress(json.dumps({"format": 1, **outcomes}).encode()))
 
 
-@pytest.mark.parametrize("damage", ["cut_short", "lengths", "not_01", "nan", "other_task", "flipped", "missing"])
+@pytest.mark.parametrize("damage", ["cut_short", "lengths", "not_01", "nan", "other_task", "flipped", "missing",
+                                    "duplicate_id", "same_ids", "other_ids", "no_common_id"])
 def test_damaged_outcomes_are_named_and_never_used(tmp_path, damage):
     path, rec, out = _run_with_outcomes(tmp_path)
     t = out["pruned"]["t"]
@@ -116,6 +117,14 @@ def test_damaged_outcomes_are_named_and_never_used(tmp_path, damage):
             out["pruned"] = {"u": t}
         elif damage == "flipped":  # well-formed, but not what the record says the run scored
             t["acc"] = [0, 0, 0, 1]
+        elif damage == "duplicate_id":  # pairing would resample one document twice (issue #42's probes)
+            t["ids"] = [0, 1, 1, 3]
+        elif damage == "same_ids":
+            t["ids"] = [2, 2, 2, 2]
+        elif damage == "other_ids":  # half the pruned documents are not the dense ones
+            t["ids"] = [0, 1, 7, 8]
+        elif damage == "no_common_id":
+            t["ids"] = [10, 11, 12, 13]
         _rewrite(path, out)
     with pytest.raises(DamagedFile, match=outcomes_path(path).name):
         load_outcomes(path, rec)
@@ -126,12 +135,13 @@ def test_damaged_outcomes_are_named_and_never_used(tmp_path, damage):
     assert paired(frame(recs))[["rp_lo", "rp_hi"]].isna().all(axis=None)  # no interval from them
 
 
-@pytest.mark.parametrize("bad", ["nan_ppl", "no_ppl", "inf_rp", "wrong_type", "outcomes"])
+@pytest.mark.parametrize("bad", ["nan_ppl", "no_ppl", "inf_rp", "wrong_type", "outcomes", "acc_above_1",
+                                 "string_stderr", "negative_samples", "duplicate_ids"])
 def test_bad_records_are_named_skipped_and_redone_on_resume(tmp_path, bad):
     path, rec, out = _run_with_outcomes(tmp_path)
     good, _, _ = _run_with_outcomes(tmp_path, "b")
-    if bad == "outcomes":
-        out["pruned"]["t"]["acc"] = [1, 1]
+    if bad in ("outcomes", "duplicate_ids"):
+        out["pruned"]["t"]["acc" if bad == "outcomes" else "ids"] = [1, 1] if bad == "outcomes" else [0, 0, 2, 3]
         _rewrite(path, out)
     else:
         if bad == "nan_ppl":
@@ -140,13 +150,19 @@ def test_bad_records_are_named_skipped_and_redone_on_resume(tmp_path, bad):
             del rec["ppl"]
         elif bad == "inf_rp":
             rec["retention"]["rp"] = float("inf")
+        elif bad == "acc_above_1":  # shown as 500.00 and bold before
+            rec["zeroshot"]["pruned"]["t"]["acc"] = 5
+        elif bad == "string_stderr":  # a pandas traceback naming no file before
+            rec["retention"]["rp_stderr"] = "x"
+        elif bad == "negative_samples":
+            rec["zeroshot"]["dense"]["t"]["samples"] = -4
         else:
             rec["n"] = "three"
         path.write_text(json.dumps(rec))  # json writes NaN / Infinity, as a crashed or foreign writer may
     skipped = []
     recs = load_records(tmp_path / "records", skipped)
     assert f"records/{path.stem}." in str(skipped) and any(r["run_id"] == "b" for r in recs)
-    if bad != "outcomes":
+    if bad not in ("outcomes", "duplicate_ids"):
         assert all(r["run_id"] == "b" for r in recs)
         df = frame(recs)
         assert not df.isin([math.inf]).any(axis=None)

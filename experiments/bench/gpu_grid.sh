@@ -3,7 +3,8 @@
 # Qwen2.5-Coder-1.5B depth grid with resume=true (docs/results.md section 3), one after another on one GPU:
 #   experiments/bench/gpu_grid.sh OUT_DIR [engine] [grid]      (default: both, in this order)
 # The model is found as model=qwen2.5_coder_1.5b finds it (~/.cache/lp/models/, SHA-256 checked); records go to
-# results/ (the grid's run ids are those of the same command anywhere); logs and the benchmark to OUT_DIR.
+# $RESULTS_DIR (default results/; the grid's run ids are those of the same command anywhere); logs and the
+# benchmark to OUT_DIR.
 set -uo pipefail
 out=${1:?an output folder}; shift
 only=" ${*:-engine grid} "
@@ -19,7 +20,7 @@ if [[ $only == *" engine "* ]]; then
 fi
 if [[ $only == *" grid "* ]]; then
   echo "== grid start $(date -u +%T)"
-  python3 -m experiments.batch experiments/sweeps/depth_qwen1.5b.txt $C results_dir=results resume=true \
+  python3 -m experiments.batch experiments/sweeps/depth_qwen1.5b.txt $C results_dir=${RESULTS_DIR:-results} resume=true \
     > "$out/grid.log" 2>&1
   echo "== grid rc=$? end $(date -u +%T)"
 fi
