@@ -7,6 +7,7 @@ the dense hidden states of the evaluation windows) lives in a :class:`Workspace`
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,7 +31,8 @@ from . import prunecomp
 from .modules import MODEL_PRECISION, PRECISIONS
 from .patches import PATCHES, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
-from .records import (DamagedFile, RECORD_VERSION, cached_json, key_of, locked, outcomes_path, read_json, record_problem,
+from .records import (DamagedFile, OUTCOMES_FORMAT, RECORD_VERSION, cached_json, key_of, locked, outcomes_path, read_json,
+                      record_problem,
                       save_outcomes, set_aside,
                       versions, write_json)
 from .keys import DISTILL_USES, SETTING_GROUPS, group_settings
@@ -760,9 +762,13 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
         with _timed(timings, "pruned_eval"):
             pruned_eval = evaluate(cfg, model, tokenizer, windows, prefixes, label="pruned")
         record = make_record(cfg, rid, group, data, stats, windows, timings, dense, pruned_eval, **out)
-        if pruned_eval["outcomes"]:  # the side file first: a complete record always has its outcomes
-            save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
-        write_json(record_path, record)  # the record first: a failed save below loses no evaluation
+        try:
+            if pruned_eval["outcomes"]:  # the side file first: a complete record always has its outcomes
+                save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
+            write_json(record_path, record)  # the record first: a failed save below loses no evaluation
+        except OSError as e:
+            _rescue(record, dense["outcomes"], pruned_eval["outcomes"], record_path, e)
+            raise
         keep_zeroshot_prefix(cfg, prefixes)
         if cfg.get("save_model"):
             save_pruned(model, tokenizer, cfg["save_model"], replace(spec, variant=cfg["patch"]["variant"],
@@ -770,6 +776,30 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
         if cfg.get("save_gguf"):
             write_gguf(cfg, removed, kinds)
     return record
+
+
+def _rescue(record: dict, dense_outcomes: dict, pruned_outcomes: dict, record_path: Path, err: OSError) -> None:
+    """A finished run whose record could not be written (a full disk): the record and its outcomes, as the
+    files would have held them, go to the log in full and to the first writable of the system's temporary
+    folder and the home folder; the error names where, so that nothing finished is lost."""
+    import tempfile
+
+    blob = json.dumps({"record": record, "outcomes": {"format": OUTCOMES_FORMAT, "dense": dense_outcomes,
+                                                     "pruned": pruned_outcomes}}, default=str, separators=(",", ":"))
+    log.error(f"could not write {record_path} ({err}); the finished record and its outcomes follow in full "
+              f"(JSON: {{'record': ..., 'outcomes': ...}}), one line:\n{blob}")
+    for folder in (Path(tempfile.gettempdir()), Path.home()):
+        path = folder / "lp-rescued" / record_path.name
+        try:
+            if pruned_outcomes:
+                save_outcomes(outcomes_path(path), dense_outcomes, pruned_outcomes)
+            write_json(path, record)
+        except OSError:
+            continue
+        log.error(f"the finished record and its outcomes were written to {path.parent}: move {path.name} (and "
+                  f"{outcomes_path(path).name}) into {record_path.parent} once there is space")
+        return
+    log.error("no folder could take the finished record: it is in the log above")
 
 
 def write_gguf(cfg: dict, removed: list[int], kinds: list | None) -> None:

@@ -277,3 +277,33 @@ def test_a_batch_line_with_an_unclosed_quote_names_file_and_line(tmp_path):
     f.write_text("prune.n=3\n# a comment\nprune.n=5 'patch=diag\n")
     with pytest.raises(ValueError, match=r"runs.txt, line 3: .*quotation"):
         runs_of(f)
+
+
+def test_a_full_disk_at_the_record_loses_no_finished_run(tiny_dir, tmp_path, monkeypatch, caplog):
+    """The disk fills as the record is written (issue #42): the run fails, and its finished record is in the
+    log in full and in a rescue folder that the message names, identical to what the record file would hold."""
+    import logging
+    import tempfile
+
+    from lp import records
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    results = tmp_path / "results"
+    real = records.atomic_write
+
+    def full_under_results(path, write):
+        if str(path).startswith(str(results / "records")):
+            raise records._unwritable(path, OSError(28, "No space left on device"))
+        return real(path, write)
+
+    monkeypatch.setattr(records, "atomic_write", full_under_results)
+    cfg = cfg_for(tiny_dir, results, "prune.n=2", "eval.tasks=[piqa_local]", "eval.limit=4")
+    with caplog.at_level(logging.ERROR, logger="lp.pipeline"), pytest.raises(OSError, match="could not write"):
+        pipeline.run(cfg, workspace=pipeline.Workspace())
+    assert not list((results / "records").glob("*.json"))
+    rescued = list((tmp_path / "tmp" / "lp-rescued").glob("*.json"))
+    assert len(rescued) == 1 and str(rescued[0].parent) in caplog.text
+    rec = json.loads(rescued[0].read_text())
+    line = next(x for m in caplog.messages for x in m.splitlines() if x.startswith('{"record"'))
+    assert json.loads(line)["record"] == rec and rec["status"] == "complete"
+    assert load_outcomes(rescued[0], rec)["pruned"]["piqa_local"]["ids"] == [0, 1, 2, 3]
