@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ SPEC_FILE, PATCH_FILE = "lp_pruning.json", "lp_patches.safetensors"
 REMOTE_FILE, REMOTE_KINDS = "modeling_lp.py", {"diag", "linearpatch"}  # weight patches: a remote-code form too
 PATCHED_PREFIX = "lp-patched-"  # config.json's model_type of a folder with patches: plain loading fails loudly
 
+
+log = logging.getLogger(__name__)
 
 @contextmanager
 def _dequantized(model: nn.Module):
@@ -204,6 +207,11 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
     try:
         _write_pruned(model, tokenizer, tmp, spec, fold)
         if path.exists():  # the old folder out of the way, the new one in: a reader sees one run's folder or none
+            theirs = sorted(f.name for f in path.iterdir()) if path.is_dir() else []
+            extra = [f for f in theirs if not (tmp / f).exists()]
+            if extra:  # files lp would not write again: a user's, kept by refusing to replace the folder
+                raise FileExistsError(f"save_model={path}: the folder holds files that this save would not write "
+                                      f"({extra[:5]}): move them away, or give a new folder")
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.replace(old)
             tmp.replace(path)
@@ -215,16 +223,34 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, 
         raise
 
 
+def _gone(p: Path) -> bool:
+    """Whether the process whose id ends the name of folder ``p`` (``...-PID``) has ended."""
+    try:
+        os.kill(int(p.name.rsplit("-", 1)[-1]), 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 def _remove_stale(path: Path) -> None:
-    """Folders that an interrupted save of ``path`` left beside it (their process is gone)."""
-    for p in path.parent.glob(f".{path.name}.saving-*") if path.parent.is_dir() else []:
-        pid = p.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
+    """What an interrupted save of ``path`` left beside it (its process gone): half-written ``.saving-PID``
+    folders are removed; an earlier complete model moved aside (``.old-PID``: the save was killed between its
+    two renames) is put back where no complete model is, and removed once one is."""
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f".{path.name}.saving-*"):
+        if _gone(p):
             shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass
+    for p in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not _gone(p):
+            continue
+        if (path / SPEC_FILE).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+        elif (p / SPEC_FILE).is_file() and not path.exists():
+            p.replace(path)
+            log.warning(f"{path}: a save was interrupted after moving the earlier model aside; it is restored from {p}")
 
 
 def _write_pruned(model: nn.Module, tokenizer, path: Path, spec: PruneSpec, fold: bool) -> None:
@@ -285,6 +311,7 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     from .models import DTYPES
 
     path = Path(path)
+    _remove_stale(path)
     if not (path / SPEC_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a folder written by lp.pruning.save_pruned (no {SPEC_FILE})")
     try:

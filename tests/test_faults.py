@@ -42,6 +42,35 @@ def test_an_interrupted_save_leaves_the_earlier_save_whole(llama, tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["D"]  # nothing left beside it
 
 
+@pytest.mark.parametrize("then", ["load", "save"])
+def test_a_save_killed_between_its_renames_gives_the_earlier_model_back(llama, tmp_path, then):
+    """Killed after the old folder moved aside and before the new one moved in (issue #42): the next load
+    restores the earlier model; the next save replaces it and leaves nothing beside it."""
+    from lp import pruning
+
+    out = tmp_path / "D"
+    _patched_save(llama, out, 2.0)
+    out.replace(tmp_path / ".D.old-999999999")  # what the killed save left: no folder D, the earlier one aside
+    if then == "load":
+        model, _, _ = load_pruned(out)
+        assert torch.equal(list(pruning.patches_of(model).values())[0].weight, 2.0 * torch.eye(24))
+    else:
+        _patched_save(llama, out, 3.0)
+        model, _, _ = load_pruned(out)
+        assert torch.equal(list(pruning.patches_of(model).values())[0].weight, 3.0 * torch.eye(24))
+    assert [p.name for p in tmp_path.iterdir()] == ["D"]
+
+
+def test_a_users_file_in_a_saved_folder_is_never_deleted(llama, tmp_path):
+    out = tmp_path / "D"
+    _patched_save(llama, out, 2.0)
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"holds files that this save would not write \(\['notes.txt'\]\)"):
+        _patched_save(llama, out, 3.0)
+    assert (out / "notes.txt").read_text() == "keep me" and load_pruned(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D"]
+
+
 def test_a_killed_saves_leftovers_are_removed_and_other_folders_refused(llama, tmp_path):
     out = tmp_path / "D"
     stale = tmp_path / ".D.saving-999999999"  # a save killed by SIGTERM: no process of that id is alive
