@@ -17,6 +17,17 @@ from lp.pipeline import run
 log = logging.getLogger("experiments.run")
 
 
+def folder(value) -> str:
+    """``${lp_folder:${results_dir}}`` in conf/config.yaml's hydra dirs: an empty results_dir is refused before
+    Hydra makes any folder (it would make /hydra/<time> at the file system's root)."""
+    if value is None or not str(value).strip():
+        raise ValueError(f"results_dir={value!r} is not valid: it must be a folder path (default: runs)")
+    return str(value)
+
+
+OmegaConf.register_new_resolver("lp_folder", folder, replace=True)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()

@@ -98,6 +98,10 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
     if dist["method"] == "mse" and variant == "streamline_layer":
         raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
                          "layer already trained so: use distill=none or distill=offline_kl")
+    if variant == "none" and dist["method"] == "mse":
+        raise ValueError("distill=mse trains a patch on hidden states alone, and patch=none leaves none to train: "
+                         "use patch=linearpatch (or another patch), distill=offline_kl distill.train=last3 (the last "
+                         "layers and the head, trained on logits), or distill=none")
     if variant == "none" and dist["method"] != "none" and _trained(dist) not in TAIL_CHOICES:
         raise ValueError(f"distill={dist['method']} trains the patch, and patch=none leaves none to train: use "
                          f"patch=linearpatch (or another patch), distill.train=last3 (the last layers and the head), "

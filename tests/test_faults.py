@@ -3,6 +3,7 @@ import gzip
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,18 @@ def test_a_full_disk_at_the_record_loses_no_finished_run(tiny_dir, tmp_path, mon
     line = next(x for m in caplog.messages for x in m.splitlines() if x.startswith('{"record"'))
     assert json.loads(line)["record"] == rec and rec["status"] == "complete"
     assert load_outcomes(rescued[0], rec)["pruned"]["piqa_local"]["ids"] == [0, 1, 2, 3]
+
+
+def test_an_empty_results_dir_makes_no_folder_anywhere(tmp_path):
+    """Hydra's run folder is ${results_dir}/hydra/...: an empty results_dir is refused before Hydra makes it
+    (it made /hydra/<time> at the file system's root before, issue #42)."""
+    import subprocess
+    import sys
+
+    root_hydra = Path("/hydra")
+    before = root_hydra.exists()
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "results_dir=''"], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "results_dir='' is not valid: it must be a folder path" in out.stderr
+    assert list(tmp_path.iterdir()) == [] and root_hydra.exists() == before

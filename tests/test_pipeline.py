@@ -183,6 +183,7 @@ def test_streamline_layer_with_distillation(tiny_dir, tmp_path):
     ("patch=streamline_layer patch.clip=-1", r"patch.clip=-1 is not valid: it must be a number > 0 or null"),
     ("prune=ppl prune.protect_ends=maybe", r"prune.protect_ends='maybe' is not valid: it must be true or false"),
     ("distill=offline_kl distill.train=all", r"distill.train='all' is not one of \['patch', 'patch\+norms', 'norm_lmhead', 'last1', 'last2', 'last3'\]"),
+    ("patch=none distill=mse", r"distill=mse trains a patch on hidden states alone.*distill=offline_kl distill.train=last3"),
     ("logger.backend=mlflow", r"logger.backend='mlflow' is not one of \['none', 'wandb'\]"),
     ("prune=llm_pruner", r"prune.metric=llm_pruner narrows layers \(heads, channels\) and removes none"),
     ("prune=llm_pruner patch=none prune.protect_first=3 prune.protect_last=3", r"leave no layer of 6 to prune"),
