@@ -333,6 +333,9 @@ def _gguf_read_once():
 _GGUF_READERS: dict = {}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model", "vocab.txt")
+
+
 def load_model(
     name_or_path: str,
     gguf_file: str | None = None,
@@ -357,6 +360,9 @@ def load_model(
             f"model.name_or_path={name_or_path!r} is neither a local folder nor a hub id of the form owner/name"
         )
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if not gguf and Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: the folder has no tokenizer (none of "
+                                f"{list(TOKENIZER_FILES)}): save the tokenizer there too (tokenizer.save_pretrained)")
     try:
         with _gguf_read_once():
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)

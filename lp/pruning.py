@@ -328,7 +328,9 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     else:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=DTYPES[dtype]).to(device).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    # config: the plain one above, so that the tokenizer never reads the folder's remote-code config (which
+    # would ask the user whether to run lp's own code)
+    tokenizer = AutoTokenizer.from_pretrained(path, config=config) if (path / "tokenizer_config.json").is_file() else None
     try:
         weights = load_file(str(path / PATCH_FILE))
     except Exception as e:  # missing, truncated, not safetensors

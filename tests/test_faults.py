@@ -352,3 +352,38 @@ def test_an_empty_results_dir_makes_no_folder_anywhere(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "results_dir='' is not valid: it must be a folder path" in out.stderr
     assert list(tmp_path.iterdir()) == [] and root_hydra.exists() == before
+
+
+def test_a_model_folder_without_its_tokenizer_is_named(tiny_dir, tmp_path):
+    """transformers said 'You need to have sentencepiece or tiktoken installed' (issue #42)."""
+    import shutil
+
+    from lp.models import load_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir, folder)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"the folder has no tokenizer \(none of \['tokenizer.json'"):
+        load_model(str(folder))
+
+
+def test_lp_loads_its_own_patched_folder_without_asking_to_run_remote_code(tiny_dir, tmp_path, monkeypatch):
+    """A saved LinearPatch folder (with its tokenizer) asked 'Do you wish to run the custom code? [y/N]' in a
+    terminal (issue #42): lp wrote that code and loads the folder itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto import configuration_auto, tokenization_auto
+
+    from lp.modules import LinearPatch
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    d = model.config.hidden_size
+    with pruned(model, [2, 3], lambda s, e: LinearPatch(2.0 * torch.eye(d))) as spec:
+        save_pruned(model, tok, tmp_path / "D", spec)
+
+    def asks(*a, **k):
+        raise AssertionError("asked whether to run remote code")
+    for mod in (tokenization_auto, configuration_auto):
+        monkeypatch.setattr(mod, "resolve_trust_remote_code", asks)
+    _, loaded_tok, _ = load_pruned(tmp_path / "D")
+    assert loaded_tok("the jury").input_ids == tok("the jury").input_ids
