@@ -1,6 +1,7 @@
-"""The paper's tables from every record: prints them and writes results/tables/*.{md,tex,csv}.
+"""The paper's tables from every record: prints them and writes RESULTS/tables/*.{md,tex,csv}.
 
-    python -m experiments.aggregate
+    python -m experiments.aggregate                       # the records a run writes by default (runs/)
+    python -m experiments.aggregate --results results     # the committed records, into results/tables
     python -m experiments.aggregate --records DIR --out DIR
     python -m experiments.aggregate --by patch.lr         # runs that differ in patch.lr get rows of their own
     python -m experiments.aggregate --readme README.md    # also refill its <!-- table NAME col=v --> blocks
@@ -17,8 +18,10 @@ from lp.report.tables import TITLES, build, fill_blocks
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", default="results/records")
-    ap.add_argument("--out", default="results/tables")
+    ap.add_argument("--results", default="runs", help="the runs' results_dir (default runs, as experiments.run's; "
+                    "results: the committed records)")
+    ap.add_argument("--records", help="default: RESULTS/records")
+    ap.add_argument("--out", help="default: RESULTS/tables")
     ap.add_argument("--by", action="append", default=[], metavar="FIELD",
                     help="a config field (e.g. patch.lr) that tells runs apart; repeatable")
     ap.add_argument("--readme", action="append", default=[],
@@ -28,6 +31,8 @@ def main(argv=None):
                          "the run's own")
     ap.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     args = ap.parse_args(argv)
+    args.records = args.records or str(Path(args.results) / "records")
+    args.out = args.out or str(Path(args.results) / "tables")
     try:
         bad = [kv for kv in args.vs.split(",") if kv and "=" not in kv]
         if bad:

@@ -1,6 +1,7 @@
 """The paper's figures from records and saved calibration statistics (no model needed): PNG and PDF.
 
-    python -m experiments.figures                      # reads results/records, writes results/figures/
+    python -m experiments.figures                      # reads runs/records, writes runs/figures/
+    python -m experiments.figures --results results    # the committed records, into results/figures/
 """
 import argparse
 from pathlib import Path
@@ -16,9 +17,13 @@ def main(argv=None) -> list[Path]:
 
     matplotlib.use("Agg")  # no display needed
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", default="results/records")
-    ap.add_argument("--out", default="results/figures")
+    ap.add_argument("--results", default="runs", help="the runs' results_dir (default runs, as experiments.run's; "
+                    "results: the committed records)")
+    ap.add_argument("--records", help="default: RESULTS/records")
+    ap.add_argument("--out", help="default: RESULTS/figures")
     a = ap.parse_args(argv)
+    a.records = a.records or str(Path(a.results) / "records")
+    a.out = a.out or str(Path(a.results) / "figures")
     every = load_records(a.records)  # read once: the depth figures take every model, the others the most common
     if not every:
         raise SystemExit(f"--records {a.records}: no complete records found")

@@ -1,6 +1,6 @@
 """The paper's figures from records and saved calibration statistics (no model needed). PNG and PDF.
 
-    python -m experiments.figures                      # reads results/records, writes results/figures/
+    python -m experiments.figures --results results    # reads results/records, writes results/figures/
 
 One model, calibration data set and evaluation per call (the most common among the records).
 * magnitude.{png,pdf}   Fig. 1: mean token norm per layer boundary of the dense model, the removed block
