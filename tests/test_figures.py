@@ -97,7 +97,14 @@ def test_depth_figure_draws_each_matching_record_once_with_its_bands(tmp_path):
     df = frame(recs + [other])
     assert figures.depth_models(df) == ["m"]
     fig = figures.depth(df, "m", paper_rows())
-    rp_ax, drp_ax, paper_ax = fig.axes
+    axes = fig.axes  # row by row: RP main, RP other methods, paper; dRP main, dRP other methods, (empty)
+    rp_ax, drp_ax, paper_ax = axes[0], axes[3], axes[2]
+    assert not [ln for ax in (axes[1], axes[4]) for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    # one colour per selection method, one line style per patch
+    main = {ln.get_label(): (ln.get_color(), ln.get_linestyle()) for ln in rp_ax.get_lines()
+            if not ln.get_label().startswith("_")}
+    assert main["cosine"][0] == main["cosine + linearpatch"][0] != main["block_influence"][0]
+    assert main["cosine"][1] == main["block_influence"][1] != main["cosine + linearpatch"][1]
     lines = {ln.get_label(): ln for ln in rp_ax.get_lines() if not ln.get_label().startswith("_")}
     assert sum(len(ln.get_xdata()) for ln in lines.values()) == len(runs)  # one marker per matching record
     assert list(lines["cosine"].get_xdata()) == [1 / 6, 2 / 6]

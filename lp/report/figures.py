@@ -127,43 +127,61 @@ def _band(ax, x, y, lo, hi, **kw):
     return line
 
 
+MAIN_SELECTIONS = ("cosine", "block_influence", "last")  # the depth figure's first panels: these, none / LinearPatch
+
+
+def _selection(method: str) -> str:
+    """The selection part of a method label ('block_influence + linearpatch' -> 'block_influence')."""
+    return method.split(" + ")[0]
+
+
+def _line_style(patch: str, distill: str) -> str:
+    """One line style per patch: none dotted, LinearPatch solid, any other patch dashed; distilled dash-dot."""
+    if distill != "none":
+        return "-."
+    return {"none": ":", "linearpatch": "-"}.get(patch, "--")
+
+
 def depth(df: pd.DataFrame, model: str, paper: pd.DataFrame | None = None):
     """Retention against depth for one ``model`` (its most common calibration data and zero-shot evaluation):
-    RP against the fraction of layers removed, one line per method, a marker per record, the 95% paired
-    bootstrap interval as a band where the records have outcomes; dRP against LP[L] (cosine + LinearPatch at
-    the same n) with its paired interval; and, given ``paper`` (tables.paper_rows()), the paper's LLaMA-3-8B
-    points at their own ratios. None if ``model`` has no zero-shot record."""
+    top row RP against the fraction of layers removed, bottom row dRP against LP[L] (cosine + LinearPatch at the
+    same n), each with its 95% paired bootstrap band where the records have outcomes; left column cosine, Block
+    Influence and prune=last without and with LinearPatch, right column every other method; given ``paper``
+    (tables.paper_rows()), the paper's LLaMA-3-8B points in a panel of their own. One colour per selection
+    method, one line style per patch (:func:`_line_style`). None if ``model`` has no zero-shot record."""
     d = df[(df["model"] == model) & df["rp"].notna()]
     if d.empty:
         return None
     d = _top(d).copy()
     d["x"] = d["n"] / d["num_layers"]
-    vs_lp = paired(d, vs=LP_L)
-    d = paired(d)
+    vs_lp, d = paired(d, vs=LP_L), paired(d)
+    main = lambda t: t["method"].map(_selection).isin(MAIN_SELECTIONS) & t["patch"].isin(["none", "linearpatch"]) \
+        & (t["distill"] == "none")  # noqa: E731
+    colours = dict(zip(sorted(set(d["method"].map(_selection))), plt.get_cmap("tab10").colors))
     shown = paper[(paper["model"] == PAPER_MODEL) & paper["rp"].notna() & (paper["n"] > 0)] if paper is not None else None
-    panels = 2 + (shown is not None and not shown.empty)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.0))
-    for method, g in d.sort_values("x").groupby("method"):
-        _band(axes[0], g["x"], g["rp"], g["rp_lo"], g["rp_hi"], label=method)
-    for method, g in vs_lp.sort_values("x").groupby("method"):
-        if g["drp"].notna().any():
-            g = g[g["drp"].notna()]
-            _band(axes[1], g["x"], g["drp"], g["drp_lo"], g["drp_hi"], label=method)
-    axes[0].axhline(100, color="k", lw=0.8, ls=":")
-    axes[1].axhline(0, color="k", lw=0.8, ls=":")
-    axes[0].set(xlabel="fraction of layers removed (n / L)", ylabel="RP %",
-                title=f"{model}, {d['eval'].iloc[0]} tasks (bands: 95% paired CI)")
-    axes[1].set(xlabel="fraction of layers removed (n / L)", ylabel="dRP vs cosine + linearpatch (LP[L])",
-                title="against LP[L] at the same n")
-    if panels == 3:
+    cols = 2 + (shown is not None and not shown.empty)
+    fig, axes = plt.subplots(2, cols, figsize=(5.4 * cols, 7.6), sharex=True, squeeze=False)
+    for col, pick in enumerate((main, lambda t: ~main(t))):
+        for row, (table, y) in enumerate(((d, "rp"), (vs_lp, "drp"))):
+            ax, t = axes[row, col], table[pick(table) & table[y].notna()]
+            for method, g in t.sort_values("x").groupby("method"):
+                _band(ax, g["x"], g[y], g[f"{y}_lo"], g[f"{y}_hi"], label=method, ls=_line_style(
+                    g["patch"].iloc[0], g["distill"].iloc[0]), color=colours[_selection(method)])
+            ax.axhline(100 if y == "rp" else 0, color="k", lw=0.8, ls=":")
+            if ax.lines[1:]:
+                ax.legend(fontsize=6, loc="lower left")
+        axes[0, col].set(ylabel="RP %", title=f"{model}, {d['eval'].iloc[0]}: "
+                                               f"{'cosine, Block Influence, last' if col == 0 else 'other methods'}")
+        axes[1, col].set(xlabel="fraction of layers removed (n / L)", ylabel="dRP vs cosine + linearpatch (LP[L])",
+                         title="against LP[L] at the same n (bands: 95% paired CI)")
+    if cols == 3:
         for method, g in shown.sort_values("n").groupby("method"):
-            axes[2].plot(g["n"] / g["num_layers"], g["rp"], marker="s", label=method)
-        axes[2].axhline(100, color="k", lw=0.8, ls=":")
-        axes[2].set(xlabel="fraction of layers removed (n / L)", ylabel="RP %", title="the paper: LLaMA-3-8B (reported)")
-        axes[2].legend(fontsize=6)
-    for ax in axes[:2]:
-        ax.set_xlim(axes[0].get_xlim())
-    axes[0].legend(fontsize=6, loc="lower left")
+            axes[0, 2].plot(g["n"] / g["num_layers"], g["rp"], marker="s", label=method)
+        axes[0, 2].axhline(100, color="k", lw=0.8, ls=":")
+        axes[0, 2].set(ylabel="RP %", xlabel="fraction of layers removed (n / L)", title="the paper: LLaMA-3-8B (reported)")
+        axes[0, 2].tick_params(labelbottom=True)
+        axes[0, 2].legend(fontsize=6)
+        axes[1, 2].axis("off")
     fig.tight_layout()
     return fig
 
