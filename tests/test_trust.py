@@ -154,6 +154,6 @@ def test_the_default_run_writes_only_into_git_ignored_folders():
     written = [f"{rd}/records/x.json", f"{rd}/records/x.outcomes.json.gz", f"{rd}/stats/calib_x.pt",
                f"{rd}/cache/dense/x.json", f"{rd}/hydra/2026-01-01/.hydra/config.yaml"]
     assert cfg["cache_dir"] == "${results_dir}/cache"  # caches, and the Hydra logs, sit under results_dir
-    assert cfg["hydra"]["run"]["dir"].startswith("${results_dir}/") and cfg["hydra"]["sweep"]["dir"].startswith("${results_dir}/")
+    assert all(cfg["hydra"][k]["dir"].startswith("${lp_folder:${results_dir}}/") for k in ("run", "sweep"))
     out = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == written
