@@ -78,9 +78,10 @@ def reuse_compiled_templates() -> bool:
 # ------------------------------------------------------------------------------------------- the suite
 @functools.lru_cache(maxsize=None)
 def _prepared_class(cls: type) -> type:
-    """A loaded lm-eval task's class with its documents read once (``eval_docs`` the list ``_lp_docs``) and
+    """A loaded lm-eval task's class with its documents read once (``eval_docs`` the list ``_lp_docs``),
     ``build_all_requests`` restoring the requests lm-eval built the first time for the same arguments
-    (``_lp_built``: repr of the arguments -> [(request_type, doc_id, idx, arguments, repeats)])."""
+    (``_lp_built``: repr of the arguments -> [(request_type, doc_id, idx, arguments, repeats)]), and each
+    document's prompt fields (text, target, choices: what ``process_results`` renders again) rendered once."""
     from lm_eval.api.instance import Instance
 
     def build_all_requests(self, **kw):
@@ -94,9 +95,26 @@ def _prepared_class(cls: type) -> type:
         self._instances = [Instance(request_type=rt, doc=docs[d], arguments=a, idx=i, metadata=(name, d, r))
                            for rt, d, i, a, r in rows]
 
+    def remembered(name: str):
+        """``cls.<name>(doc)`` (a prompt field rendered from the document alone), computed once per document of
+        the task's own list (``_lp_ids``: objects that live as long as the task, so their ids stay theirs)."""
+        base = getattr(cls, name)
+
+        def method(self, doc, *args, **kwargs):
+            if args or kwargs or id(doc) not in self._lp_ids:
+                return base(self, doc, *args, **kwargs)
+            key = (name, id(doc))
+            if key not in self._lp_memo:
+                self._lp_memo[key] = base(self, doc)
+            value = self._lp_memo[key]
+            return list(value) if isinstance(value, list) else value
+
+        return method
+
     # __slots__ = (): the same object layout, so that a loaded task's class can be swapped for this one
-    return type(f"Prepared{cls.__name__}", (cls,), {"__slots__": (), "eval_docs": property(lambda self: self._lp_docs),
-                                                    "build_all_requests": build_all_requests})
+    return type(f"Prepared{cls.__name__}", (cls,), {
+        "__slots__": (), "eval_docs": property(lambda self: self._lp_docs), "build_all_requests": build_all_requests,
+        **{name: remembered(name) for name in ("doc_to_text", "doc_to_target", "doc_to_choice")}})
 
 
 def _build_kwargs(limit) -> dict:
@@ -123,7 +141,7 @@ class Suite:
             task.set_fewshot_seed(seed=seed)
             docs = list(task.eval_docs)
             task.__class__ = _prepared_class(type(task))
-            task._lp_docs, task._lp_built = docs, {}
+            task._lp_docs, task._lp_built, task._lp_ids, task._lp_memo = docs, {}, {id(d) for d in docs}, {}
 
     @property
     def leaves(self) -> dict:
