@@ -7,7 +7,7 @@ SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # confi
 # the prune settings each metric reads, besides metric and n (what a run_id hashes: nothing it ignores), as each
 # metric declares them in lp.selection.register; a metric not (yet) registered hashes every prune setting
 USES: dict[str, set] = {}
-DISTILL_USES: dict[str, set] = {}  # the distill settings each distill.method reads (lp.pipeline.DISTILL)
+DISTILL_USES: dict[str, set] = {}  # the distill settings each distill.method reads (lp.validation.DISTILL)
 EXECUTION = {"prefix_reuse", "zeroshot_batch_size", "token_budget"}  # how a run is computed, not what: never part of its identity
 
 

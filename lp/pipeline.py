@@ -10,315 +10,40 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from . import data as data_lib
-from .calibration import STATS_FORMAT, BoundaryStats, collect_stats
-from .engine import ENGINE_VERSION, ENGINES, PrefixStates
-from .distill import TAIL_CHOICES, TRAIN_CHOICES, TeacherCache, distill_kl, distill_mse, trainable_parameters
-from .evaluation import Prefix, perplexity, prefix_reuse_applies
-from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
+from .calibration import BoundaryStats, collect_stats
+from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
+from .evaluation import perplexity
 from .intervals import rp_interval
-from .models import Layout, count_parameters, load_model, local_content, model_config, resolve_source
+from .models import Layout, count_parameters, model_config, resolve_source
 from . import prunecomp
-from .modules import MODEL_PRECISION, PRECISIONS
+from .modules import MODEL_PRECISION
 from .patches import PATCHES, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
 from .records import (DamagedFile, OUTCOMES_FORMAT, RECORD_VERSION, cached_json, key_of, locked, outcomes_path, read_json,
-                      record_problem,
-                      save_outcomes, set_aside,
-                      versions, write_json)
-from .keys import DISTILL_USES, SETTING_GROUPS, group_settings
+                      record_problem, save_outcomes, set_aside, versions, write_json)
+from .keys import group_settings
+from .report.printout import summary
 from .selection import METRICS, SelectionContext, patched_scores, select_layers
-from .settings import Flag, Fraction, Int, Limit, Number, OneOf, Path_, check, check_value
-from .tracking import BACKENDS, make_tracker
-from .export import gguf_problem, prune_gguf
-from .width import WidthPlan, pruned_layers, width_pruned
-from .zeroshot import RP_METRICS, evaluate_tasks, local_task_dir, retention
+from .tracking import make_tracker
+from .export import prune_gguf
+from .validation import hadamard_of, narrows, scoring_patch, trained, validate
+from .width import WidthPlan, width_pruned
+from .workspace import (WORKSPACE, ZEROSHOT, Workspace, calib_stats_path, data_key, engine_of, eval_key,
+                        keep_zeroshot_prefix, model_key, prefix_path, run_id)
+from .zeroshot import evaluate_tasks, local_task_dir, retention
 
 log = logging.getLogger(__name__)
 
-DISTILL_METHODS = ["none", "offline_kl", "mse"]
-ZEROSHOT = "\0zeroshot"  # eval_prefixes' entry for the zero-shot batches (no data set is so named)
-PREFIX_DISK_BUDGET = 2**30  # zero-shot prefix states are saved when they fit (the main job's: ~100 MB; a LLaMA-3-8B
-#                            suite's are tens of GB: it keeps the in-process reuse of a sweep only)
 PROBE_SAMPLES = 4  # calibration samples on which each patch is compared with no patch
-
-
-# ------------------------------------------------------------------ validation (before any weights load)
-# What each setting may be (lp.settings); the values, defaults included, are in conf/<group>/*.yaml, and a
-# metric's or a patch's own settings come with its registration. Bounds that rules name are the model's:
-# "layers" its last layer index, "start" the last start of an n-layer block, "context" its context length.
-def _rules() -> dict:
-    """The settings every run reads, per config group (the registries as they are now: a metric or patch
-    registered after import is a valid choice)."""
-    return {"prune": {"metric": OneOf(tuple(sorted(METRICS))), "n": Int(0, "layers")},
-            "patch": {"variant": OneOf(tuple(sorted(PATCHES)))},
-            "distill": {"method": OneOf(tuple(DISTILL_METHODS))},
-            "data": {"seqlen": Int(2, "context"), "calib_samples": Int(1, "calib_samples"), "calib_batch_size": Int(1),
-                     "bos": OneOf(data_lib.BOS_CHOICES)},
-            "eval": {"max_windows": Int(1, none_ok=True), "batch_size": Int(1), "prefix_reuse": Flag(),
-                     "rp_metric": OneOf(RP_METRICS), "engine": OneOf(ENGINES), "token_budget": Int(1)},
-            "logger": {"backend": OneOf(BACKENDS)}}
-
-
-OPTIONAL = {  # settings that mean something when left out, said where they are read
-    "patch": {"precision": OneOf(PRECISIONS), "hadamard": OneOf(tuple(sorted(CONSTRUCTIONS)))},
-    "eval": {"limit": Limit(), "num_fewshot": Int(0, none_ok=True), "zeroshot_batch_size": Int(1, none_ok=True)},
-}
-_TRAINED = {"samples": Int(1), "val_samples": Int(0, none_ok=True), "seqlen": Int(2, "context"),
-            "batch_size": Int(1), "lr": Number(), "weight_decay": Number(positive=False),
-            "epochs": Int(1)}  # 0 epochs would label an untrained patch distilled
-DISTILL = {"none": {}, "mse": _TRAINED,  # what each distill.method reads
-           "offline_kl": {**_TRAINED, "topk": Int(1, "vocab"), "min_lr_factor": Number(), "early_stop": Int(1, none_ok=True),
-                          "train": OneOf(TRAIN_CHOICES), "autocast": OneOf(("bfloat16", "float16", None))}}
-DISTILL_USES.update({method: set(rules) for method, rules in DISTILL.items()})
-
-
-def narrows(cfg: dict) -> bool:
-    """The run's metric prunes width (heads, channels: lp.width) and removes no layer."""
-    return METRICS[cfg["prune"]["metric"]].width is not None
-
-
-def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
-    """The choices go together (each already valid by its rule), and the model's hidden size has a Hadamard
-    matrix of the run's basis."""
-    p, dist, variant = cfg["prune"], cfg["distill"], cfg["patch"]["variant"]
-    if hidden_size is not None and not is_supported(hidden_size, hadamard_of(cfg)):
-        raise ValueError(f"patch.hadamard={hadamard_of(cfg)}: no Hadamard matrix of the model's hidden size {hidden_size} "
-                         f"(valid: {[c for c in CONSTRUCTIONS if is_supported(hidden_size, c)]}; ++patch.hadamard=... for a "
-                         f"patch without the setting, whose statistics use the official basis)")
-    if dist["method"] == "mse" and variant == "streamline_layer":
-        raise ValueError("distill=mse trains patches on hidden states alone; patch=streamline_layer is a decoder "
-                         "layer already trained so: use distill=none or distill=offline_kl")
-    if variant == "none" and dist["method"] == "mse":
-        raise ValueError("distill=mse trains a patch on hidden states alone, and patch=none leaves none to train: "
-                         "use patch=linearpatch (or another patch), distill=offline_kl distill.train=last3 (the last "
-                         "layers and the head, trained on logits), or distill=none")
-    if variant == "none" and dist["method"] != "none" and _trained(dist) not in TAIL_CHOICES:
-        raise ValueError(f"distill={dist['method']} trains the patch, and patch=none leaves none to train: use "
-                         f"patch=linearpatch (or another patch), distill.train=last3 (the last layers and the head), "
-                         f"or distill=none")
-    if variant == "replaceme" and dist["method"] != "none":
-        raise ValueError("patch=replaceme folds its map into the model's weights and leaves no patch to train: "
-                         "use distill=none")
-    if p.get("indices") is not None and p["metric"] != "manual":
-        raise ValueError(f"prune.indices={p['indices']} is read only by prune=manual; prune.metric={p['metric']} "
-                         f"chooses the layers itself: use prune=manual prune.indices=[...], or drop prune.indices")
-    if narrows(cfg):
-        if variant != "none" or dist["method"] != "none":
-            raise ValueError(f"prune.metric={p['metric']} narrows layers (heads, channels) and removes none, so there "
-                             f"is no interface to patch or patch to train: use patch=none distill=none")
-        if p["n"] == 0 and p.get("ratio") is None:
-            raise ValueError(f"prune.n=0 with prune.ratio=null: prune.metric={p['metric']} would remove nothing; give "
-                             f"prune.n (the budget in layers' worth of parameters) or prune.ratio")
-    if p["n"] == 0 and (variant != "none" or dist["method"] != "none"):
-        raise ValueError(f"prune.n=0 removes no layer, so patch={variant} / distill={dist['method']} would do "
-                         f"nothing: use prune.n >= 1, or patch=none distill=none for the dense reference")
-    if variant == "prunecomp" and (p["metric"] == "manual" or p.get("start") is not None):
-        raise ValueError("patch=prunecomp chooses the layers itself, one per round, with prune.metric: use a "
-                         "scoring metric (block_influence, cosine, angular, taylor, ppl, ...), not prune.metric="
-                         "manual or prune.start")
-    if p["metric"] == "patched":
-        if variant == "prunecomp":
-            raise ValueError("prune.metric=patched scores whole blocks; patch=prunecomp removes layers one round at a "
-                             "time: use prune=block_influence (Prune&Comp's) or another metric with patch=prunecomp")
-        scoring_patch(cfg)
-    if not cfg["model"].get("name_or_path"):
-        raise ValueError("model.name_or_path is missing: give a hub id, a local folder or package:NAME")
-
-
-def known_settings() -> dict[str, set]:
-    """Every setting a method of the prune, patch and distill groups reads (the registries as they are now)."""
-    return {"prune": {"metric", "n", "start", "indices", "patch"} | {k for m in METRICS.values() for k in m.reads},
-            "patch": {"variant"} | set(OPTIONAL["patch"]) | {k for m in PATCHES.values() for k in m.reads},
-            "distill": {"method"} | {k for rules in DISTILL.values() for k in rules}}
-
-
-TOP = {"seed": Int(0), "resume": Flag(), "progress": Flag(), "results_dir": Path_(), "cache_dir": Path_()}
-BOOTSTRAP = {"resamples": Int(1, "resamples"), "level": Fraction(), "seed": Int(0)}
-MAX_CALIB_SAMPLES = 4096  # 32x the paper's 128: more is a typo, not a protocol (each sample is a forward pass)
-MAX_RESAMPLES = 100_000
-
-
-def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
-             hidden_size: int | None = None, vocab_size: int | None = None) -> None:
-    """Checks that need no weights: the config alone, then (given them) the model's layer count, context,
-    hidden size and vocabulary. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the
-    distillation's), then how the choices go together (:func:`validate_choices`)."""
-    p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
-    L = num_layers if num_layers is not None else math.inf
-    bounds = {"layers": L - 1, "start": L - p["n"] if isinstance(p["n"], int) else math.inf,
-              "context": max_positions or math.inf, "vocab": vocab_size or math.inf,
-              "calib_samples": MAX_CALIB_SAMPLES, "resamples": MAX_RESAMPLES}
-    for group, known in known_settings().items():  # a misspelt +key is an error, never a silent no-op
-        unknown = sorted(set(cfg[group]) - known)
-        if unknown:
-            raise ValueError(f"{', '.join(f'{group}.{k}' for k in unknown)}: no {group} method reads "
-                             f"{'this setting' if len(unknown) == 1 else 'these settings'} (misspelt?); "
-                             f"{group} settings: {sorted(known)}")
-    check(TOP, cfg, "", "every run", bounds)
-    check(BOOTSTRAP, cfg.get("bootstrap") or {}, "bootstrap", "every run's intervals", bounds)
-    if not isinstance(p.get("indices"), (list, type(None))):
-        raise ValueError(f"prune.indices={p['indices']!r} must be a list of layer indices, e.g. prune.indices=[5]")
-    if not isinstance(e.get("tasks"), (list, type(None))) or any(not isinstance(t, str) for t in e.get("tasks") or []):
-        raise ValueError(f"eval.tasks={e.get('tasks')!r} must be a list of task names, e.g. eval.tasks=[piqa_local]")
-    for group, rules in _rules().items():
-        check(rules, cfg[group], group, "every run", bounds)
-    for group, rules in OPTIONAL.items():
-        check(rules, cfg[group], group, "", bounds, optional=True)
-    check(METRICS[p["metric"]].reads, p, "prune", f"prune.metric={p['metric']}", bounds)
-    check(PATCHES[cfg["patch"]["variant"]].reads, cfg["patch"], "patch", f"patch={cfg['patch']['variant']}", bounds)
-    check(DISTILL[dist["method"]], dist, "distill", f"distill.method={dist['method']}", bounds)
-    validate_choices(cfg, hidden_size)
-    if cfg.get("save_gguf") is not None:
-        if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
-            raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")
-        why = gguf_problem(cfg, narrows(cfg))
-        if why:
-            raise ValueError(f"save_gguf={cfg['save_gguf']}: {why}")
-    if narrows(cfg) and num_layers is not None:
-        pruned_layers(num_layers, p["protect_first"], p["protect_last"])
-    if p["metric"] == "manual":
-        idx = p.get("indices") or []
-        if len(set(idx)) != p["n"] or any(not isinstance(i, int) or not 0 <= i < L for i in idx):
-            raise ValueError(f"prune.indices={idx} must hold prune.n={p['n']} distinct layers in [0, {L - 1}]")
-    for name, ds in {"data": d, **{f"eval.datasets.{k}": v for k, v in (e.get("datasets") or {}).items()}}.items():
-        if not isinstance(ds, dict) or ds.get("source") not in data_lib.SOURCES:
-            raise ValueError(f"{name} must be a data config (as in conf/data/) whose source is one of "
-                             f"{list(data_lib.SOURCES)}, not {ds!r}")
-        check(dict.fromkeys(data_lib.SOURCE_SETTINGS[ds["source"]]), ds, name, f"data.source={ds['source']}")
-        check_value(Int(2, "context"), ds.get("seqlen", d["seqlen"]), f"{name}.seqlen", bounds)  # data's, if unset
-        if ds["source"] == "brown":
-            data_lib.brown_files(ds.get("path"))
-        data_lib.local_data_files(ds, name)
-
-
-# ------------------------------------------------------------------ what runs of one process share
-@dataclass
-class Workspace:
-    """The dense model (loaded once per process) and the dense hidden states entering the first removed layer
-    of the evaluation windows (:class:`Prefix`), kept within ``prefix_budget`` bytes, least recently used
-    dropped first. At LLaMA-3-8B scale one prefix of WikiText-2 is ~2.5 GB of bf16 hidden states; the zero-shot
-    states of the whole local suite at the 1.5B model's width ~7 GB. The budget: LP_PREFIX_BUDGET_GIB (default 4)."""
-
-    prefix_budget: int = field(default_factory=lambda: int(float(os.environ.get("LP_PREFIX_BUDGET_GIB", "4")) * 2**30))
-    _model: tuple = ()
-    _model_key: str | None = None
-    _prefixes: dict = field(default_factory=dict)
-
-    def model(self, m: dict):
-        key = key_of(m, local_content(m))
-        if key != self._model_key:
-            self._model, self._prefixes = (), {}
-            self._model = load_model(m["name_or_path"], m.get("gguf_file"), m["dtype"],
-                                     m["device"], m.get("device_map"), parts=m.get("parts"),
-                                     sha256=m.get("sha256"), install=m.get("install") or "")
-            self._model_key = key
-        return self._model
-
-    def prefix(self, model, windows: torch.Tensor, layer: int, batch_size: int, key: str,
-               path: Path | None = None) -> Prefix | None:
-        """The prefix of ``windows`` at ``layer``: kept in memory, else read from ``path`` (written by an earlier
-        process; a damaged file is set aside), else computed (and written there when it fits PREFIX_DISK_BUDGET)."""
-        if layer == 0:
-            return None
-        k = (key, layer)
-        if k not in self._prefixes:
-            if not prefix_reuse_applies(model):  # e.g. embeddings that enter layer 0 scaled: the plain path
-                return None
-            if path is not None and path.is_file():
-                try:
-                    self._prefixes[k] = Prefix.load(path, windows, layer, Layout(model).hidden_size)
-                except DamagedFile as err:
-                    set_aside(path, str(err))
-            if k not in self._prefixes:
-                self._prefixes[k] = Prefix.compute(model, windows, layer, batch_size)
-                if path is not None and self._prefixes[k].nbytes <= PREFIX_DISK_BUDGET:
-                    self._prefixes[k].save(path)
-        return self._used(k)
-
-    def zeroshot_prefix(self, layer: int, key: str, hidden_size: int, path: Path | None = None) -> PrefixStates | None:
-        """The dense states entering ``layer`` of the zero-shot batches of evaluation ``key`` (lp.engine), filled
-        by whichever evaluation computes them first; while empty, those ``path`` holds (written by an
-        earlier process, :func:`keep_zeroshot_prefix`; a damaged file is set aside)."""
-        if layer == 0:
-            return None
-        k = (key, "zeroshot", layer)
-        if k not in self._prefixes:
-            self._prefixes[k] = PrefixStates(layer, self.prefix_budget)
-        states = self._prefixes[k]
-        if not states.states and path is not None and path.is_file():
-            try:
-                states.load(path, hidden_size)
-            except DamagedFile as err:
-                set_aside(path, str(err))
-        return self._used(k)
-
-    def _used(self, k):
-        """The entry ``k``, now the most recently used; the least recently used dropped past the budget."""
-        self._prefixes[k] = self._prefixes.pop(k)
-        while sum(p.nbytes for p in self._prefixes.values()) > self.prefix_budget and len(self._prefixes) > 1:
-            self._prefixes.pop(next(iter(self._prefixes)))
-        return self._prefixes.get(k)
-
-
-WORKSPACE = Workspace()
-
-
-# ------------------------------------------------------------------ keys
-def model_key(cfg: dict) -> dict:
-    """What identifies the model: its settings, and for a local path the SHA-256 of its files."""
-    m = cfg["model"]
-    key = {k: m.get(k) for k in ("name_or_path", "gguf_file", "dtype", "sha256", "parts")}
-    content = local_content(m)
-    return {**key, "content_sha256": content} if content else key
-
-
-def data_key(cfg: dict) -> dict:
-    return {**cfg["data"], **data_lib.content_key(cfg["data"])}
-
-
-def eval_key(cfg: dict) -> dict:
-    """eval's settings, with the SHA-256 of the local files that eval.datasets read, as data_key does for data."""
-    out = group_settings(cfg, "eval")
-    content = {name: data_lib.content_key(ds) for name, ds in (cfg["eval"].get("datasets") or {}).items()}
-    if any(content.values()):
-        out["datasets_content"] = content
-    return out
-
-
-def hadamard_of(cfg: dict) -> str:
-    """The Hadamard basis of the run's rotated statistics: patch.hadamard, or for patches without the setting
-    the official code's (``quarot``, LinearPatch's default), so that a sweep over patches calibrates once."""
-    return cfg["patch"].get("hadamard", OFFICIAL)
-
-
-def calib_stats_path(cfg: dict) -> Path:
-    """Calibration statistics of (model, data, seed, Hadamard basis, what they hold, versions): small (a few
-    (L+1) x d tensors), kept beside the records so that figures never need the model again."""
-    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {"hadamard": hadamard_of(cfg), "format": STATS_FORMAT},
-                 versions())
-    return Path(cfg["results_dir"]) / "stats" / f"calib_{key}.pt"
-
-
-def run_id(cfg: dict) -> str:
-    p = cfg["prune"]
-    block = f"-s{p['start']}" if p.get("start") is not None else ""
-    readable = (f"{cfg['model']['name']}__{cfg['data']['name']}__{p['metric']}-n{p['n']}{block}__"
-                f"{cfg['patch']['variant']}__{cfg['distill']['method']}__{cfg['eval']['name']}__seed{cfg['seed']}")
-    settings = [eval_key(cfg) if g == "eval" else group_settings(cfg, g) for g in SETTING_GROUPS]
-    content = local_content(cfg["model"])
-    if content:  # a local model: its files' content, so that a file changed in place is another run
-        settings[0] = {**settings[0], "content_sha256": content}
-    return f"{readable}__{key_of(*settings, data_key(cfg), cfg['seed'])}"
 
 
 @contextmanager
@@ -420,14 +145,6 @@ def _zeroshot_settings(cfg: dict) -> dict:
                 cache_dir=cfg["cache_dir"])
 
 
-def engine_of(cfg: dict) -> dict | None:
-    """The engine that scores the zero-shot tasks, with its version (None without tasks)."""
-    e = cfg["eval"]
-    if not e.get("tasks"):
-        return None
-    return {"name": e["engine"], "version": ENGINE_VERSION if e["engine"] == "lp" else versions()["lm_eval"]}
-
-
 def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None = None, label: str = "") -> dict:
     """Perplexity on every evaluation data set, and zero-shot accuracy on eval.tasks."""
     e, progress = cfg["eval"], cfg["progress"]
@@ -490,16 +207,6 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
         raise ValueError(f"patch={cfg['patch']['variant']} replaces one contiguous block, but prune.metric="
                          f"{p['metric']} chose {removed}: use a contiguous metric (cosine, angular, last)")
     return removed, {}, ctx.scores
-
-
-def scoring_patch(cfg: dict) -> str:
-    """The training-free patch that ``prune=patched`` scores each block with: prune.patch, or the run's."""
-    variant = cfg["prune"].get("patch") or cfg["patch"]["variant"]
-    cheap = [v for v, m in PATCHES.items() if m.from_statistics]
-    if variant not in cheap:
-        raise ValueError(f"prune.metric=patched scores blocks with a patch built from the calibration statistics "
-                         f"alone; patch={variant} is not one: set ++prune.patch to one of {cheap}")
-    return variant
 
 
 def _score_samples(cfg: dict, data: Data) -> torch.Tensor:
@@ -565,30 +272,6 @@ def eval_prefixes(cfg: dict, ws: Workspace, model, windows: dict, removed: list[
     return out
 
 
-def prefix_path(cfg: dict, layer: int, what: str) -> Path:
-    """Where the dense states entering ``layer`` are kept between processes, for the perplexity windows of
-    evaluation data set ``what`` or for the zero-shot batches (``"zeroshot"``): keyed on what they are
-    computed from (the model, where it runs, the data, the evaluation and its engine, the layer, versions)."""
-    m = cfg["model"]
-    key = key_of(model_key(cfg), {"device": m.get("device"), "device_map": m.get("device_map")}, data_key(cfg),
-                 eval_key(cfg), engine_of(cfg) if what == "zeroshot" else None, layer, what, versions())
-    return Path(cfg["cache_dir"]) / "prefix" / f"{key}.pt"
-
-
-def keep_zeroshot_prefix(cfg: dict, prefixes: dict) -> None:
-    """Save the zero-shot prefix states a run computed (the dense or the pruned evaluation fills them) when they
-    fit PREFIX_DISK_BUDGET, so that the next process's pruned evaluation starts there too."""
-    states = prefixes.get(ZEROSHOT)
-    if states is None or len(states.states) <= states.loaded or states.nbytes > PREFIX_DISK_BUDGET:
-        return
-    try:
-        states.save(prefix_path(cfg, states.layer, "zeroshot"))
-    except OSError as err:  # a cache that cannot be written costs the next process time, never this run's record
-        log.warning(f"the zero-shot prefix states were not kept: {err}")
-        return
-    states.loaded = len(states.states)
-
-
 class PatchCheck:
     """The patch against no patch on held calibration samples: a patch can hurt (README). ``none`` is
     measured on the pruned, unpatched model before patching, ``patched`` after."""
@@ -637,12 +320,6 @@ def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
     return caches
 
 
-def _trained(dist: dict) -> str:
-    """What distillation trains (lp.distill.TRAIN_CHOICES): distill.train for offline_kl; mse trains the
-    patches alone and has no such setting."""
-    return dist["train"] if dist["method"] == "offline_kl" else "patch"
-
-
 def distill(cfg: dict, model, removed: list[int], prepared, on_step=None):
     dist = cfg["distill"]
     common = dict(lr=float(dist["lr"]), weight_decay=float(dist["weight_decay"]), epochs=dist["epochs"],
@@ -652,7 +329,7 @@ def distill(cfg: dict, model, removed: list[int], prepared, on_step=None):
     train_cache, train = prepared["train"]
     val_cache, val = prepared.get("val", (None, None))
     return distill_kl(model, train_cache, train, val_cache, val, min_lr_factor=dist["min_lr_factor"],
-                      train=_trained(dist), early_stop=dist["early_stop"],
+                      train=trained(dist), early_stop=dist["early_stop"],
                       autocast_dtype=dist["autocast"], on_step=on_step, **common)
 
 
@@ -677,12 +354,12 @@ def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict,
     name, e = cfg["data"]["name"], cfg["eval"]
     ppl_free = _finite(perplexity(model, windows[name], e["batch_size"], cfg["progress"],
                                   "training-free perplexity", prefixes.get(name)), "training-free perplexity")
-    trained = trainable_parameters(model, _trained(cfg["distill"]))
-    stack.enter_context(_restored(trained))
+    params = trainable_parameters(model, trained(cfg["distill"]))
+    stack.enter_context(_restored(params))
     with _timed(timings, "distill"):
         result = distill(cfg, model, removed, prepared,
                          on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))
-    result.trained_params = sum(p.numel() for p in trained)
+    result.trained_params = sum(p.numel() for p in params)
     return ppl_free, result
 
 
@@ -722,7 +399,7 @@ def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None)
     except BaseException as err:
         tracker.fail(err)
         raise
-    _summary(record, record_path)
+    summary(record, record_path)
     return record
 
 
@@ -865,33 +542,3 @@ def _retention(cfg: dict, dense: dict, pruned_eval: dict) -> dict:
     return out
 
 
-def _summary(record: dict, path: Path) -> None:
-    """The short end-of-run summary, on stdout (the rest goes to the log)."""
-    ppl = record["ppl"]
-    width = (record.get("fitted") or {}).get("width")
-    layers = sorted(int(i) for i in width["layers"]) if width else []
-    what = (f"narrowed layers {layers[0]}-{layers[-1]} by {width['ratio']:.2%}" if layers else
-            f"removed {record['removed']}")
-    print(f"[lp] {record['run_id']}\n     {what}  ppl dense {ppl['dense']:.2f}  "
-          f"pruned {ppl['pruned']:.2f}  params {record['params_dense']:,} -> {record['params_pruned']:,}")
-    if record["retention"]:
-        print(format_table(record["zeroshot"]["dense"], record["zeroshot"]["pruned"], record["retention"]))
-    print(f"     record: {path}")
-
-
-def format_table(dense: dict, pruned: dict, rp: dict) -> str:
-    m = rp["metric"]
-    rows = [f"     {'task':<22}{'dense':>8}{'pruned':>8}{'RP %':>8}"]
-    for t in dense:
-        flag = "  (dense at chance)" if t in rp.get("at_chance", []) else ""
-        task_rp = rp["per_task"][t]  # None where the dense model got none right
-        rows.append(f"     {t:<22}{dense[t][m]:>8.4f}{pruned[t][m]:>8.4f}"
-                    f"{'-' if task_rp is None else f'{task_rp:.2f}':>8}{flag}")
-    err = f" ± {rp['rp_stderr']:.2f}" if "rp_stderr" in rp else ""
-    if (rp.get("rp_ci") or {}).get("ci"):
-        ci = rp["rp_ci"]
-        err = f"  [{ci['ci'][0]:.2f}, {ci['ci'][1]:.2f}] ({100 * ci['level']:.0f}% paired bootstrap)"
-    rows.append(f"     {'average (' + m + ')':<22}{rp['avg_dense']:>8.4f}{rp['avg_pruned']:>8.4f}{rp['rp']:>8.2f}{err}")
-    if rp.get("at_chance"):
-        rows.append(f"     RP rests on tasks where the dense model is at chance: {rp['at_chance']}")
-    return "\n".join(rows)

@@ -10,14 +10,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lp import pipeline
+from lp import pipeline, workspace
 from lp.records import load_outcomes
 from lp.records import load_records
 from tests.conftest import CONF, ROOT, cfg_for
 
 def _count(monkeypatch, name, calls):
-    real = getattr(pipeline, name)
-    monkeypatch.setattr(pipeline, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    where = workspace if name == "load_model" else pipeline  # the workspace loads the model
+    real = getattr(where, name)
+    monkeypatch.setattr(where, name, lambda *a, **k: calls.append(name) or real(*a, **k))
 
 
 def test_run_writes_a_complete_record_and_reuses_dense_eval(tiny_dir, tmp_path, monkeypatch):
@@ -196,7 +197,7 @@ def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match
     def no_weights(*a, **k):
         raise AssertionError("the weights were loaded before the error")
 
-    monkeypatch.setattr(pipeline, "load_model", no_weights)
+    monkeypatch.setattr(workspace, "load_model", no_weights)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         pipeline.run(cfg_for(tiny_dir, tmp_path, *override.split()), workspace=pipeline.Workspace())
     assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
@@ -645,8 +646,8 @@ def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, 
     from experiments import batch
 
     loads = []
-    real = pipeline.load_model
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = workspace.load_model
+    monkeypatch.setattr(workspace, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
     monkeypatch.setattr(pipeline, "WORKSPACE", pipeline.Workspace())
     common = [f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
               "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval=ppl", "eval.max_windows=3",
@@ -699,7 +700,7 @@ def test_a_hidden_size_without_a_matrix_of_the_basis_is_refused_before_the_weigh
     class Loaded(Exception):
         pass
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    monkeypatch.setattr(workspace, "load_model", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
     with pytest.raises(ValueError, match=r"patch.hadamard=quarot: no Hadamard matrix of the model's hidden size 344 "
                                          r"\(valid: \['paley'\]"):
         pipeline.run(cfg_for(folder, tmp_path, "prune.n=2"), workspace=pipeline.Workspace())
@@ -772,10 +773,10 @@ def test_prefix_states_carry_over_to_the_next_process(tiny_dir, tmp_path, monkey
     saved = files[-1] if torch.load(files[-1], weights_only=True).get("states") is not None else files[0]
     want = load_outcomes(tmp_path / "records" / f"{first['run_id']}.json")
     ws = pipeline.Workspace()
-    real = pipeline.Prefix.compute
-    monkeypatch.setattr(pipeline.Prefix, "compute", lambda *a, **k: pytest.fail("the windows' prefix was computed again"))
+    real = workspace.Prefix.compute
+    monkeypatch.setattr(workspace.Prefix, "compute", lambda *a, **k: pytest.fail("the windows' prefix was computed again"))
     again = pipeline.run(cfg, workspace=ws)
-    monkeypatch.setattr(pipeline.Prefix, "compute", real)
+    monkeypatch.setattr(workspace.Prefix, "compute", real)
     assert again["ppl"] == first["ppl"]
     [states] = [p for k, p in ws._prefixes.items() if k[1] == "zeroshot"]
     assert states.loaded > 0 and states.hits == states.loaded  # every pruned batch started from the file

@@ -94,13 +94,13 @@ def test_two_processes_writing_one_cache_entry_never_tear_it(tmp_path):
 
 
 def test_cache_keys_carry_versions_and_the_fewshot_seed(tmp_path, monkeypatch):
-    from lp import pipeline
-    from lp.pipeline import calib_stats_path, run_id
+    from lp import workspace
+    from lp.workspace import calib_stats_path, run_id
     from tests.conftest import cfg_for
 
     cfg = cfg_for("unused", tmp_path)
     a = calib_stats_path(cfg)
-    monkeypatch.setattr(pipeline, "versions", lambda: {**records.versions(), "transformers": "0.0"})
+    monkeypatch.setattr(workspace, "versions", lambda: {**records.versions(), "transformers": "0.0"})
     assert calib_stats_path(cfg) != a  # another transformers, another entry
     monkeypatch.undo()
     # settings the chosen metric ignores do not change the run id; the seed does
