@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .evaluation import _Skip, layer_output_kind, prefix_reuse_applies
 from .models import Layout
 
-ENGINE_VERSION = 1  # part of the dense evaluation's cache key and of the record: raise it when outcomes may change
+ENGINE_VERSION = 2  # part of the dense evaluation's cache key and of the record: raise it when outcomes may change (2: log p by logsumexp)
 ENGINES = ("lp", "hflm")  # eval.engine: lp's engine, or lm-eval's HFLM (the reference the tests compare against)
 PREFIX_FORMAT = 1  # of PrefixStates.save's files
 HEAD_CHUNK = 2**27  # logits computed at most this many (positions x vocabulary) at a time (512 MiB in float32)
