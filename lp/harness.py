@@ -126,7 +126,7 @@ def _build_kwargs(limit) -> dict:
 
 class Suite:
     """The loaded tasks of one evaluation: ``loaded`` is TaskManager.load()'s result with simple_evaluate's
-    overrides (n-shot, few-shot seed) applied; every leaf task prepared (:class:`_Prepared`)."""
+    overrides (n-shot, few-shot seed) applied; every leaf task of its prepared class (:func:`_prepared_class`)."""
 
     def __init__(self, tm, tasks: tuple[str, ...], limit, num_fewshot: int | None, seed: int):
         self.tasks, self.limit, self.num_fewshot, self.seed = tasks, limit, num_fewshot, seed
