@@ -130,6 +130,7 @@ class Suite:
 
     def __init__(self, tm, tasks: tuple[str, ...], limit, num_fewshot: int | None, seed: int):
         self.tasks, self.limit, self.num_fewshot, self.seed = tasks, limit, num_fewshot, seed
+        self.path: Path | None = None  # where its requests are kept between processes (set by suite())
         self.loaded = tm.load(list(tasks))
         for task in self.loaded["tasks"].values():
             # simple_evaluate's overrides (lm_eval/evaluator.py, simple_evaluate: "override tasks' fewshot values")
@@ -228,8 +229,8 @@ def suite(tm, tasks, limit=None, num_fewshot: int | None = None, seed: int = 0, 
     key = (tm, tuple(tasks), limit, num_fewshot, seed)
     if key not in _SUITES:
         s = Suite(tm, tuple(tasks), limit, num_fewshot, seed)
-        s.path = Path(cache_dir) / "lm_eval" / f"requests-{s.key()}.json.gz" if cache_dir else None
-        if s.path is not None:
+        if cache_dir:
+            s.path = Path(cache_dir) / "lm_eval" / f"requests-{s.key()}.json.gz"
             try:
                 s.load(s.path)
             except DamagedFile as e:
@@ -251,7 +252,7 @@ def evaluate(lm, s: Suite) -> dict:
     torch.manual_seed(s.seed)
     built = s.requests() is not None
     out = lm_eval_evaluate(lm=lm, task_dict=s.loaded, limit=s.limit, bootstrap_iters=100000, log_samples=True)
-    if not built and getattr(s, "path", None) is not None:
+    if not built and s.path is not None:
         try:
             s.save(s.path)
         except OSError as e:
