@@ -27,14 +27,15 @@ def main(argv=None) -> list[Path]:
     every = load_records(a.records)  # read once: the depth figures take every model, the others the most common
     if not every:
         raise SystemExit(f"--records {a.records}: no complete records found")
-    records, df, stats, same = load(every)
+    stats_dir = Path(a.records).parent / "stats"  # the statistics beside the records (records name them)
+    records, df, stats, same = load(every, stats_dir)
     out = Path(a.out)
     written = save(ppl_vs_n(df), out, "ppl_vs_n") + save(patches(df), out, "patches")
     written += save(methods(df), out, "methods")
     table = frame(every)
     for model in depth_models(table):
         written += save(depth(table, model, paper_rows()), out, f"depth_{model}")
-    if (fig := selection_scores(records)) is not None:
+    if (fig := selection_scores(records, stats_dir)) is not None:
         written += save(fig, out, "selection_scores")
     if stats is None:
         print("calibration statistics not found: magnitude, outliers and cosine figures skipped")

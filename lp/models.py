@@ -29,6 +29,10 @@ class Family:
     post_branch_norms: tuple[str, ...] = ()  # norms applied to each branch's output before it joins the stream
     mlp_norm: str | None = "post_attention_layernorm"  # the norm the MLP branch reads the stream through
     prefix_reuse: bool = False  # the embeddings enter layer 0 as they are: a layer's dense input can be fed back
+    # width pruning's linear maps in a layer, by role: query, key, value, output; MLP gate, up, down
+    projections: tuple[tuple[str, str], ...] = (
+        ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"), ("o", "self_attn.o_proj"),
+        ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"), ("down", "mlp.down_proj"))
 
 
 PRE_NORM = Family(prefix_reuse=True)  # LLaMA and its kin: x + attn(norm(x)), then h + mlp(norm(h))
@@ -78,6 +82,18 @@ class Layout:
     def layers_prefix(self) -> str:
         """The state-dict prefix of the decoder layers (``model.layers``)."""
         return f"{self.family.base}.{self.family.layers}"
+
+    def projections(self, i: int) -> dict[str, tuple[nn.Module | None, str]]:
+        """Layer ``i``'s linear maps that width pruning slices, by role (``Family.projections``): each as (the
+        module that holds it, or None if the layer has no such module; its attribute name), to read or replace."""
+        out = {}
+        for role, path in self.family.projections:
+            owner, _, name = path.rpartition(".")
+            holder = self.layers[i]
+            for part in filter(None, owner.split(".")):
+                holder = getattr(holder, part, None)
+            out[role] = (holder, name)
+        return out
 
     @property
     def norm(self) -> nn.Module:

@@ -49,23 +49,21 @@ class Unit:
     channel_params: int  # parameters one MLP channel holds (gate and up rows, down column, biases)
 
 
-def _modules(layer: nn.Module) -> dict[str, nn.Linear]:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    names = {"q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "o_proj"),
-             "gate": (mlp, "gate_proj"), "up": (mlp, "up_proj"), "down": (mlp, "down_proj")}
-    found = {k: getattr(owner, name, None) for k, (owner, name) in names.items()}
-    missing = [f"{('self_attn' if k in 'qkvo' else 'mlp')}.{names[k][1]}" for k, m in found.items()
-               if not isinstance(m, nn.Linear)]
+def _modules(layout: Layout, i: int) -> dict[str, nn.Linear]:
+    """Layer ``i``'s projections by role (q, k, v, o, gate, up, down), where its layout says they are."""
+    found = {k: getattr(owner, name, None) for k, (owner, name) in layout.projections(i).items()}
+    missing = [path for role, path in layout.family.projections if not isinstance(found[role], nn.Linear)]
     if missing:
-        raise ValueError(f"prune=llm_pruner prunes LLaMA-layout layers (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj "
-                         f"as nn.Linear); this {type(layer).__name__} lacks {missing}")
+        raise ValueError(f"prune=llm_pruner slices each layer's {', '.join(p for _, p in layout.family.projections)} "
+                         f"(nn.Linear); layer {i} ({type(layout.layers[i]).__name__}) lacks {missing}")
     return found
 
 
-def unit_of(layer: nn.Module) -> Unit:
-    m = _modules(layer)
+def unit_of(layout: Layout, i: int) -> Unit:
+    m = _modules(layout, i)
+    attn = layout.projections(i)["q"][0]
     hidden = m["q"].in_features
-    head_dim = getattr(layer.self_attn, "head_dim", None) or m["q"].out_features // layer.self_attn.config.num_attention_heads
+    head_dim = getattr(attn, "head_dim", None) or m["q"].out_features // attn.config.num_attention_heads
     kv = m["k"].out_features // head_dim
     group = m["q"].out_features // m["k"].out_features
     bias = lambda lin: lin.bias is not None  # noqa: E731
@@ -116,7 +114,7 @@ def importance(model: nn.Module, samples: torch.Tensor, layers: list[int], batch
     and every MLP channel, from one calibration loss over ``samples`` (batches averaged into the mean loss of
     the whole set, as one batch of them would give)."""
     layout = Layout(model)
-    mods = {i: _modules(layout.layers[i]) for i in layers}
+    mods = {i: _modules(layout, i) for i in layers}
     weights = [m.weight for ms in mods.values() for m in ms.values()]
     flags = [w.requires_grad for w in weights]
     for w in weights:
@@ -132,7 +130,7 @@ def importance(model: nn.Module, samples: torch.Tensor, layers: list[int], batch
         out = {}
         for i, m in mods.items():
             s = {k: (lin.weight * lin.weight.grad).abs().float() for k, lin in m.items()}
-            u = unit_of(layout.layers[i])
+            u = unit_of(layout, i)
             d, g = u.head_dim, u.group
             q_rows = s["q"].sum(1).view(u.kv_heads, g * d).sum(1)  # query heads h*g .. h*g+g-1 per kv head h
             o_cols = s["o"].sum(0).view(u.kv_heads, g * d).sum(1)
@@ -169,7 +167,7 @@ def plan(model: nn.Module, samples: torch.Tensor, n: int, ratio: float | None, p
     """LLM-Pruner's block-wise plan: at ``ratio``, or (None) at the largest ratio within ``n`` layers' parameters."""
     layout = Layout(model)
     layers = pruned_layers(layout.num_layers, protect_first, protect_last)
-    units = {i: unit_of(layout.layers[i]) for i in layers}
+    units = {i: unit_of(layout, i) for i in layers}
     if ratio is None:
         per_layer = sum(p.numel() for p in layout.layers[0].parameters())
         ratio = ratio_for(list(units.values()), n * per_layer)
@@ -201,18 +199,15 @@ def head_rows(heads: list[int], size: int) -> torch.Tensor:
     return torch.tensor([h * size + j for h in heads for j in range(size)], dtype=torch.long)
 
 
-def shrink_layer(layer: nn.Module, heads: list[int], channels: list[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """Replace the layer's projections by ones that keep ``heads`` (key/value heads, with their query heads)
+def shrink_layer(layout: Layout, i: int, heads: list[int], channels: list[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Replace layer ``i``'s projections by ones that keep ``heads`` (key/value heads, with their query heads)
     and ``channels``; returns (owner, name, original) for every module replaced."""
-    m = _modules(layer)
-    u = unit_of(layer)
+    m, where, u = _modules(layout, i), layout.projections(i), unit_of(layout, i)
     kv_rows, q_rows = head_rows(heads, u.head_dim), head_rows(heads, u.head_dim * u.group)
     ch = torch.tensor(channels, dtype=torch.long)
-    attn, mlp = layer.self_attn, layer.mlp
-    new = {(attn, "q_proj"): _sliced(m["q"], rows=q_rows), (attn, "k_proj"): _sliced(m["k"], rows=kv_rows),
-           (attn, "v_proj"): _sliced(m["v"], rows=kv_rows), (attn, "o_proj"): _sliced(m["o"], cols=q_rows),
-           (mlp, "gate_proj"): _sliced(m["gate"], rows=ch), (mlp, "up_proj"): _sliced(m["up"], rows=ch),
-           (mlp, "down_proj"): _sliced(m["down"], cols=ch)}
+    cut = {"q": {"rows": q_rows}, "k": {"rows": kv_rows}, "v": {"rows": kv_rows}, "o": {"cols": q_rows},
+           "gate": {"rows": ch}, "up": {"rows": ch}, "down": {"cols": ch}}
+    new = {where[role]: _sliced(m[role], **how) for role, how in cut.items()}
     undo = []
     for (owner, name), lin in new.items():
         undo.append((owner, name, getattr(owner, name)))
@@ -223,11 +218,11 @@ def shrink_layer(layer: nn.Module, heads: list[int], channels: list[int]) -> lis
 @contextmanager
 def width_pruned(model: nn.Module, width: WidthPlan):
     """The plan applied in place for the duration of the block, then the dense projections put back."""
-    layers = Layout(model).layers
+    layout = Layout(model)
     undo = []
     try:
         for i in width.heads:
-            undo += shrink_layer(layers[i], width.heads[i], width.channels[i])
+            undo += shrink_layer(layout, i, width.heads[i], width.channels[i])
         yield width
     finally:
         for owner, name, lin in reversed(undo):
@@ -237,6 +232,6 @@ def width_pruned(model: nn.Module, width: WidthPlan):
 def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> None:
     """Give a freshly built model the saved widths (the first heads and channels: the weights then load into
     them), so that a width-pruned folder's state dict fits."""
-    layers = Layout(model).layers
+    layout = Layout(model)
     for i, s in shapes.items():
-        shrink_layer(layers[int(i)], list(range(s["kv_heads"])), list(range(s["channels"])))
+        shrink_layer(layout, int(i), list(range(s["kv_heads"])), list(range(s["channels"])))

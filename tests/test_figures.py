@@ -72,6 +72,27 @@ def test_selection_scores_figure_draws_every_candidate_and_the_cosine(tmp_path):
     assert figures.selection_scores(figures.load(recs)[0]) is None  # no patched runs: no figure
 
 
+def test_statistics_of_records_made_under_another_results_dir_are_found_beside_the_records(tmp_path):
+    """A record made on another machine names its statistics by that machine's path (e.g. a GPU's results_dir):
+    the figures find the file of that name in the stats/ folder beside the records, and nothing when it is not
+    there (never a file of another name)."""
+    import json
+
+    from lp.report import figures
+
+    recs = synthetic(tmp_path)
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats.pt").rename(tmp_path / "stats" / "calib_abc.pt")
+    for f in recs.glob("*.json"):
+        r = json.loads(f.read_text())
+        write_json(f, {**r, "calib_stats": "/elsewhere/results/stats/calib_abc.pt"})
+    records, _, stats, same = figures.load(recs)
+    assert stats is not None and stats.token_absmax.shape == (7, 9) and len(same) == len(records)
+    assert figures.stats_path(records[0]) is None  # without the folder to look in: not found
+    (tmp_path / "stats" / "calib_abc.pt").rename(tmp_path / "stats" / "calib_other.pt")
+    assert figures.load(recs)[2] is None
+
+
 def _outcomes(p_dense, p_pruned, n=40):
     """Per-document 0/1 outcomes of one task, dense and pruned, right on the first p * n documents."""
     doc = lambda p: {"ids": list(range(n)), "acc": [1 if i < p * n else 0 for i in range(n)], "acc_norm": None}  # noqa: E731

@@ -8,7 +8,7 @@ import torch
 
 from lp import pipeline
 from lp.evaluation import perplexity
-from lp.models import count_parameters
+from lp.models import Layout, count_parameters
 from lp.pruning import load_pruned
 from lp.width import plan, pruned_counts, ratio_for, unit_of, width_pruned
 
@@ -101,7 +101,7 @@ def test_ratio_from_n_is_the_largest_within_n_layers_of_parameters(n, tokens):
     dense = count_parameters(model)
     with width_pruned(model, p):
         removed = dense - count_parameters(model)
-    units = [unit_of(model.model.layers[i]) for i in p.heads]
+    units = [unit_of(Layout(model), i) for i in p.heads]
     removed_at = lambda r: sum(h * u.head_params + c * u.channel_params  # noqa: E731
                                for u in units for h, c in [pruned_counts(u, r)])
     assert removed == removed_at(p.ratio)  # the unit accounting is the model's own parameter count
@@ -125,3 +125,22 @@ def test_llm_pruner_runs_from_the_config_and_its_saved_model_reloads(tiny_dir, t
     windows = pipeline.Data(cfg, tokenizer).eval_windows()[cfg["data"]["name"]]
     assert perplexity(model, windows, 2, progress=False) == pytest.approx(rec["ppl"]["pruned"], rel=1e-4)
     assert json.loads((save / "config.json").read_text())["model_type"].startswith("lp-patched-")  # stock loading refuses
+
+
+def test_width_pruning_finds_the_projections_where_the_family_says(monkeypatch, tokens):
+    """lp.width reads each layer's projections through Layout (``Family.projections``), never by LLaMA's names:
+    a family that names the query map elsewhere is refused with that name, and the table's modules are the
+    layer's own."""
+    import dataclasses
+
+    from lp import models
+
+    model = gqa_model("llama")
+    layer = model.model.layers[2]
+    where = Layout(model).projections(2)
+    assert where["q"] == (layer.self_attn, "q_proj") and where["down"] == (layer.mlp, "down_proj")
+    other = dict(models.LAYOUTS["llama"].projections, q="self_attn.query")
+    monkeypatch.setitem(models.LAYOUTS, "llama", dataclasses.replace(models.LAYOUTS["llama"],
+                                                                      projections=tuple(other.items())))
+    with pytest.raises(ValueError, match=r"lacks \['self_attn.query'\]"):
+        plan(model, tokens, n=0, ratio=0.5, protect_first=1, protect_last=1)

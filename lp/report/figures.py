@@ -55,9 +55,14 @@ def magnitude(stats: BoundaryStats, records: list[dict]):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
     a.semilogy(stats.norm_mean.numpy(), marker=".")
     a.set(xlabel="layer boundary i (input of layer i)", ylabel="mean token L2 norm", title="dense model")
-    for r in _linearpatch_runs(records):
-        s, e = r["interfaces"][0]
-        a.axvspan(s, e, alpha=0.12, label=f"removed, n={r['n']}")
+    runs = _linearpatch_runs(records)
+    metric = max({r["metric"] for r in runs}, key=[r["metric"] for r in runs].count) if runs else None
+    spans = {}  # one span per distinct block of the most common selection
+    for r in runs:
+        if r["metric"] == metric:
+            spans.setdefault(tuple(r["interfaces"][0]), r["n"])
+    for (s, e), n in spans.items():
+        a.axvspan(s, e, alpha=0.12, label=f"{metric}, n={n}: layers {s}-{e - 1} removed")
     if (joint := interface_of(records)) is not None:
         a.legend(fontsize=7)
         s, e = joint
@@ -192,7 +197,7 @@ def depth_models(df: pd.DataFrame) -> list[str]:
     return sorted(m for m, g in z.groupby("model") if g["n"].nunique() > 1)
 
 
-def selection_scores(records: list[dict]):
+def selection_scores(records: list[dict], stats_dir: str | Path | None = None):
     """prune=patched: every candidate start's score (solid, left axis) beside the cosine of boundaries s and
     s+n that LLM-Streamline's selection maximises (dashed, right axis); None without such records."""
     runs = [r for r in records if r.get("selection_scores")]
@@ -204,8 +209,8 @@ def selection_scores(records: list[dict]):
         starts = sorted(int(k) for k in r["selection_scores"])
         line, = ax.plot(starts, [r["selection_scores"][str(k)] for k in starts], marker="o", ms=3,
                         label=f"n={r['n']}, {r['patch']} (chose {r['removed'][0]})")
-        path = Path(r.get("calib_stats") or "")
-        if path.is_file():
+        path = stats_path(r, stats_dir)
+        if path is not None:
             cos = BoundaryStats.load(path).cos
             right.plot(starts, [cos[k, k + r["n"]].item() for k in starts], ls="--", color=line.get_color(), lw=0.8)
     score = (runs[0].get("config") or {}).get("prune", {}).get("score", "kl")
@@ -245,10 +250,12 @@ def methods(df: pd.DataFrame):
     return fig
 
 
-def load(records_dir: str | Path | list[dict]) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
+def load(records_dir: str | Path | list[dict], stats_dir: str | Path | None = None
+         ) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
     """Records (of a folder, or given), their table (one model and data set: the most common), the calibration
-    statistics of the first LinearPatch run (or of the first record; None if not saved) and the records that
-    share them."""
+    statistics of the first LinearPatch run (or of the first record; None if not saved; found as
+    :func:`stats_path` finds them, ``stats_dir`` by default the stats/ beside a records folder) and the records
+    that share them."""
     records = records_dir if isinstance(records_dir, list) else load_records(records_dir)
     if not records:
         raise SystemExit(f"--records {'(the records given)' if isinstance(records_dir, list) else records_dir}: "
@@ -258,7 +265,22 @@ def load(records_dir: str | Path | list[dict]) -> tuple[list[dict], pd.DataFrame
     top = df.groupby(["model", "data"]).size().idxmax()
     df = df[(df["model"] == top[0]) & (df["data"] == top[1])]
     records = [r for r in records if (r["model"], r["data"]) == top]
-    stats_of = lambda r: Path(r["calib_stats"]) if r.get("calib_stats") else None  # noqa: E731  (as the run wrote it)
+    if stats_dir is None and not isinstance(records_dir, list):
+        stats_dir = Path(records_dir).parent / "stats"
+    stats_of = lambda r: stats_path(r, stats_dir)  # noqa: E731
     path = stats_of((_linearpatch_runs(records) or records)[0])
-    stats = BoundaryStats.load(path) if path is not None and path.is_file() else None
-    return records, df, stats, [r for r in records if stats_of(r) == path]
+    stats = BoundaryStats.load(path) if path is not None else None
+    return records, df, stats, [r for r in records if path is not None and stats_of(r) == path]
+
+
+def stats_path(record: dict, stats_dir: str | Path | None = None) -> Path | None:
+    """The calibration statistics file a record names: the path as its run wrote it, or else the file of that
+    name in ``stats_dir`` (the results folder's stats/, for records made elsewhere, e.g. on a GPU machine under
+    another results_dir); None if neither is there."""
+    if not record.get("calib_stats"):
+        return None
+    path = Path(record["calib_stats"])
+    for candidate in (path, Path(stats_dir) / path.name if stats_dir is not None else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
