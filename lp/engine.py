@@ -25,7 +25,6 @@ The batches are a function of the requests alone, so the states fit exactly: out
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,12 +32,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from .evaluation import _Skip, layer_output_kind, prefix_reuse_applies
+from .evaluation import layer_output_kind, load_states, prefix_reuse_applies, save_states
 from .models import Layout
 
 ENGINE_VERSION = 2  # part of the dense evaluation's cache key and of the record: raise it when outcomes may change (2: log p by logsumexp)
 ENGINES = ("lp", "hflm")  # eval.engine: lp's engine, or lm-eval's HFLM (the reference the tests compare against)
-PREFIX_FORMAT = 1  # of PrefixStates.save's files
 HEAD_CHUNK = 2**27  # logits computed at most this many (positions x vocabulary) at a time (512 MiB in float32)
 
 
@@ -166,28 +164,11 @@ class PrefixStates:
             self.states[key] = hidden.detach().to("cpu", copy=True)
 
     def save(self, path) -> None:
-        """The states, atomically (a reader sees a whole file or none)."""
-        from .records import atomic_write
-
-        atomic_write(path, lambda tmp: torch.save({"format": PREFIX_FORMAT, "layer": self.layer,
-                                                   "tuple_output": self.tuple_output, "states": self.states}, tmp))
+        save_states(path, self.layer, self.tuple_output, self.states)
 
     def load(self, path, hidden_size: int) -> None:
-        """Adopt the states saved at ``path`` (within the budget); :class:`lp.records.DamagedFile` naming the
-        file if it cannot be read, is of another layer or hidden size, or holds a non-finite value."""
-        from .records import DamagedFile, read_torch
-
-        saved = read_torch(path)
-        states = saved.get("states") if isinstance(saved, dict) else None
-        ok = isinstance(states, dict) and saved.get("format") == PREFIX_FORMAT and saved.get("layer") == self.layer \
-            and "tuple_output" in saved and all(
-            isinstance(k, str) and isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[-1] == hidden_size
-            for k, h in states.items())
-        if not ok:
-            raise DamagedFile(f"{path} is damaged: not the states entering layer {self.layer} at hidden size {hidden_size}")
-        if not all(h.isfinite().all() for h in states.values()):
-            raise DamagedFile(f"{path} is damaged: it holds non-finite hidden states")
-        self.tuple_output = saved["tuple_output"]
+        """Adopt the states saved at ``path`` (within the budget); DamagedFile as lp.evaluation.load_states."""
+        self.tuple_output, states = load_states(path, self.layer, hidden_size)
         for k, h in states.items():
             self.offer(k, h)
         self.loaded = len(self.states)
@@ -215,18 +196,6 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@contextmanager
-def _skipping(model, layer: int, tuple_output: bool):
-    """The first ``layer`` decoder layers stand aside (their output is fed as inputs_embeds)."""
-    lay = Layout(model)
-    kept = lay.layers
-    lay.layers = torch.nn.ModuleList([_Skip(tuple_output)] * layer + list(kept)[layer:])
-    try:
-        yield
-    finally:
-        lay.layers = kept
-
-
 @torch.no_grad()
 def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None) -> torch.Tensor:
     """The final norm's output for a batch (rows, width, d), from the prefix states where they hold it."""
@@ -237,7 +206,7 @@ def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None) -> torch.
     key = b.key if prefix is not None else None
     if prefix is not None and key in prefix.states:
         prefix.hits += 1
-        with _skipping(model, prefix.layer, prefix.tuple_output):
+        with lay.skipping(prefix.layer, prefix.tuple_output):
             return lay.base(inputs_embeds=prefix.states[key].to(device), attention_mask=mask, position_ids=pos,
                             use_cache=False).last_hidden_state
     hook = None

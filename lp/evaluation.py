@@ -32,17 +32,6 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     return math.exp(nll / count)
 
 
-class _Skip(torch.nn.Module):
-    """A decoder layer that returns its input (stands in for the layers a prefix cache replaces)."""
-
-    def __init__(self, tuple_output: bool):
-        super().__init__()
-        self.tuple_output = tuple_output
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self.tuple_output else hidden_states
-
-
 def prefix_reuse_applies(model) -> bool:
     """Prefix reuse feeds a layer's dense input back as ``inputs_embeds``: only for families whose embeddings
     enter layer 0 untransformed (the layout's ``prefix_reuse``) and whose layers are all of one type."""
@@ -55,7 +44,7 @@ def prefix_reuse_applies(model) -> bool:
 @contextmanager
 def layer_output_kind(model):
     """Yields a list that, after a forward pass inside the block, holds whether a decoder layer of this model
-    returns a tuple (what :class:`_Skip` must mimic)."""
+    returns a tuple (what :class:`lp.models.Skip` must mimic)."""
     from .models import Layout
 
     returns: list = []
@@ -72,6 +61,35 @@ def layer_output_kind(model):
         yield returns
     finally:
         hook.remove()
+
+
+PREFIX_FORMAT = 1  # of save_states' files
+
+
+def save_states(path, layer: int, tuple_output: bool, states: dict[str, torch.Tensor]) -> None:
+    """Dense hidden states entering decoder layer ``layer`` (a tensor per key: the perplexity windows, or
+    each zero-shot batch), atomically (a reader sees a whole file or none): the one prefix-state file format."""
+    from .records import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save({"format": PREFIX_FORMAT, "layer": layer, "tuple_output": tuple_output,
+                                               "states": states}, tmp))
+
+
+def load_states(path, layer: int, hidden_size: int) -> tuple[bool, dict[str, torch.Tensor]]:
+    """(tuple_output, states) saved at ``path`` by :func:`save_states`; :class:`lp.records.DamagedFile` naming
+    the file if it cannot be read, is of another format, layer or hidden size, or holds a non-finite value."""
+    from .records import DamagedFile, read_torch
+
+    saved = read_torch(path)
+    states = saved.get("states") if isinstance(saved, dict) else None
+    ok = isinstance(states, dict) and saved.get("format") == PREFIX_FORMAT and saved.get("layer") == layer \
+        and "tuple_output" in saved and all(isinstance(k, str) and isinstance(h, torch.Tensor) and h.dim() == 3
+                                            and h.shape[-1] == hidden_size for k, h in states.items())
+    if not ok:
+        raise DamagedFile(f"{path} is damaged: not the states entering layer {layer} at hidden size {hidden_size}")
+    if not all(h.isfinite().all() for h in states.values()):
+        raise DamagedFile(f"{path} is damaged: it holds non-finite hidden states")
+    return saved["tuple_output"], states
 
 
 class Prefix:
@@ -91,15 +109,9 @@ class Prefix:
 
         if not prefix_reuse_applies(model):
             raise ValueError(f"prefix reuse does not apply to {type(model).__name__} (lp.models.LAYOUTS)")
-        lay = Layout(model)
-        kept = lay.layers
-        try:  # run only layers [0, layer): the boundary ``layer`` is then the final norm's input
-            with layer_output_kind(model) as returns:
-                lay.layers = torch.nn.ModuleList(list(kept)[:max(layer, 1)])
-                hidden = torch.cat([b[layer].cpu() for b in stream_boundaries(model, windows, batch_size,
-                                                                              progress=False)])
-        finally:
-            lay.layers = kept
+        # run only layers [0, layer): the boundary ``layer`` is then the final norm's input
+        with layer_output_kind(model) as returns, Layout(model).layers_swapped(Layout(model).layers[:max(layer, 1)]):
+            hidden = torch.cat([b[layer].cpu() for b in stream_boundaries(model, windows, batch_size, progress=False)])
         return cls(hidden, layer, returns[0])
 
     @property
@@ -107,36 +119,24 @@ class Prefix:
         return self.hidden.numel() * self.hidden.element_size()
 
     def save(self, path) -> None:
-        """Atomically (a reader sees a whole file or none)."""
-        from .records import atomic_write
-
-        atomic_write(path, lambda tmp: torch.save({"hidden": self.hidden, "layer": self.layer, "tuple": self._tuple}, tmp))
+        save_states(path, self.layer, self._tuple, {"windows": self.hidden})
 
     @classmethod
     def load(cls, path, windows: torch.Tensor, layer: int, hidden_size: int) -> "Prefix":
-        """The prefix saved at ``path``; :class:`lp.records.DamagedFile` naming the file if it cannot be read or
-        is not the states entering ``layer`` of these windows at this hidden size, or holds a non-finite value."""
-        from .records import DamagedFile, read_torch
+        """The prefix saved at ``path`` (:func:`load_states`); DamagedFile also if it is not these windows'."""
+        from .records import DamagedFile
 
-        saved = read_torch(path)
-        hidden = saved.get("hidden") if isinstance(saved, dict) else None
-        ok = isinstance(saved, dict) and saved.get("layer") == layer and "tuple" in saved
-        if not ok or not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (*windows.shape, hidden_size):
+        tuple_output, states = load_states(path, layer, hidden_size)
+        hidden = states.get("windows")
+        if hidden is None or tuple(hidden.shape) != (*windows.shape, hidden_size):
             raise DamagedFile(f"{path} is damaged: not the states entering layer {layer} of {tuple(windows.shape)} "
                               f"windows at hidden size {hidden_size}")
-        if not hidden.isfinite().all():
-            raise DamagedFile(f"{path} is damaged: it holds non-finite hidden states")
-        return cls(hidden, layer, saved["tuple"])
+        return cls(hidden, layer, tuple_output)
 
     def forward(self, model, start: int, stop: int) -> torch.Tensor:
         """Logits of the (pruned) model for windows[start:stop], its first ``layer`` layers skipped."""
         from .models import Layout
 
-        lay = Layout(model)
-        kept = lay.layers
         device = next(model.parameters()).device
-        try:
-            lay.layers = torch.nn.ModuleList([_Skip(self._tuple)] * self.layer + list(kept)[self.layer :])
+        with Layout(model).skipping(self.layer, self._tuple):
             return model(inputs_embeds=self.hidden[start:stop].to(device), use_cache=False).logits
-        finally:
-            lay.layers = kept

@@ -50,6 +50,18 @@ LAYOUTS: dict[str, Family] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+class Skip(nn.Module):
+    """A decoder layer that returns its input (stands in for the layers a cached dense prefix replaces); a tuple
+    where the family's layers return one (lp.evaluation.layer_output_kind)."""
+
+    def __init__(self, tuple_output: bool):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
 @dataclass
 class Layout:
     """Where a causal LM keeps its parts (all attributes are live references into the model)."""
@@ -77,6 +89,21 @@ class Layout:
     @layers.setter
     def layers(self, value: nn.ModuleList) -> None:
         setattr(self.base, self.family.layers, value)
+
+    @contextmanager
+    def layers_swapped(self, layers) -> None:
+        """The decoder runs ``layers`` (a list of modules) inside the block, its own list put back after it."""
+        kept = self.layers
+        self.layers = nn.ModuleList(list(layers))
+        try:
+            yield kept
+        finally:
+            self.layers = kept
+
+    def skipping(self, first: int, tuple_output: bool):
+        """The first ``first`` decoder layers stand aside (return their input): a context in which the stream
+        entering layer ``first``, fed as ``inputs_embeds``, runs the rest of the model."""
+        return self.layers_swapped([Skip(tuple_output)] * first + list(self.layers)[first:])
 
     @property
     def layers_prefix(self) -> str:
