@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lp.records import atomic_write
+from lp.files import atomic_write
 from lp.report.tables import TITLES, build, fill_blocks
 
 

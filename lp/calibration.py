@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .hadamard import OFFICIAL, hadamard
 from .models import Layout
 from .modules import unwrap
-from .records import DamagedFile, atomic_write
+from .files import DamagedFile, atomic_write
 
 
 STATS_FORMAT = 3  # of the statistics files (in their cache key): 3 added cos_normed

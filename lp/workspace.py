@@ -3,8 +3,7 @@
 :class:`Workspace`: the dense model (loaded once per process) and the dense hidden states entering the first
 changed layer (perplexity windows and zero-shot batches). The keys (:func:`model_key`, :func:`data_key`,
 :func:`eval_key`, :func:`run_id`) and the one place each cache file is named (:func:`calib_stats_path`,
-:func:`prefix_path`; the dense evaluation's, the teacher's and the score tables' next to them in lp.pipeline's
-stages use these keys). Other caches: lp.data (corpus token streams), lp.harness (lm-eval requests and token ids),
+:func:`prefix_path`, :func:`dense_eval_path`, :func:`teacher_path`, :func:`scores_path`). Other caches: lp.data (corpus token streams), lp.harness (lm-eval requests and token ids),
 lp.tasks (the local task folder), lp.distill (teacher logits).
 """
 from __future__ import annotations
@@ -22,8 +21,9 @@ from .engine import ENGINE_VERSION, PrefixStates
 from .evaluation import Prefix, prefix_reuse_applies
 from .keys import SETTING_GROUPS, group_settings
 from .models import Layout, load_model, local_content
-from .records import DamagedFile, key_of, set_aside, versions
-from .validation import hadamard_of
+from .files import DamagedFile, key_of, set_aside, versions
+from .modules import MODEL_PRECISION
+from .validation import hadamard_of, scoring_patch
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,31 @@ def engine_of(cfg: dict) -> dict | None:
     if not e.get("tasks"):
         return None
     return {"name": e["engine"], "version": ENGINE_VERSION if e["engine"] == "lp" else versions()["lm_eval"]}
+
+
+def dense_eval_path(cfg: dict) -> Path:
+    """The dense model's evaluation (perplexities, zero-shot results, per-document outcomes): keyed on the model,
+    data, evaluation settings and engine, seed, versions."""
+    key = key_of(model_key(cfg), data_key(cfg), eval_key(cfg), engine_of(cfg), cfg["seed"], versions())
+    return Path(cfg["cache_dir"]) / "dense" / f"{key}.json"
+
+
+def teacher_path(cfg: dict, split: str) -> Path:
+    """The teacher's top-k logits for distillation's ``split`` ("train" or "val"), keyed on the model, data, the
+    distillation samples' settings, seed, versions."""
+    dist = cfg["distill"]
+    key = key_of(model_key(cfg), data_key(cfg), {k: dist[k] for k in ("samples", "val_samples", "seqlen", "topk",
+                                                                         "batch_size")}, cfg["seed"], versions())
+    return Path(cfg["cache_dir"]) / "teacher" / key / split
+
+
+def scores_path(cfg: dict) -> Path:
+    """Candidate scores of ``prune=patched``, keyed on everything that changes them: the model, data, seed, the
+    prune settings, the scoring patch and its settings, the statistics they are built from, versions."""
+    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {**group_settings(cfg, "prune"), "patch": None},
+                 {"variant": scoring_patch(cfg), "hadamard": hadamard_of(cfg),
+                  "precision": cfg["patch"].get("precision", MODEL_PRECISION)}, calib_stats_path(cfg).name, versions())
+    return Path(cfg["cache_dir"]) / "selection" / f"{key}.json"
 
 
 def prefix_path(cfg: dict, layer: int, what: str) -> Path:

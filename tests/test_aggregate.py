@@ -1,7 +1,7 @@
 import pytest
 
 from lp.report import tables as aggregate
-from lp.records import write_json
+from lp.files import write_json
 from tests.conftest import record
 
 
@@ -110,7 +110,7 @@ def test_aggregate_command_does_not_import_torch(tmp_path):
     from pathlib import Path
 
     recs = tmp_path / "records"
-    from lp.records import write_json
+    from lp.files import write_json
 
     write_json(recs / "a.json", record(3, "linearpatch", 12.0, "2026-01-01"))
     code = ("import sys, experiments.aggregate as a; a.main(['--records', sys.argv[1], '--out', sys.argv[2]]); "

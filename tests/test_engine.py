@@ -134,7 +134,7 @@ def test_engine_equals_hflm_on_loglikelihood_and_rolling(tiny_dir):
 def test_prefix_states_saved_and_loaded_give_the_same_scores(tmp_path):
     """What a process keeps on disk for the next: the same states, used as in memory; a damaged file is named."""
     from lp.pruning import pruned
-    from lp.records import DamagedFile
+    from lp.files import DamagedFile
 
     model = _family_model("llama")
     requests = _requests(seed=5)

@@ -10,7 +10,8 @@ import torch
 
 from lp import pipeline
 from lp.pruning import PATCH_FILE, SPEC_FILE, load_pruned, pruned, save_pruned
-from lp.records import DamagedFile, load_outcomes, load_records, outcomes_path, save_outcomes, write_json
+from lp.files import DamagedFile, write_json
+from lp.records import load_outcomes, load_records, outcomes_path, save_outcomes
 from lp.report.tables import frame, paired
 from tests.conftest import cfg_for, record
 
@@ -259,7 +260,7 @@ def test_model_file_errors_name_the_file(tmp_path):
 
 
 def test_unwritable_cache_is_named_with_its_path(tmp_path):
-    from lp.records import atomic_write
+    from lp.files import atomic_write
 
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -279,7 +280,7 @@ def test_unwritable_cache_is_named_with_its_path(tmp_path):
 
 
 def test_a_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
-    from lp.records import atomic_write
+    from lp.files import atomic_write
 
     def full(obj, f, *a, **k):  # what torch.save raises when the disk fills under it
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
@@ -315,20 +316,21 @@ def test_a_full_disk_at_the_record_loses_no_finished_run(tiny_dir, tmp_path, mon
     import logging
     import tempfile
 
-    from lp import records
+    from lp import files, records
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     results = tmp_path / "results"
-    real = records.atomic_write
+    real = files.atomic_write
 
     def full_under_results(path, write):
         if str(path).startswith(str(results / "records")):
-            raise records._unwritable(path, OSError(28, "No space left on device"))
+            raise files._unwritable(path, OSError(28, "No space left on device"))
         return real(path, write)
 
-    monkeypatch.setattr(records, "atomic_write", full_under_results)
+    for module in (files, records):  # the record (write_json) and its outcomes side file
+        monkeypatch.setattr(module, "atomic_write", full_under_results)
     cfg = cfg_for(tiny_dir, results, "prune.n=2", "eval.tasks=[piqa_local]", "eval.limit=4")
-    with caplog.at_level(logging.ERROR, logger="lp.pipeline"), pytest.raises(OSError, match="could not write"):
+    with caplog.at_level(logging.ERROR, logger="lp"), pytest.raises(OSError, match="could not write"):
         pipeline.run(cfg, workspace=pipeline.Workspace())
     assert not list((results / "records").glob("*.json"))
     rescued = list((tmp_path / "tmp" / "lp-rescued").glob("*.json"))

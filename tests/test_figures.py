@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lp.calibration import BoundaryStats
-from lp.records import write_json
+from lp.files import write_json
 from tests.conftest import record
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from lp.intervals import drp_interval, rp_interval, task_means
 from lp.records import load_outcomes, outcomes_path, save_outcomes
-from lp.records import DamagedFile
+from lp.files import DamagedFile
 from lp.report.tables import accuracy, frame, paired
 
 

@@ -501,7 +501,7 @@ def _stats_mismatch(cfg: dict, wanted: Path) -> str:
     other numbers), and what to do."""
     import torch
 
-    from lp.records import versions
+    from lp.files import versions
 
     same = lambda meta: all(meta.get(k) == v for k, v in  # noqa: E731
                             {"model": pipeline.model_key(cfg), "data": pipeline.data_key(cfg), "seed": cfg["seed"]}.items())
@@ -727,7 +727,8 @@ def test_engine_matches_hflm_on_the_default_model(tmp_path):
     import lm_eval
 
     from lp.tasks import task_manager
-    from lp.zeroshot import _engine, local_task_dir
+    from lp.tasks import local_task_dir
+    from lp.zeroshot import _engine
 
     ws = pipeline.Workspace()
     runs = {}

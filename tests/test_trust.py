@@ -10,7 +10,8 @@ import torch
 
 from lp import records
 from lp.calibration import BoundaryStats, collect_stats
-from lp.records import DamagedFile, load_records, read_json, write_json
+from lp.files import DamagedFile, read_json, write_json
+from lp.records import load_records
 from tests.conftest import record
 
 
@@ -65,7 +66,7 @@ def test_non_finite_statistics_stop_the_run_naming_the_boundaries(llama, ids):
 
 _WRITER = """
 import sys
-from lp.records import write_json, atomic_write
+from lp.files import write_json, atomic_write
 import torch
 for i in range(150):
     write_json(sys.argv[1] + "/same.json", {"writer": sys.argv[2], "i": i, "pad": "x" * 20000})

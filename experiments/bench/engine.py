@@ -51,7 +51,8 @@ def main(argv=None) -> dict:
     from lp.engine import PrefixStates
     from lp.models import Layout, load_model
     from lp.pruning import pruned
-    from lp.zeroshot import evaluate_tasks, local_task_dir
+    from lp.tasks import local_task_dir
+    from lp.zeroshot import evaluate_tasks
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--removed", default="14-18", help="layers to take out, lo-hi (default: the main job's block)")
