@@ -137,6 +137,8 @@ def select(cfg: dict, model, stats: BoundaryStats, data: RunData) -> tuple[list[
         scoring = {**cfg, "patch": {**cfg["patch"], "variant": scoring_patch(cfg)}}
         ctx.make_patch = patch_maker(scoring, model, stats, data, {})
         ctx.scores = _cached_scores(cfg, lambda: patched_scores(ctx))
+    if p["metric"] == "evopress" and p["in_loop"]:  # EvoPress scores each candidate with the run's patch
+        ctx.make_patch = patch_maker(cfg, model, stats, data, {})
     removed = select_layers(p["metric"], ctx)
     if replaces and len(interfaces(removed)) != 1:
         raise ValueError(f"patch={cfg['patch']['variant']} replaces one contiguous block, but prune.metric="

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,7 +18,7 @@ from .calibration import BoundaryStats, stream_boundaries
 from .evaluation import Prefix, layer_output_kind, perplexity, prefix_reuse_applies
 from .keys import USES
 from .pruning import pruned
-from .settings import Flag, Fraction, Int, OneOf, read
+from .settings import Flag, Fraction, Int, Ints, OneOf, read
 
 log = logging.getLogger(__name__)
 
@@ -399,3 +400,30 @@ def patched(ctx: SelectionContext) -> list[int]:
                          f"score: the patched model's outputs overflow or the weights are damaged")
     s = min(good, key=good.get)
     return list(range(s, s + ctx.n))
+
+
+@register("evopress", runs_model=True, reads={
+    "score_samples": Int(1), "score_seqlen": Int(2, "context", none_ok=True), "generations": Int(1, none_ok=True),
+    "offspring": Int(1), "initial": Int(1), "initial_tokens": Int(2), "survivors": Ints(1), "tokens": Ints(2),
+    "max_mutations": Int(1), "topk": Int(1, "vocab", none_ok=True), "in_loop": Flag()})
+def evopress(ctx: SelectionContext) -> list[int]:
+    """EvoPress (Sieberling et al., ICML 2025): the set of n layers found by evolutionary search, fitness the KL
+    of the pruned model to the dense one on calibration tokens (lp.evopress, where each rule cites the official
+    code); ``in_loop``: the fitness of the model patched with the run's training-free patch (``make_patch``)."""
+    from .evopress import KLFitness, Schedule, search
+
+    model, samples = _needs_model(ctx, "evopress")
+    if ctx.n == 0:
+        return []
+    if ctx.setting("in_loop") and ctx.make_patch is None:
+        raise ValueError("prune.in_loop=true scores each candidate with its patch: pass make_patch")
+    names = ("generations", "offspring", "initial", "initial_tokens", "max_mutations")
+    schedule = Schedule(**{k: ctx.setting(k) for k in names}, survivors=tuple(ctx.setting("survivors")),
+                        tokens=tuple(ctx.setting("tokens")))
+    budget = int(float(os.environ.get("LP_PREFIX_BUDGET_GIB", "4")) * 2**30)
+    fitness = KLFitness(model, samples, ctx.batch_size, ctx.setting("topk"), budget,
+                        ctx.make_patch if ctx.setting("in_loop") else None)
+    result = search(fitness, ctx.num_layers, ctx.n, *samples.shape, schedule, ctx.seed)
+    log.info(f"prune.metric=evopress: {result.generations} generations, {result.evaluations} fitness evaluations in "
+             f"{result.seconds:.1f} s; removed {result.removed}, KL {result.fitness:.4g} on the last step's tokens")
+    return result.removed

@@ -30,6 +30,18 @@ class Int:
 
 
 @dataclass(frozen=True)
+class Ints:
+    """A non-empty list of integers >= ``lo`` (a schedule: survivors, token budgets per step)."""
+
+    lo: int
+
+    def problem(self, value, bounds: dict):
+        ok = isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= self.lo for v in value)
+        return None if ok else f"is not valid: it must be a non-empty list of integers >= {self.lo}, e.g. [2, 1]"
+
+
+@dataclass(frozen=True)
 class Number:
     positive: bool = True  # > 0; else >= 0
     none_ok: bool = False

@@ -119,6 +119,24 @@ def validate_choices(cfg: dict, hidden_size: int | None = None) -> None:
         raise ValueError("patch=prunecomp chooses the layers itself, one per round, with prune.metric: use a "
                          "scoring metric (block_influence, cosine, angular, taylor, ppl, ...), not prune.metric="
                          "manual or prune.start")
+    if p["metric"] == "evopress":
+        if variant == "prunecomp":
+            raise ValueError("prune.metric=evopress searches the whole set of removed layers; patch=prunecomp removes "
+                             "them one round at a time: use another patch, or another metric with patch=prunecomp")
+        if len(p["survivors"]) != len(p["tokens"]):
+            raise ValueError(f"prune.survivors={p['survivors']} and prune.tokens={p['tokens']} must have one length: "
+                             f"one entry per selection step")
+        have = p["score_samples"] * (p.get("score_seqlen") or cfg["data"]["seqlen"])
+        for name, tokens in (("initial_tokens", p["initial_tokens"]), ("tokens", max(p["tokens"]))):
+            if tokens > have:
+                raise ValueError(f"prune.{name} asks for {tokens} tokens, but the search draws from prune.score_samples"
+                                 f" x (prune.score_seqlen or data.seqlen) = {have}: raise prune.score_samples or lower "
+                                 f"prune.{name} (+experiment=evopress_cpu sizes them for a CPU)")
+        if p["in_loop"] and not PATCHES[variant].from_statistics:
+            cheap = [v for v, m in PATCHES.items() if m.from_statistics]
+            raise ValueError(f"prune.in_loop=true scores every candidate with its patch, built from the calibration "
+                             f"statistics alone; patch={variant} is not one: use patch= one of {cheap}, or "
+                             f"prune.in_loop=false")
     if p["metric"] == "patched":
         if variant == "prunecomp":
             raise ValueError("prune.metric=patched scores whole blocks; patch=prunecomp removes layers one round at a "
