@@ -190,7 +190,7 @@ def search(fitness, num_layers: int, k: int, num_samples: int, seqlen: int, sche
     population, fit = select(initial, size, s.initial_tokens)
     gens = s.generations_for(k, num_layers)
     history = []
-    for _ in range(gens):
+    for g in range(gens):
         children: list[frozenset] = []
         while len(children) < min(s.offspring, exist - len(population)):
             child = set(rng.choice(population))
@@ -212,6 +212,9 @@ def search(fitness, num_layers: int, k: int, num_samples: int, seqlen: int, sche
             children, fit = select(children, keep, tokens)
         population = children
         history.append(fit[0])
+        if (g + 1) % max(1, gens // 10) == 0 or g + 1 == gens:  # a long search is never silent
+            log.info(f"EvoPress generation {g + 1}/{gens}: best {sorted(population[0])}, KL {fit[0]:.4g} "
+                     f"({time.perf_counter() - t0:.0f} s)")
     return SearchResult(sorted(population[0]), fit[0], gens, getattr(fitness, "evaluations", 0),
                         round(time.perf_counter() - t0, 3), history)
 

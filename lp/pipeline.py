@@ -8,7 +8,6 @@ the dense hidden states of the evaluation windows) lives in a :class:`Workspace`
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -33,8 +32,9 @@ from .tasks import local_task_dir
 from .tracking import make_tracker
 from .validation import hadamard_of, narrows, scoring_patch, trained, validate
 from .width import width_pruned
-from .workspace import (WORKSPACE, ZEROSHOT, Workspace, calib_stats_path, data_key, dense_eval_path, eval_key,
-                        keep_zeroshot_prefix, model_key, prefix_path, run_id, scores_path, teacher_path)
+from .training import restored
+from .workspace import (WORKSPACE, ZEROSHOT, Workspace, cached_scores, calib_stats_path, data_key, dense_eval_path,
+                        dense_eval_problem, eval_key, keep_zeroshot_prefix, model_key, prefix_path, run_id, teacher_path)
 from .zeroshot import evaluate_tasks
 
 log = logging.getLogger(__name__)
@@ -100,20 +100,7 @@ def evaluate_dense(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | 
     zs_prefix = {ZEROSHOT: prefixes[ZEROSHOT]} if ZEROSHOT in (prefixes or {}) else None
     return cached_json(dense_eval_path(cfg),
                        lambda: evaluate(cfg, model, tokenizer, windows, zs_prefix, label="dense"),
-                       lambda entry: _dense_problem(entry, windows, tasks))
-
-
-def _dense_problem(dense: dict, windows: dict, tasks: list[str]) -> str | None:
-    """Why a dense-evaluation cache entry cannot be used (None if it can): what evaluate() writes, for these
-    evaluation data sets and tasks."""
-    ppl, zs, out = dense.get("ppl"), dense.get("zeroshot"), dense.get("outcomes")
-    if not isinstance(ppl, dict) or not all(isinstance(ppl.get(k), (int, float)) for k in windows):
-        return f"not a dense evaluation: 'ppl' should hold a number for each of {sorted(windows)}"
-    if not isinstance(zs, dict) or set(zs) != set(tasks) or not all(isinstance(v, dict) for v in zs.values()):
-        return f"not a dense evaluation: 'zeroshot' should hold the results of tasks {tasks}"
-    if not isinstance(out, dict) or set(out) != set(tasks):
-        return "no per-document outcomes for its tasks (made by an older lp)"
-    return None
+                       lambda entry: dense_eval_problem(entry, windows, tasks))
 
 
 def select(cfg: dict, model, stats: BoundaryStats, data: RunData) -> tuple[list[int], dict, dict | None]:
@@ -136,7 +123,7 @@ def select(cfg: dict, model, stats: BoundaryStats, data: RunData) -> tuple[list[
     if p["metric"] == "patched" and ctx.n:
         scoring = {**cfg, "patch": {**cfg["patch"], "variant": scoring_patch(cfg)}}
         ctx.make_patch = patch_maker(scoring, model, stats, data, {})
-        ctx.scores = _cached_scores(cfg, lambda: patched_scores(ctx))
+        ctx.scores = cached_scores(cfg, lambda: patched_scores(ctx))
     if p["metric"] == "evopress" and p["in_loop"]:  # EvoPress scores each candidate with the run's patch
         ctx.make_patch = patch_maker(cfg, model, stats, data, {})
     removed = select_layers(p["metric"], ctx)
@@ -154,23 +141,6 @@ def _score_samples(cfg: dict, data: RunData) -> torch.Tensor:
         return data.samples(p.get("score_samples"), p.get("score_seqlen"))
     return data_lib.held_out_samples(data.stream(), p["score_samples"], p.get("score_seqlen") or d["seqlen"],
                                      cfg["seed"] + 2, (d["calib_samples"], d["seqlen"], cfg["seed"]), data.bos)
-
-
-def _cached_scores(cfg: dict, compute) -> dict[int, float]:
-    """Candidate scores of ``prune=patched``, cached on everything that changes them: the model, data, seed,
-    the prune and patch settings, the statistics they are built from, versions."""
-    entry = cached_json(scores_path(cfg),
-                        lambda: {"scores": {str(s): v if math.isfinite(v) else None for s, v in compute().items()}},
-                        _score_table_problem)  # JSON holds no inf / nan: a non-finite score is kept as null
-    return {int(s): math.nan if v is None else float(v) for s, v in entry["scores"].items()}
-
-
-def _score_table_problem(entry: dict) -> str | None:
-    scores = entry.get("scores")
-    if not isinstance(scores, dict) or not scores or not all(
-            k.lstrip("-").isdigit() and (v is None or isinstance(v, (int, float))) for k, v in scores.items()):
-        return "not a score table: 'scores' should map block starts to numbers"
-    return None
 
 
 def patch_maker(cfg: dict, model, stats: BoundaryStats, data: RunData, fitted: dict):
@@ -265,18 +235,6 @@ def distill(cfg: dict, model, removed: list[int], prepared, on_step=None):
                       autocast_dtype=dist["autocast"], on_step=on_step, **common)
 
 
-@contextmanager
-def _restored(params):
-    """Put ``params`` back to their current values on exit (distillation may train shared norm weights)."""
-    saved = [(p, p.detach().clone()) for p in params]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, v in saved:
-                p.copy_(v)
-
-
 def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict, prefixes: dict, stack: ExitStack,
                   timings: dict, tracker) -> tuple[float | None, object]:
     """Training-free perplexity, then distillation of the patch (its trained parameters restored when the
@@ -287,7 +245,7 @@ def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict,
     ppl_free = finite(perplexity(model, windows[name], e["batch_size"], cfg["progress"],
                                   "training-free perplexity", prefixes.get(name)), "training-free perplexity")
     params = trainable_parameters(model, trained(cfg["distill"]))
-    stack.enter_context(_restored(params))
+    stack.enter_context(restored(params))
     with _timed(timings, "distill"):
         result = distill(cfg, model, removed, prepared,
                          on_step=lambda step, h: tracker.log({f"distill/{k}": v for k, v in h.items()}, step))

@@ -7,6 +7,7 @@ validation loss per epoch, early stopping with the best epoch's parameters resto
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -103,3 +104,15 @@ def train(params: list[torch.nn.Parameter], batches: Callable[[int], Iterable], 
         for p in params:
             p.requires_grad_(False)
     return result
+
+
+@contextmanager
+def restored(params):
+    """Put ``params`` back to their current values on exit (distillation may train shared norm weights)."""
+    saved = [(p, p.detach().clone()) for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)

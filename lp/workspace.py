@@ -9,6 +9,7 @@ lp.tasks (the local task folder), lp.distill (teacher logits).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from .engine import ENGINE_VERSION, PrefixStates
 from .evaluation import Prefix, prefix_reuse_applies
 from .keys import SETTING_GROUPS, group_settings
 from .models import Layout, load_model, local_content
-from .files import DamagedFile, key_of, set_aside, versions
+from .files import DamagedFile, cached_json, key_of, set_aside, versions
 from .modules import MODEL_PRECISION
 from .validation import hadamard_of, scoring_patch
 
@@ -199,3 +200,33 @@ def keep_zeroshot_prefix(cfg: dict, prefixes: dict) -> None:
         log.warning(f"the zero-shot prefix states were not kept: {err}")
         return
     states.loaded = len(states.states)
+
+
+def dense_eval_problem(dense: dict, windows: dict, tasks: list[str]) -> str | None:
+    """Why a dense-evaluation cache entry cannot be used (None if it can): what evaluate() writes, for these
+    evaluation data sets and tasks."""
+    ppl, zs, out = dense.get("ppl"), dense.get("zeroshot"), dense.get("outcomes")
+    if not isinstance(ppl, dict) or not all(isinstance(ppl.get(k), (int, float)) for k in windows):
+        return f"not a dense evaluation: 'ppl' should hold a number for each of {sorted(windows)}"
+    if not isinstance(zs, dict) or set(zs) != set(tasks) or not all(isinstance(v, dict) for v in zs.values()):
+        return f"not a dense evaluation: 'zeroshot' should hold the results of tasks {tasks}"
+    if not isinstance(out, dict) or set(out) != set(tasks):
+        return "no per-document outcomes for its tasks (made by an older lp)"
+    return None
+
+
+def cached_scores(cfg: dict, compute) -> dict[int, float]:
+    """Candidate scores of ``prune=patched``, cached on everything that changes them: the model, data, seed,
+    the prune and patch settings, the statistics they are built from, versions."""
+    entry = cached_json(scores_path(cfg),
+                        lambda: {"scores": {str(s): v if math.isfinite(v) else None for s, v in compute().items()}},
+                        _score_table_problem)  # JSON holds no inf / nan: a non-finite score is kept as null
+    return {int(s): math.nan if v is None else float(v) for s, v in entry["scores"].items()}
+
+
+def _score_table_problem(entry: dict) -> str | None:
+    scores = entry.get("scores")
+    if not isinstance(scores, dict) or not scores or not all(
+            k.lstrip("-").isdigit() and (v is None or isinstance(v, (int, float))) for k, v in scores.items()):
+        return "not a score table: 'scores' should map block starts to numbers"
+    return None
