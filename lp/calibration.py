@@ -60,7 +60,7 @@ class BoundaryStats:
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None, hidden_size: int | None = None) -> "BoundaryStats":
-        """Raises :class:`lp.records.DamagedFile` naming ``path`` if it cannot be read, or if its tensors are not
+        """Raises :class:`lp.files.DamagedFile` naming ``path`` if it cannot be read, or if its tensors are not
         of one model's shapes (of ``num_layers`` layers and ``hidden_size`` channels, when given)."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

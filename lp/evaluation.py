@@ -76,7 +76,7 @@ def save_states(path, layer: int, tuple_output: bool, states: dict[str, torch.Te
 
 
 def load_states(path, layer: int, hidden_size: int) -> tuple[bool, dict[str, torch.Tensor]]:
-    """(tuple_output, states) saved at ``path`` by :func:`save_states`; :class:`lp.records.DamagedFile` naming
+    """(tuple_output, states) saved at ``path`` by :func:`save_states`; :class:`lp.files.DamagedFile` naming
     the file if it cannot be read, is of another format, layer or hidden size, or holds a non-finite value."""
     from .files import DamagedFile, read_torch
 

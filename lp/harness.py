@@ -182,7 +182,7 @@ class Suite:
         atomic_write(path, lambda tmp: tmp.write_bytes(gzip.compress(blob, 3)))
 
     def load(self, path: Path) -> bool:
-        """Adopt the requests saved at ``path``; False if there are none; :class:`lp.records.DamagedFile`
+        """Adopt the requests saved at ``path``; False if there are none; :class:`lp.files.DamagedFile`
         naming the file if it is not what :meth:`save` writes for these tasks."""
         from .files import DamagedFile
 
