@@ -35,7 +35,7 @@ def save_outcomes(path: str | Path, dense: dict, pruned: dict) -> None:
 def load_outcomes(record_path: str | Path, record: dict | None = None) -> dict | None:
     """{"dense": ..., "pruned": ...} of a record, or None when it has no side file and the record names none
     (older records). A side file that cannot be read, that the record names but is missing, or (given the
-    ``record``) that does not match it (:func:`check_outcomes`) is :class:`lp.records.DamagedFile` naming it:
+    ``record``) that does not match it (:func:`check_outcomes`) is :class:`lp.files.DamagedFile` naming it:
     never silently an interval-free row, never an interval from wrong outcomes."""
     p = outcomes_path(record_path)
     if not p.is_file():
