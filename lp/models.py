@@ -319,6 +319,9 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None, parts: list[
     return name_or_path, gguf_file
 
 
+_CONFIGS: dict = {}  # model_config's parsed configs, by (file, size, mtime)
+
+
 def model_config(m: dict, field: str | None = None):
     """(number of decoder layers, context length, hidden size, vocabulary size) from the model's config alone,
     before its weights load (for a GGUF file: its header); with ``field``, that field of the config instead."""
@@ -326,9 +329,14 @@ def model_config(m: dict, field: str | None = None):
 
     path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
                                 m.get("install") or "")  # optional: parts, sha256, install
+    source = Path(path) / gguf if gguf else Path(path) / "config.json"
+    # a GGUF header takes seconds to parse (a batch asks once per line): kept per file identity in this process
+    key = (str(source.resolve()), *((source.stat().st_size, source.stat().st_mtime_ns) if source.is_file() else ()))
     try:
-        with _gguf_read_once():
-            cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+        if key not in _CONFIGS:
+            with _gguf_read_once():
+                _CONFIGS[key] = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+        cfg = _CONFIGS[key]
     except OSError as e:
         if gguf and (Path(path) / gguf).is_file():  # the file is there: its header is what failed
             raise ValueError(f"model: the header of {Path(path) / gguf} could not be read, the file may be damaged "

@@ -33,7 +33,7 @@ from .tracking import make_tracker
 from .validation import hadamard_of, narrows, scoring_patch, trained, validate
 from .width import width_pruned
 from .training import restored
-from .workspace import (WORKSPACE, ZEROSHOT, Workspace, cached_scores, calib_stats_path, data_key, dense_eval_path,
+from .workspace import (WORKSPACE, ZEROSHOT, Workspace, cached_scores, cached_search, calib_stats_path, data_key, dense_eval_path,
                         dense_eval_problem, eval_key, keep_zeroshot_prefix, model_key, prefix_path, run_id, teacher_path)
 from .zeroshot import evaluate_tasks
 
@@ -124,9 +124,12 @@ def select(cfg: dict, model, stats: BoundaryStats, data: RunData) -> tuple[list[
         scoring = {**cfg, "patch": {**cfg["patch"], "variant": scoring_patch(cfg)}}
         ctx.make_patch = patch_maker(scoring, model, stats, data, {})
         ctx.scores = cached_scores(cfg, lambda: patched_scores(ctx))
-    if p["metric"] == "evopress" and p["in_loop"]:  # EvoPress scores each candidate with the run's patch
-        ctx.make_patch = patch_maker(cfg, model, stats, data, {})
-    removed = select_layers(p["metric"], ctx)
+    if p["metric"] == "evopress" and ctx.n:  # a search is long: kept, and shared by runs that differ after it
+        if p["in_loop"]:  # each candidate scored with the run's patch
+            ctx.make_patch = patch_maker(cfg, model, stats, data, {})
+        removed = cached_search(cfg, lambda: select_layers(p["metric"], ctx))
+    else:
+        removed = select_layers(p["metric"], ctx)
     if replaces and len(interfaces(removed)) != 1:
         raise ValueError(f"patch={cfg['patch']['variant']} replaces one contiguous block, but prune.metric="
                          f"{p['metric']} chose {removed}: use a contiguous metric (cosine, angular, last)")

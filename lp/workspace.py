@@ -178,6 +178,17 @@ def scores_path(cfg: dict) -> Path:
     return Path(cfg["cache_dir"]) / "selection" / f"{key}.json"
 
 
+def search_path(cfg: dict) -> Path:
+    """The layers a search metric (``prune=evopress``) chose, keyed on everything that changes them: the model,
+    data, seed, the prune settings, and (only when the search scores the patched model, ``prune.in_loop``) the
+    patch, its settings and the statistics it is built from, versions. Runs that differ only after the search
+    (another patch on the same layers, another evaluation) share it."""
+    patch = ({"variant": cfg["patch"]["variant"], "hadamard": hadamard_of(cfg), "settings": group_settings(cfg, "patch"),
+              "stats": calib_stats_path(cfg).name} if cfg["prune"].get("in_loop") else None)
+    key = key_of(model_key(cfg), data_key(cfg), cfg["seed"], {**group_settings(cfg, "prune"), "patch": patch}, versions())
+    return Path(cfg["cache_dir"]) / "search" / f"{key}.json"
+
+
 def prefix_path(cfg: dict, layer: int, what: str) -> Path:
     """Where the dense states entering ``layer`` are kept between processes, for the perplexity windows of
     evaluation data set ``what`` or for the zero-shot batches (``"zeroshot"``): keyed on what they are
@@ -230,3 +241,15 @@ def _score_table_problem(entry: dict) -> str | None:
             k.lstrip("-").isdigit() and (v is None or isinstance(v, (int, float))) for k, v in scores.items()):
         return "not a score table: 'scores' should map block starts to numbers"
     return None
+
+
+def cached_search(cfg: dict, compute) -> list[int]:
+    """The layers ``compute()`` (a search) chooses, from :func:`search_path` when a run already searched."""
+    n = cfg["prune"]["n"]
+
+    def problem(entry: dict) -> str | None:
+        removed = entry.get("removed")
+        ok = isinstance(removed, list) and len(set(removed)) == n and all(isinstance(i, int) for i in removed)
+        return None if ok else f"not a search result: 'removed' should list {n} distinct layers"
+
+    return cached_json(search_path(cfg), lambda: {"removed": compute()}, problem)["removed"]
