@@ -123,7 +123,7 @@ def test_the_metric_is_seeded_and_protects_nothing_it_should_not(setup):
 
 
 def test_a_token_budget_beyond_the_samples_is_refused_before_the_weights_load(tiny_dir, tmp_path):
-    cfg = cfg_for(tiny_dir, tmp_path, "prune=evopress", "prune.n=2")  # 16 x 32 tokens < 32,768
+    cfg = cfg_for(tiny_dir, tmp_path, "prune=evopress", "prune.n=2", "prune.score_seqlen=null")  # 16 x 32 tokens
     with pytest.raises(ValueError, match=r"prune.initial_tokens asks for 2048 tokens.*= 512"):
         pipeline.validate(cfg)
     cfg = cfg_for(tiny_dir, tmp_path, "+experiment=evopress_cpu", "prune.n=2", "patch=lstsq", "prune.in_loop=true",
