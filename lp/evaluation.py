@@ -66,6 +66,13 @@ def layer_output_kind(model):
 PREFIX_FORMAT = 1  # of save_states' files
 
 
+def prefix_budget() -> int:
+    """Bytes of dense hidden states a process may keep for prefix reuse: LP_PREFIX_BUDGET_GIB (default 4) GiB."""
+    import os
+
+    return int(float(os.environ.get("LP_PREFIX_BUDGET_GIB", "4")) * 2**30)
+
+
 def save_states(path, layer: int, tuple_output: bool, states: dict[str, torch.Tensor]) -> None:
     """Dense hidden states entering decoder layer ``layer`` (a tensor per key: the perplexity windows, or
     each zero-shot batch), atomically (a reader sees a whole file or none): the one prefix-state file format."""

@@ -30,6 +30,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from itertools import combinations
 
 import torch
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from .calibration import stream_boundaries
 from .distill import topk_kl
 from .evaluation import layer_output_kind, prefix_reuse_applies
-from .models import Layout
+from .models import Layout, module_device
 from .pruning import pruned
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class KLFitness:
 
     def __init__(self, model, samples: torch.Tensor, batch_size: int = 1, topk: int | None = None,
                  budget: int = 2**31, make_patch=None):
-        self.model, self.samples, self.topk, self.make_patch = model, samples, topk, make_patch
-        self._patches: dict = {}
+        self.model, self.samples, self.topk = model, samples, topk
+        self.make_patch = cache(make_patch) if make_patch is not None else (lambda s, e: None)  # each built once
         self.evaluations = 0
         lay = Layout(model)
         self.num_layers = L = lay.num_layers
@@ -86,7 +87,7 @@ class KLFitness:
         with torch.no_grad(), layer_output_kind(model) as returns:
             for i in range(0, n, batch_size):
                 batch = samples[i : i + batch_size]
-                logits = model(input_ids=batch.to(_device(model)), use_cache=False).logits.float()
+                logits = model(input_ids=batch.to(module_device(model)), use_cache=False).logits.float()
                 self.teacher.extend(self._target(logits[j]) for j in range(len(batch)))
                 if states:
                     hs = next(iter(stream_boundaries(model, batch, len(batch), progress=False)))
@@ -101,20 +102,14 @@ class KLFitness:
         top = logits.topk(self.topk, dim=-1)
         return top.values.softmax(-1).to(torch.bfloat16).cpu(), top.indices.int().cpu()
 
-    def _patch(self, s: int, e: int):
-        if (s, e) not in self._patches:
-            self._patches[(s, e)] = self.make_patch(s, e)
-        return self._patches[(s, e)]
-
     @torch.no_grad()
     def __call__(self, removed: tuple[int, ...], rows: list[tuple[int, int]]) -> float:
         """The fitness of removing ``removed`` on ``rows``: (sample index, its first tokens) pairs."""
         self.evaluations += 1
         start = min(removed, default=self.num_layers - 1) // self.stride * self.stride  # the layers before: dense
-        device = _device(self.model)
-        make = self._patch if self.make_patch is not None else (lambda s, e: None)
+        device = module_device(self.model)
         total, count = 0.0, 0
-        with pruned(self.model, list(removed), make), Layout(self.model).skipping(start, self.tuple_output):
+        with pruned(self.model, list(removed), self.make_patch), Layout(self.model).skipping(start, self.tuple_output):
             for i, length in rows:
                 if start:
                     logits = self.model(inputs_embeds=self.states[start][i : i + 1, :length].to(device), use_cache=False).logits
@@ -131,10 +126,6 @@ class KLFitness:
             return F.kl_div(out.log_softmax(-1), log_p, log_target=True, reduction="batchmean").item()
         probs, idx = self.teacher[i]
         return topk_kl(out, probs[: length - 1].to(device), idx[: length - 1].to(device)).item()
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def draw_rows(rng: random.Random, num_samples: int, seqlen: int, tokens: int) -> list[tuple[int, int]]:

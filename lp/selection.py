@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+from functools import cache
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import BoundaryStats, stream_boundaries
-from .evaluation import Prefix, layer_output_kind, perplexity, prefix_reuse_applies
+from .evaluation import Prefix, layer_output_kind, perplexity, prefix_budget, prefix_reuse_applies
 from .keys import USES
 from .pruning import pruned
 from .settings import Flag, Fraction, Int, Ints, OneOf, read
@@ -350,12 +350,7 @@ def patched_scores(ctx: SelectionContext) -> dict[int, float]:
         raise ValueError(f"prune.score={score!r} is not one of {list(SCORES)}")
     L, n = ctx.num_layers, ctx.n
     starts = [ctx.start] if ctx.start is not None else list(range(L - n + 1))
-    patches: dict = {}
-
-    def make(s: int, e: int):  # each candidate's patch built once, reused for every batch
-        if (s, e) not in patches:
-            patches[(s, e)] = ctx.make_patch(s, e)
-        return patches[(s, e)]
+    make = cache(ctx.make_patch)  # each candidate's patch built once, reused for every batch
 
     total, tokens = dict.fromkeys(starts, 0.0), 0
     device = next(model.parameters()).device
@@ -420,8 +415,7 @@ def evopress(ctx: SelectionContext) -> list[int]:
     names = ("generations", "offspring", "initial", "initial_tokens", "max_mutations")
     schedule = Schedule(**{k: ctx.setting(k) for k in names}, survivors=tuple(ctx.setting("survivors")),
                         tokens=tuple(ctx.setting("tokens")))
-    budget = int(float(os.environ.get("LP_PREFIX_BUDGET_GIB", "4")) * 2**30)
-    fitness = KLFitness(model, samples, ctx.batch_size, ctx.setting("topk"), budget,
+    fitness = KLFitness(model, samples, ctx.batch_size, ctx.setting("topk"), prefix_budget(),
                         ctx.make_patch if ctx.setting("in_loop") else None)
     result = search(fitness, ctx.num_layers, ctx.n, *samples.shape, schedule, ctx.seed)
     log.info(f"prune.metric=evopress: {result.generations} generations, {result.evaluations} fitness evaluations in "

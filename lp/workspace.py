@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from . import data as data_lib
 from .calibration import STATS_FORMAT
 from .engine import ENGINE_VERSION, PrefixStates
-from .evaluation import Prefix, prefix_reuse_applies
+from .evaluation import Prefix, prefix_budget, prefix_reuse_applies
 from .keys import SETTING_GROUPS, group_settings
 from .models import Layout, load_model, local_content
 from .files import DamagedFile, cached_json, key_of, set_aside, versions
@@ -40,7 +39,7 @@ class Workspace:
     dropped first. At LLaMA-3-8B scale one prefix of WikiText-2 is ~2.5 GB of bf16 hidden states; the zero-shot
     states of the whole local suite at the 1.5B model's width ~7 GB. The budget: LP_PREFIX_BUDGET_GIB (default 4)."""
 
-    prefix_budget: int = field(default_factory=lambda: int(float(os.environ.get("LP_PREFIX_BUDGET_GIB", "4")) * 2**30))
+    prefix_budget: int = field(default_factory=prefix_budget)
     _model: tuple = ()
     _model_key: str | None = None
     _prefixes: dict = field(default_factory=dict)
