@@ -6,6 +6,7 @@ Workspace), so a large model loads once. A run that fails is reported and the ne
 status is 1 if any failed.
 
     python -m experiments.batch experiments/sweeps/qwen1.5b_n7.txt model=qwen2.5_coder_1.5b   # extra overrides: every run
+    python -m experiments.batch --pending FILE OVERRIDES...   # the lines without a complete record; nothing runs
 """
 import argparse
 import logging
@@ -19,7 +20,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lp.models import model_config
+from lp.files import DamagedFile, read_json
 from lp.pipeline import run, validate
+from lp.records import record_problem
+from lp.workspace import run_id
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -37,11 +41,22 @@ def runs_of(path: str | Path) -> list[list[str]]:
     return runs
 
 
+def missing(cfg: dict) -> str | None:
+    """Why the run of ``cfg`` would run under resume=true (no record, or not a complete one), or None."""
+    path = Path(cfg["results_dir"]) / "records" / f"{run_id(cfg)}.json"
+    try:
+        return record_problem(read_json(path), path) if path.exists() else "no record"
+    except DamagedFile as e:
+        return str(e)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", help="one run's overrides a line")
     ap.add_argument("common", nargs="*", help="overrides for every run (before each line's own)")
+    ap.add_argument("--pending", action="store_true",
+                    help="list the runs that have no complete record in results_dir (what resume=true would run)")
     a = ap.parse_args(argv)
     failed = []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -49,6 +64,12 @@ def main(argv=None) -> int:
                 for line in runs_of(a.file)]
         for cfg in runs:  # every run composed and checked first: a bad line stops the batch before any weights load
             validate(cfg, *model_config(cfg["model"]))
+        if a.pending:
+            todo = [(i, why) for i, cfg in enumerate(runs) if (why := missing(cfg))]
+            for i, why in todo:
+                print(f"run {i + 1}: {' '.join(runs_of(a.file)[i])}   ({why})")
+            print(f"[batch] {len(todo)} of {len(runs)} runs have no complete record", flush=True)
+            return 0
         for i, cfg in enumerate(runs):
             t = time.perf_counter()
             try:

@@ -24,13 +24,17 @@ The batches are a function of the requests alone, so the states fit exactly: out
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
 
 from .evaluation import layer_output_kind, load_states, prefix_reuse_applies, save_states
 from .models import Layout
@@ -130,8 +134,8 @@ def layout_batch(rows: list[list[_Group]], pad_id: int) -> _Batch:
     return _Batch(ids, pos, seg, part, where)
 
 
-def attention_mask(b: _Batch, dtype: torch.dtype, window: int | None = None, device=None) -> torch.Tensor:
-    """The additive (rows, 1, width, width) mask, built on ``device``: a token sees the earlier tokens of its
+def visible(b: _Batch, window: int | None = None, device=None) -> torch.Tensor:
+    """Which keys each query sees, (rows, width, width) booleans built on ``device``: the earlier tokens of its
     group's shared part and of its own suffix (within ``window`` positions for sliding-window layers); padding
     sees itself."""
     seg, part, pos = (t.to(device) for t in (b.seg, b.part, b.pos))
@@ -142,8 +146,68 @@ def attention_mask(b: _Batch, dtype: torch.dtype, window: int | None = None, dev
     see &= (part[k] == 0) | (part[k] == part[q])
     if window is not None:
         see &= pos[q] - pos[k] < window
-    see |= torch.eye(b.ids.shape[1], dtype=torch.bool, device=seg.device)  # padding sees itself: no empty row
-    return torch.zeros(see.shape, dtype=dtype, device=seg.device).masked_fill_(~see, torch.finfo(dtype).min)[:, None]
+    return see | torch.eye(b.ids.shape[1], dtype=torch.bool, device=seg.device)  # padding sees itself: no empty row
+
+
+def attention_mask(b: _Batch, dtype: torch.dtype, window: int | None = None, device=None) -> torch.Tensor:
+    """The additive (rows, 1, width, width) mask of :func:`visible` (eval.attention=sdpa)."""
+    see = visible(b, window, device)
+    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, torch.finfo(dtype).min)[:, None]
+
+
+def block_mask(b: _Batch, window: int | None = None, device=None):
+    """:func:`visible` as FlexAttention's BlockMask (eval.attention=flex): blocks that no query of theirs sees
+    are skipped, so the block-diagonal rows cost what their groups cost."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    see = visible(b, window, device)
+    rows, width, _ = see.shape
+    return create_block_mask(lambda r, h, q, k: see[r, q, k], rows, None, width, width, device=see.device)
+
+
+def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                           **kwargs):
+    """A transformers attention function (registered as ``lp_flex``) that applies FlexAttention with the block
+    mask the engine passes as attention_mask: compiled on CUDA, eager elsewhere (inductor's CPU code for it does
+    not build with torch 2.13; eager is exact, for tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("eval.attention=flex: attention sinks (s_aux) are not supported; use eval.attention=sdpa")
+    score_mod = None if softcap is None else (lambda score, b, h, q, k: softcap * torch.tanh(score / softcap))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # eager: on purpose
+        out = (_compiled_flex() if query.is_cuda else flex_attention)(
+            query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+AttentionInterface.register("lp_flex", flex_attention_forward)
+ATTENTION = {"sdpa": attention_mask, "flex": lambda b, dtype, window=None, device=None: block_mask(b, window, device)}
+KERNEL = {"sdpa": None, "flex": "lp_flex"}  # the model's attention implementation each needs (None: as loaded)
+
+
+@contextmanager
+def attention_kernel(model, attention: str):
+    """The model's attention implementation for ``attention`` (eval.attention), restored after."""
+    want = KERNEL[attention]
+    old = model.config._attn_implementation
+    if want is None or want == old:
+        yield
+        return
+    model.set_attn_implementation(want)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
 
 
 class PrefixStates:
@@ -174,15 +238,16 @@ class PrefixStates:
         self.loaded = len(self.states)
 
 
-def _masks(model, b: _Batch, dtype: torch.dtype, device):
+def _masks(model, b: _Batch, dtype: torch.dtype, device, attention: str = "sdpa"):
     """What the model's forward takes as attention_mask: one mask, or one per layer type (sliding windows)."""
     types, window = getattr(model.config, "layer_types", None), getattr(model.config, "sliding_window", None)
+    mask = ATTENTION[attention]
     if not types:  # one kind of layer: a sliding window for all where the config sets one (Mistral, Phi-3)
-        return attention_mask(b, dtype, window, device)
-    full = attention_mask(b, dtype, device=device)
+        return mask(b, dtype, window, device)
+    full = mask(b, dtype, device=device)
     if "sliding_attention" not in types:
         return full
-    return {"full_attention": full, "sliding_attention": attention_mask(b, dtype, window, device)}
+    return {"full_attention": full, "sliding_attention": mask(b, dtype, window, device)}
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -197,12 +262,12 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None) -> torch.Tensor:
+def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None, attention: str = "sdpa") -> torch.Tensor:
     """The final norm's output for a batch (rows, width, d), from the prefix states where they hold it."""
     lay = Layout(model)
     embed = lay.base.get_input_embeddings().weight
     device, dtype = embed.device, embed.dtype
-    mask, pos = _masks(model, b, dtype, device), b.pos.to(device)
+    mask, pos = _masks(model, b, dtype, device, attention), b.pos.to(device)
     key = b.key if prefix is not None else None
     if prefix is not None and key in prefix.states:
         prefix.hits += 1
@@ -230,9 +295,10 @@ def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None) -> torch.
 
 
 @torch.no_grad()
-def score_batch(model, b: _Batch, prefix: PrefixStates | None = None) -> list[tuple[int, float, bool]]:
+def score_batch(model, b: _Batch, prefix: PrefixStates | None = None, attention: str = "sdpa"
+                ) -> list[tuple[int, float, bool]]:
     """(request index, log-likelihood of its continuation, whether it is the greedy continuation)."""
-    hidden = final_hidden(model, b, prefix)
+    hidden = final_hidden(model, b, prefix, attention)
     rows = torch.tensor([r for _, r, idx, _ in b.where for _ in idx])
     cols = torch.tensor([i for _, _, idx, _ in b.where for i in idx])
     target = torch.tensor([t for *_, cont in b.where for t in cont])
@@ -258,13 +324,17 @@ def score_batch(model, b: _Batch, prefix: PrefixStates | None = None) -> list[tu
 @register_model("lp")
 class PackedLM(HFLM):
     """HFLM with lp's engine for its loglikelihood requests (module docstring). ``token_budget``: tokens per
-    batch (rows x width); ``prefix``: dense states to start from or to fill (:class:`PrefixStates`)."""
+    batch (rows x width); ``prefix``: dense states to start from or to fill (:class:`PrefixStates`);
+    ``attention``: the prefix-sharing mask as an additive mask for the model's own attention (``sdpa``) or as a
+    FlexAttention block mask (``flex``)."""
 
     def __init__(self, pretrained, token_budget: int = 16384, prefix: PrefixStates | None = None,
-                 cache_dir: str | None = None, **kwargs):
+                 cache_dir: str | None = None, attention: str = "sdpa", **kwargs):
         kwargs.pop("batch_size", None)  # batches are built by token_budget
+        if attention not in ATTENTION:
+            raise ValueError(f"eval.attention={attention!r} is not one of {list(ATTENTION)}")
         super().__init__(pretrained=pretrained, batch_size=1, **kwargs)
-        self.token_budget = int(token_budget)
+        self.token_budget, self.attention = int(token_budget), attention
         if prefix is not None and (prefix.layer == 0 or not prefix_reuse_applies(self.model)):
             prefix = None  # nothing to skip, or a family whose embeddings cannot be fed back: the plain path
         self.prefix = prefix
@@ -293,11 +363,12 @@ class PackedLM(HFLM):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         res: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lp loglikelihood")
-        for rows in pack(groups, self.token_budget):
-            for req, logp, greedy in score_batch(self.model, layout_batch(rows, pad), self.prefix):
-                res[req] = (logp, greedy)
-                if requests[req][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[req][0], res[req])
-            bar.update(sum(len(g.members) for row in rows for g in row))
+        with attention_kernel(self.model, self.attention):
+            for rows in pack(groups, self.token_budget):
+                for req, logp, greedy in score_batch(self.model, layout_batch(rows, pad), self.prefix, self.attention):
+                    res[req] = (logp, greedy)
+                    if requests[req][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[req][0], res[req])
+                bar.update(sum(len(g.members) for row in rows for g in row))
         bar.close()
         return res

@@ -8,7 +8,9 @@ SETTING_GROUPS = ("model", "data", "prune", "patch", "distill", "eval")  # confi
 # metric declares them in lp.selection.register; a metric not (yet) registered hashes every prune setting
 USES: dict[str, set] = {}
 DISTILL_USES: dict[str, set] = {}  # the distill settings each distill.method reads (lp.validation.DISTILL)
-EXECUTION = {"prefix_reuse", "zeroshot_batch_size", "token_budget"}  # how a run is computed, not what: never part of its identity
+# how a run is computed, not what: never part of its identity (the attention kernel is named in the record's
+# engine and keys the dense evaluation's cache: lp.workspace.engine_of)
+EXECUTION = {"prefix_reuse", "zeroshot_batch_size", "token_budget", "attention"}
 
 
 def used_prune_settings(prune: dict) -> dict:

@@ -77,7 +77,7 @@ def _zeroshot_settings(cfg: dict) -> dict:
     tasks = list(e.get("tasks") or [])
     return dict(tasks=tasks, limit=e.get("limit"), num_fewshot=e.get("num_fewshot"),
                 batch_size=e.get("zeroshot_batch_size") or e["batch_size"], engine=e["engine"],
-                token_budget=e["token_budget"], include_path=local_task_dir() if tasks else None, seed=cfg["seed"],
+                token_budget=e["token_budget"], attention=e.get("attention", "sdpa"), include_path=local_task_dir() if tasks else None, seed=cfg["seed"],
                 cache_dir=cfg["cache_dir"])
 
 

@@ -12,7 +12,7 @@ import math
 
 from . import data as data_lib
 from .distill import TAIL_CHOICES, TRAIN_CHOICES
-from .engine import ENGINES
+from .engine import ATTENTION, ENGINES
 from .export import gguf_problem
 from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
 from .keys import DISTILL_USES
@@ -64,7 +64,8 @@ def _rules() -> dict:
 
 OPTIONAL = {  # settings that mean something when left out, said where they are read
     "patch": {"precision": OneOf(PRECISIONS), "hadamard": OneOf(tuple(sorted(CONSTRUCTIONS)))},
-    "eval": {"limit": Limit(), "num_fewshot": Int(0, none_ok=True), "zeroshot_batch_size": Int(1, none_ok=True)},
+    "eval": {"limit": Limit(), "num_fewshot": Int(0, none_ok=True), "zeroshot_batch_size": Int(1, none_ok=True),
+             "attention": OneOf(tuple(ATTENTION))},
 }
 _TRAINED = {"samples": Int(1), "val_samples": Int(0, none_ok=True), "seqlen": Int(2, "context"),
             "batch_size": Int(1), "lr": Number(), "weight_decay": Number(positive=False),

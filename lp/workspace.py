@@ -149,7 +149,10 @@ def engine_of(cfg: dict) -> dict | None:
     e = cfg["eval"]
     if not e.get("tasks"):
         return None
-    return {"name": e["engine"], "version": ENGINE_VERSION if e["engine"] == "lp" else versions()["lm_eval"]}
+    out = {"name": e["engine"], "version": ENGINE_VERSION if e["engine"] == "lp" else versions()["lm_eval"]}
+    if e["engine"] == "lp" and e.get("attention", "sdpa") != "sdpa":  # the default unnamed: earlier caches stay valid
+        out["attention"] = e["attention"]
+    return out
 
 
 def dense_eval_path(cfg: dict) -> Path:

@@ -51,12 +51,12 @@ def _quiet_lm_eval():
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, include_path: str | Path | None = None,
                    seed: int = 0, engine: str = "lp", token_budget: int = 16384, prefix=None,
-                   cache_dir: str | Path | None = None, softmax_dtype: str | None = None
+                   cache_dir: str | Path | None = None, softmax_dtype: str | None = None, attention: str = "sdpa"
                    ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per task of the in-memory model (no save and reload): {acc, acc_stderr, acc_norm, acc_norm_stderr,
     samples, num_fewshot, limit, version, chance, at_chance}, metrics a task lacks None; and the per-document
     outcomes (:func:`outcomes`) from lm-eval's own per-sample output. ``engine``: lp's (lp.engine: batches of
-    ``token_budget`` tokens, ``prefix`` states to start from) or lm-eval's HFLM (batches of ``batch_size``; its
+    ``token_budget`` tokens, ``prefix`` states to start from, ``attention`` its mask's kernel) or lm-eval's HFLM (batches of ``batch_size``; its
     log-softmax in ``softmax_dtype`` if given).
     lm-eval's model-independent work (tasks, requests, token ids) is done once per process and kept under
     ``cache_dir`` (:mod:`lp.harness`)."""
@@ -75,7 +75,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
     try:
         with _quiet_lm_eval():
             suite = harness.suite(tm, tasks, limit, num_fewshot, seed, cache_dir)
-            lm = _engine(engine, model, tokenizer, batch_size, token_budget, prefix, cache_dir, softmax_dtype)
+            lm = _engine(engine, model, tokenizer, batch_size, token_budget, prefix, cache_dir, softmax_dtype, attention)
             out = harness.evaluate(lm, suite)
     except Exception as e:  # datasets reports an unreachable hub in several exception types
         if isinstance(e, OSError) or any(w in str(e).lower() for w in ("hub", "connect", "resolve")):
@@ -89,7 +89,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
 
 
 def _engine(name: str, model, tokenizer, batch_size: int, token_budget: int, prefix, cache_dir=None,
-            softmax_dtype=None):
+            softmax_dtype=None, attention="sdpa"):
     from lm_eval.models.huggingface import HFLM
 
     from .engine import ENGINES, PackedLM
@@ -99,7 +99,7 @@ def _engine(name: str, model, tokenizer, batch_size: int, token_budget: int, pre
                     softmax_dtype=softmax_dtype)
     if name == "lp":
         return PackedLM(pretrained=model, tokenizer=tokenizer, device=str(model.device), token_budget=token_budget,
-                        prefix=prefix, cache_dir=None if cache_dir is None else str(cache_dir))
+                        prefix=prefix, cache_dir=None if cache_dir is None else str(cache_dir), attention=attention)
     raise ValueError(f"eval.engine={name!r} is not one of {list(ENGINES)}")
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from lp.engine import PackedLM, PrefixStates, attention_mask, group_requests, layout_batch, pack, score_batch
+from lp.engine import (PackedLM, PrefixStates, attention_kernel, attention_mask, group_requests, layout_batch, pack,
+                       score_batch)
 from lp.models import LAYOUTS
 
 
@@ -47,11 +48,12 @@ def _reference(model, requests, max_length):
     return out
 
 
-def _engine(model, requests, max_length, budget, prefix=None):
+def _engine(model, requests, max_length, budget, prefix=None, attention="sdpa"):
     res = {}
-    for rows in pack(group_requests(requests, max_length), budget):
-        for i, ll, greedy in score_batch(model, layout_batch(rows, 0), prefix):
-            res[i] = (ll, greedy)
+    with attention_kernel(model, attention):
+        for rows in pack(group_requests(requests, max_length), budget):
+            for i, ll, greedy in score_batch(model, layout_batch(rows, 0), prefix, attention):
+                res[i] = (ll, greedy)
     return [res[i] for i in range(len(requests))]
 
 
@@ -65,6 +67,26 @@ def test_engine_equals_a_full_forward_per_request_for_every_family(model_type):
         got, want = _engine(model, requests, max_length, budget), _reference(model, requests, max_length)
         assert [g for _, g in got] == [g for _, g in want]
         assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])  # one mask; a mask per layer type (sliding windows)
+def test_flex_block_mask_gives_what_the_additive_mask_gives(model_type):
+    """eval.attention=flex (FlexAttention with the block mask, through the model's attention interface): the
+    same log-likelihoods as each request run alone, and the model's own attention restored after."""
+    model = _family_model(model_type)
+    requests = _requests()
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        from torch.nn.attention import flex_attention as fa
+
+        real = fa.flex_attention
+        mp.setattr(fa, "flex_attention", lambda *a, **k: calls.append(k["block_mask"]) or real(*a, **k))
+        for max_length, budget in ((64, 40), (9, 30)):
+            got, want = _engine(model, requests, max_length, budget, attention="flex"), _reference(model, requests, max_length)
+            assert [g for _, g in got] == [g for _, g in want]
+            assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
+    assert calls and all(type(m).__name__ == "BlockMask" for m in calls)  # the flex kernel ran, on block masks
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_groups_share_contexts_and_batches_keep_the_budget():

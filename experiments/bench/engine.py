@@ -11,7 +11,10 @@ those states (prefix reuse), then from the embeddings. Reported: seconds, peak G
 fed the model and the TFLOP/s that makes (2 x parameters per token, the head only where each engine applies
 it), the seconds each engine spent in its scoring loop (``_loglikelihood_tokens``; the rest is lm-eval's side and
 tokenisation, lp.harness), and the documents whose acc or acc_norm differs between engines and between prefix
-reuse on and off. With ``--fp32-limit N``: on N documents a task, HFLM (its default log-softmax and
+reuse on and off, and the seconds the model's forward took (synchronised). ``--attention sdpa,flex`` times lp's
+engine with each kernel for its prefix-sharing mask (eval.attention; the first keeps the keys ``dense_lp``,
+``pruned_lp_prefix_reuse``, ``pruned_lp``, the others get a ``_<kernel>`` suffix, after an untimed warm-up
+that compiles the kernel) and counts the documents whose outcome differs from the first. With ``--fp32-limit N``: on N documents a task, HFLM (its default log-softmax and
 ``softmax_dtype=float32``) and lp's engine on the model as loaded, against both engines on the model loaded in
 float32 (the reference): which engine's outcomes are closer to float32.
 """
@@ -57,6 +60,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--removed", default="14-18", help="layers to take out, lo-hi (default: the main job's block)")
     ap.add_argument("--fp32-limit", type=int, default=0, help="documents a task for the float32 comparison (0: none)")
+    ap.add_argument("--attention", default="sdpa", help="eval.attention kernels for lp's engine, comma-separated")
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
@@ -73,19 +77,29 @@ def main(argv=None) -> dict:
 
     fed = {}  # what each engine gives the model: token positions x layers run, positions through the head
 
+    def forward(fn, *args, **kw):
+        """``fn`` with the time until its work on the device is done added to fed["forward"]."""
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t0 = clock()
+        out = fn(*args, **kw)
+        sync()
+        fed["forward"] += clock() - t0
+        return out
+
     def lp_batch(orig):
-        def counted(model_, b, prefix=None):
+        def counted(model_, b, prefix=None, attention="sdpa"):
             start = prefix.layer if prefix is not None and b.key in prefix.states else 0
             fed["layers"] += b.ids.numel() * (Layout(model_).num_layers - start)
             fed["head"] += sum(len(w[2]) for w in b.where)
-            return orig(model_, b, prefix)
+            return forward(orig, model_, b, prefix, attention)
         return counted
 
     def hflm_batch(orig):
         def counted(self, inps, *args, **kw):
             fed["layers"] += inps.numel() * Layout(self.model).num_layers
             fed["head"] += inps.numel()
-            return orig(self, inps, *args, **kw)
+            return forward(orig, self, inps, *args, **kw)
         return counted
 
     def timed(name, model_=None, limit=zs["limit"], **kw):
@@ -104,7 +118,7 @@ def main(argv=None) -> dict:
 
         setattr(owner, attr, wrap(orig))
         setattr(loop_owner, "_loglikelihood_tokens", timed_loop)
-        fed.update(layers=0, head=0)
+        fed.update(layers=0, head=0, forward=0.0)
         reset_peak()
         t = clock()
         try:
@@ -114,20 +128,34 @@ def main(argv=None) -> dict:
             setattr(loop_owner, "_loglikelihood_tokens", orig_loop)
         s = clock() - t
         flops = 2 * (fed["layers"] * per_layer + fed["head"] * head)
-        rows[name] = {"seconds": round(s, 2), "engine_loop_seconds": round(loop[0], 2), "peak_gib": peak_gib(),
+        rows[name] = {"seconds": round(s, 2), "engine_loop_seconds": round(loop[0], 2),
+                      "forward_seconds": round(fed["forward"], 2), "peak_gib": peak_gib(),
                       "tokens_x_layers": fed["layers"], "head_positions": fed["head"],
                       "tflops_per_s": round(flops / s / 1e12, 3), "engine_loop_tflops_per_s": round(flops / loop[0] / 1e12, 3)}
         print(name, rows[name], flush=True)
         return out
 
     rows: dict = {}
-    states = PrefixStates(min(removed), 64 * 2**30)
+    kernels = a.attention.split(",")
     hf = timed("dense_hflm", engine="hflm", batch_size=e.get("zeroshot_batch_size") or e["batch_size"])
-    dense = timed("dense_lp", engine="lp", token_budget=e["token_budget"], prefix=states)
-    with pruned(model, removed, lambda *_: None):
-        reuse = timed("pruned_lp_prefix_reuse", engine="lp", token_budget=e["token_budget"], prefix=states)
-        plain = timed("pruned_lp", engine="lp", token_budget=e["token_budget"])
-    kept = {"prefix_states_gib": round(states.nbytes / 2**30, 3), "prefix_hits": states.hits}
+    differ = {}
+    for i, kernel in enumerate(kernels):
+        sfx, lp_kw = ("" if i == 0 else f"_{kernel}"), dict(engine="lp", token_budget=e["token_budget"], attention=kernel)
+        if i:  # compiles the kernel (and its dynamic-shape variant) outside the timed runs
+            evaluate_tasks(model, tok, **{**zs, "limit": 20}, **lp_kw)
+        states = PrefixStates(min(removed), 64 * 2**30)
+        dense = timed(f"dense_lp{sfx}", **lp_kw, prefix=states)
+        with pruned(model, removed, lambda *_: None):
+            reuse = timed(f"pruned_lp_prefix_reuse{sfx}", **lp_kw, prefix=states)
+            plain = timed(f"pruned_lp{sfx}", **lp_kw)
+        if i == 0:
+            kept = {"prefix_states_gib": round(states.nbytes / 2**30, 3), "prefix_hits": states.hits}
+            first = dense, reuse, plain
+        else:
+            differ[f"outcomes_differ_{kernel}_vs_{kernels[0]}"] = {
+                "dense": _differ(first[0], dense), "pruned": _differ(first[2], plain)}
+        del states
+    dense, reuse, plain = first
     fp32 = {}
     if a.fp32_limit:
         n, bs = a.fp32_limit, e.get("zeroshot_batch_size") or e["batch_size"]
@@ -135,7 +163,6 @@ def main(argv=None) -> dict:
                "hflm_softmax_fp32": timed("subset_hflm_softmax_fp32", engine="hflm", batch_size=bs, limit=n,
                                           softmax_dtype="float32"),
                "lp": timed("subset_lp", engine="lp", token_budget=e["token_budget"], limit=n)}
-        del states
         model = None
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         ref_model, _ = load_model(m["name_or_path"], m.get("gguf_file"), "float32", m["device"], m.get("device_map"),
@@ -149,7 +176,8 @@ def main(argv=None) -> dict:
     return emit({
         "what": "zero-shot evaluation, lm-eval's HFLM vs lp's engine (lp/engine.py)",
         "command": "python -m experiments.bench.engine " + " ".join(
-            [f"--removed {a.removed}", *([f"--fp32-limit {a.fp32_limit}"] if a.fp32_limit else []), *a.overrides]),
+            [f"--removed {a.removed}", *([f"--fp32-limit {a.fp32_limit}"] if a.fp32_limit else []),
+             *([f"--attention {a.attention}"] if a.attention != "sdpa" else []), *a.overrides]),
         "device": device_name(m["device"]), "torch": torch.__version__, "model": m["name"], "dtype": m["dtype"],
         "tasks": zs["tasks"], "limit": zs["limit"], "removed": removed, "token_budget": e["token_budget"],
         "hflm_batch_size": e.get("zeroshot_batch_size") or e["batch_size"], "date": time.strftime("%Y-%m-%d"),
@@ -157,6 +185,7 @@ def main(argv=None) -> dict:
         **kept,
         "outcomes_differ_dense_lp_vs_hflm": _differ(hf, dense),
         "outcomes_differ_prefix_reuse_on_vs_off": _differ(reuse, plain),
+        **differ,
         "float32_comparison": fp32,
     }, a.out)
 
