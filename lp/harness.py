@@ -16,6 +16,10 @@ each of these once:
   and restored (fresh ``Instance`` objects) for every later evaluation. Kept in the process (a sweep's runs
   share it) and, for the requests, on disk, keyed on everything that changes them (the tasks' configs with
   their functions' source, their datasets' fingerprints, limit, n-shot, seed, lm-eval's version).
+- :func:`_doc_json_once`: lm-eval's ``evaluate`` writes every logged sample's ``doc_hash`` from
+  ``json.dumps(doc, indent=2, ...)``, the pure-Python encoder (~1.2 s for the whole local suite); a suite's
+  documents are the same objects in every evaluation, so each one's text is kept (the same text, hence the
+  same hash). In place only while lp's ``evaluate`` runs, and only over the lm-eval code it knows.
 - :func:`encode_pairs`: the (context, continuation) token ids by HFLM's own rule (``TemplateLM._encode_pair``:
   trailing spaces moved to the continuation, context + continuation encoded whole, the context's length
   split off), the strings encoded in batches, kept in the process and on disk keyed on the tokenizer's whole
@@ -34,6 +38,7 @@ import json
 import logging
 import random
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +136,7 @@ class Suite:
     def __init__(self, tm, tasks: tuple[str, ...], limit, num_fewshot: int | None, seed: int):
         self.tasks, self.limit, self.num_fewshot, self.seed = tasks, limit, num_fewshot, seed
         self.path: Path | None = None  # where its requests are kept between processes (set by suite())
+        self.doc_json: dict = {}  # (id of a document, json.dumps' arguments) -> its text (_doc_json_once)
         self.loaded = tm.load(list(tasks))
         for task in self.loaded["tasks"].values():
             # simple_evaluate's overrides (lm_eval/evaluator.py, simple_evaluate: "override tasks' fewshot values")
@@ -251,13 +257,51 @@ def evaluate(lm, s: Suite) -> dict:
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
     built = s.requests() is not None
-    out = lm_eval_evaluate(lm=lm, task_dict=s.loaded, limit=s.limit, bootstrap_iters=100000, log_samples=True)
+    with _doc_json_once(s):
+        out = lm_eval_evaluate(lm=lm, task_dict=s.loaded, limit=s.limit, bootstrap_iters=100000, log_samples=True)
     if not built and s.path is not None:
         try:
             s.save(s.path)
         except OSError as e:
             log.warning(f"the built zero-shot requests were not kept: {e}")
     return out
+
+
+@contextmanager
+def _doc_json_once(s: Suite):
+    """While lm-eval's ``evaluate`` runs: its module's ``json`` with ``dumps`` of a document of the suite kept per
+    (document, arguments) in ``s.doc_json`` (module docstring); lm-eval untouched if its evaluate does not
+    hash documents the way this replaces."""
+    import lm_eval.evaluator as ev
+
+    real = ev.json
+    try:
+        source = inspect.getsource(ev.evaluate)
+    except (OSError, TypeError):
+        source = ""
+    if real is not json or "json.dumps(" not in source or "requests[0].doc," not in source:
+        yield
+        return
+    ids = set().union(*(task._lp_ids for task in s.leaves.values()))
+
+    class Json:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def dumps(obj, **kw):
+            if id(obj) not in ids:
+                return real.dumps(obj, **kw)
+            key = (id(obj), repr(sorted(kw.items())))
+            if key not in s.doc_json:
+                s.doc_json[key] = real.dumps(obj, **kw)
+            return s.doc_json[key]
+
+    ev.json = Json()
+    try:
+        yield
+    finally:
+        ev.json = real
 
 
 # ------------------------------------------------------------------------------------------ token ids

@@ -37,8 +37,10 @@ def lm_eval_as_installed():
 
 
 def _per_request(out: dict) -> dict:
-    """{(task, doc_id): (the requests' arguments, their log-likelihoods, acc, acc_norm)} of lm-eval's samples."""
-    return {(t, s["doc_id"]): (s["arguments"], [r[0][0] for r in s["resps"]], s.get("acc"), s.get("acc_norm"))
+    """{(task, doc_id): (the requests' arguments, their log-likelihoods, acc, acc_norm, the document's hash)} of
+    lm-eval's samples."""
+    return {(t, s["doc_id"]): (s["arguments"], [r[0][0] for r in s["resps"]], s.get("acc"), s.get("acc_norm"),
+                               s["doc_hash"])
             for t, rows in out["samples"].items() for s in rows}
 
 
@@ -68,6 +70,7 @@ def test_cached_evaluation_equals_lm_evals_own(tiny, tmp_path, lm_eval_as_instal
     cold = lp_run()
     assert sorted((tmp_path / "lm_eval").glob("requests-*.json.gz")) and sorted((tmp_path / "lm_eval").glob("encodings-*.pt"))
     warm = lp_run()
+    assert len(harness.suite(tm, TASKS, 6, 0, 0, tmp_path).doc_json) == 36  # each document's text kept, once
     harness._SUITES.clear()
     harness._ENCODINGS.clear()
     disk = lp_run()

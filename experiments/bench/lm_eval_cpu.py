@@ -3,8 +3,8 @@
     python -m experiments.bench.lm_eval_cpu --out results/bench_lm_eval_cpu.json            # whole local suite
     python -m experiments.bench.lm_eval_cpu eval=quick                                      # the main job's tasks
 
-The model returns seeded random numbers (its ``_loglikelihood_tokens``), so that only lm-eval's work and the
-tokenisation are timed, with the default model's tokenizer. Timed, one after another in one process (the
+The model returns seeded random numbers (its ``_loglikelihood_tokens``; the token ids it was given are
+fingerprinted after the timed run), so that only lm-eval's work and the tokenisation are timed, with the default model's tokenizer. Timed, one after another in one process (the
 TaskManager built before): lm-eval's ``simple_evaluate`` with HFLM as it is installed (templates compiled per
 document, requests tokenised one string at a time); then lp's path (lp.harness: compiled-template reuse, the
 suite of tasks and their requests, the token ids) cold (empty caches), warm in the process, and warm from disk
@@ -50,10 +50,7 @@ def main(argv=None) -> dict:
     fed: dict = {}
 
     def random_scores(self, requests, disable_tqdm=False, override_bs=None):
-        h = hashlib.sha256()
-        for _, ctx, cont in requests:
-            h.update(repr((list(ctx), list(cont))).encode())
-        fed[self.label] = (h.hexdigest(), len(requests), sum(len(c) + len(x) for _, c, x in requests))
+        fed[self.label] = requests  # fingerprinted after the timed run: the model's part, not lm-eval's
         r = random.Random(0)
         return [(r.random(), False) for _ in requests]
 
@@ -66,6 +63,10 @@ def main(argv=None) -> dict:
         with _quiet_lm_eval():
             out = fn()
         rows[label] = {"seconds": round(time.perf_counter() - t, 2)}
+        requests, h = fed[label], hashlib.sha256()
+        for _, ctx, cont in requests:
+            h.update(repr((list(ctx), list(cont))).encode())
+        fed[label] = (h.hexdigest(), len(requests), sum(len(c) + len(x) for _, c, x in requests))
         outs[label] = {t_: outcomes(t_, out) for t_ in tasks}
         print(label, rows[label], flush=True)
 
