@@ -146,7 +146,7 @@ class Suite:
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=seed)
-            docs = list(task.eval_docs)
+            docs = _documents(task.eval_docs)
             task.__class__ = _prepared_class(type(task))
             task._lp_docs, task._lp_built, task._lp_ids, task._lp_memo = docs, {}, {id(d) for d in docs}, {}
 
@@ -206,6 +206,17 @@ class Suite:
             raise DamagedFile(f"{path} is damaged: not the requests of tasks {list(self.leaves)}")
         self.adopt(reqs)
         return True
+
+
+def _documents(docs) -> list:
+    """A task's documents as a list: a ``datasets.Dataset`` whose features need no decoding through Arrow's
+    ``to_pylist`` (the same dicts as iterating it, ~10x faster), anything else by iterating it."""
+    import datasets
+    from datasets.features.features import require_decoding
+
+    if isinstance(docs, datasets.Dataset) and not any(require_decoding(f) for f in docs.features.values()):
+        return docs.to_list()
+    return list(docs)
 
 
 def _limit_of(task, limit):
