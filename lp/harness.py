@@ -46,7 +46,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # of the requests and encodings files below; part of their keys
+FORMAT = 2  # of the requests and encodings files below; part of their keys (2: the requests' strings stored once)
 _SUITES_KEPT = 2  # suites kept in the process (their documents and requests; ~100 MB for the whole local suite)
 _ENCODINGS_KEPT = 4  # tokenizers whose encodings are kept in the process
 
@@ -177,14 +177,18 @@ class Suite:
             task._lp_built[self._args(task)] = requests[name]
 
     def save(self, path: Path) -> None:
-        """The built requests, if every argument is a string (the loglikelihood tasks), as gzipped JSON."""
+        """The built requests, if every argument is a string (the loglikelihood tasks), as gzipped JSON: each
+        distinct string once (a question's context is every choice's), the requests as indices into them."""
         from .files import atomic_write
 
         reqs = self.requests()
         if reqs is None or not all(isinstance(a, tuple) and all(isinstance(s, str) for s in a)
                                    for rows in reqs.values() for _, _, _, a, _ in rows):
             return
-        blob = json.dumps({"format": FORMAT, "requests": reqs}).encode()
+        index: dict = {}
+        rows = {name: [(rt, d, i, [index.setdefault(s, len(index)) for s in a], r) for rt, d, i, a, r in task_rows]
+                for name, task_rows in reqs.items()}
+        blob = json.dumps({"format": FORMAT, "strings": list(index), "requests": rows}).encode()
         atomic_write(path, lambda tmp: tmp.write_bytes(gzip.compress(blob, 3)))
 
     def load(self, path: Path) -> bool:
@@ -196,11 +200,12 @@ class Suite:
             return False
         try:
             data = json.loads(gzip.decompress(path.read_bytes()))
-            reqs = {name: [(rt, int(d), int(i), tuple(a), int(r)) for rt, d, i, a, r in data["requests"][name]]
-                    for name in self.leaves}
+            strings = data["strings"]
+            reqs = {name: [(rt, int(d), int(i), tuple(strings[j] for j in a), int(r))
+                           for rt, d, i, a, r in data["requests"][name]] for name in self.leaves}
             ok = data["format"] == FORMAT and all(
                 0 <= d < len(self.leaves[n]._lp_docs) for n, rows in reqs.items() for _, d, _, _, _ in rows)
-        except (OSError, ValueError, KeyError, TypeError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, gzip.BadGzipFile) as e:
             raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
         if not ok:
             raise DamagedFile(f"{path} is damaged: not the requests of tasks {list(self.leaves)}")

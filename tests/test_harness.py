@@ -2,6 +2,7 @@
 log-likelihoods and per-document outcomes as lm-eval's own simple_evaluate, cold, warm in the process and warm
 from disk; damaged files set aside; the template wrapper only over the function it knows."""
 import gzip
+import json
 import logging
 
 import pytest
@@ -106,7 +107,7 @@ def test_requests_key_follows_what_builds_them(tiny, tmp_path, lm_eval_as_instal
     assert harness.Suite(tm, ("piqa_local",), 5, 0, 0).key() == harness.Suite(tm, ("piqa_local",), 5, 0, 0).key()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "other_documents"])
+@pytest.mark.parametrize("damage", ["garbage", "other_documents", "string_past_the_table"])
 def test_damaged_cache_files_are_set_aside_and_rebuilt(tiny, tmp_path, caplog, lm_eval_as_installed, damage):
     model, tok = tiny
     kw = dict(limit=5, include_path=local_task_dir(), cache_dir=tmp_path)
@@ -115,8 +116,10 @@ def test_damaged_cache_files_are_set_aside_and_rebuilt(tiny, tmp_path, caplog, l
     for f in folder.iterdir():
         if damage == "garbage":
             f.write_bytes(b"not a cache file")
-        elif f.name.startswith("requests"):  # a document id past the task's documents
-            f.write_bytes(gzip.compress(b'{"format": 1, "requests": {"piqa_local": [["loglikelihood", 99999, 0, ["a", "b"], 1]]}}'))
+        elif f.name.startswith("requests"):  # a document id past the task's documents, or a string past the table
+            doc, arg = (99999, 1) if damage == "other_documents" else (0, 7)
+            f.write_bytes(gzip.compress(json.dumps({"format": harness.FORMAT, "strings": ["a", "b"], "requests": {
+                "piqa_local": [["loglikelihood", doc, 0, [0, arg], 1]]}}).encode()))
         else:
             f.write_bytes(b"PK\x03\x04 truncated")
     harness._SUITES.clear()
