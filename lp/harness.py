@@ -13,9 +13,10 @@ each of these once:
   when the installed function is the one it replaces (checked by its source), else lm-eval is left as it is.
 - :class:`Suite`: the tasks of one evaluation (tasks, limit, n-shot, seed), loaded by lm-eval's TaskManager
   with ``simple_evaluate``'s overrides applied, their documents read once, their requests built once by lm-eval
-  and restored (fresh ``Instance`` objects) for every later evaluation. Kept in the process (a sweep's runs
-  share it) and, for the requests, on disk, keyed on everything that changes them (the tasks' configs with
-  their functions' source, their datasets' fingerprints, limit, n-shot, seed, lm-eval's version).
+  and restored (fresh ``Instance`` objects) for every later evaluation, each document's prompt fields rendered
+  once. Kept in the process (a sweep's runs share it) and, for the requests and the rendered prompt fields, on
+  disk, keyed on everything that changes them (the tasks' configs with their functions' source, their datasets'
+  fingerprints, limit, n-shot, seed, lm-eval's version).
 - :func:`_doc_json_once`: lm-eval's ``evaluate`` writes every logged sample's ``doc_hash`` from
   ``json.dumps(doc, indent=2, ...)``, the pure-Python encoder (~1.2 s for the whole local suite); a suite's
   documents are the same objects in every evaluation, so each one's text is kept (the same text, hence the
@@ -46,7 +47,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # of the requests and encodings files below; part of their keys (2: the requests' strings stored once)
+FORMAT = 3  # of the requests and encodings files below; part of their keys (2: strings once; 3: prompt fields)
+PROMPT_FIELDS = ("doc_to_text", "doc_to_target", "doc_to_choice")  # rendered once a document (_prepared_class)
 _SUITES_KEPT = 2  # suites kept in the process (their documents and requests; ~100 MB for the whole local suite)
 _ENCODINGS_KEPT = 4  # tokenizers whose encodings are kept in the process
 
@@ -119,7 +121,7 @@ def _prepared_class(cls: type) -> type:
     # __slots__ = (): the same object layout, so that a loaded task's class can be swapped for this one
     return type(f"Prepared{cls.__name__}", (cls,), {
         "__slots__": (), "eval_docs": property(lambda self: self._lp_docs), "build_all_requests": build_all_requests,
-        **{name: remembered(name) for name in ("doc_to_text", "doc_to_target", "doc_to_choice")}})
+        **{name: remembered(name) for name in PROMPT_FIELDS}})
 
 
 def _build_kwargs(limit) -> dict:
@@ -188,7 +190,13 @@ class Suite:
         index: dict = {}
         rows = {name: [(rt, d, i, [index.setdefault(s, len(index)) for s in a], r) for rt, d, i, a, r in task_rows]
                 for name, task_rows in reqs.items()}
-        blob = json.dumps({"format": FORMAT, "strings": list(index), "requests": rows}).encode()
+        fields = {}  # each document's prompt fields as rendered so far, where JSON keeps them as they are
+        for name, task in self.leaves.items():
+            at = {id(d): k for k, d in enumerate(task._lp_docs)}
+            kept = [(field, at[i], v) for (field, i), v in task._lp_memo.items()]
+            if all(_plain(v) for *_, v in kept):
+                fields[name] = kept
+        blob = json.dumps({"format": FORMAT, "strings": list(index), "requests": rows, "fields": fields}).encode()
         atomic_write(path, lambda tmp: tmp.write_bytes(gzip.compress(blob, 3)))
 
     def load(self, path: Path) -> bool:
@@ -203,14 +211,25 @@ class Suite:
             strings = data["strings"]
             reqs = {name: [(rt, int(d), int(i), tuple(strings[j] for j in a), int(r))
                            for rt, d, i, a, r in data["requests"][name]] for name in self.leaves}
+            fields = {n: [(f, int(k), v) for f, k, v in rows] for n, rows in data["fields"].items() if n in self.leaves}
             ok = data["format"] == FORMAT and all(
-                0 <= d < len(self.leaves[n]._lp_docs) for n, rows in reqs.items() for _, d, _, _, _ in rows)
+                0 <= d < len(self.leaves[n]._lp_docs) for n, rows in reqs.items() for _, d, _, _, _ in rows) and all(
+                f in PROMPT_FIELDS and 0 <= k < len(self.leaves[n]._lp_docs) and _plain(v)
+                for n, rows in fields.items() for f, k, v in rows)
         except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, gzip.BadGzipFile) as e:
             raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
         if not ok:
             raise DamagedFile(f"{path} is damaged: not the requests of tasks {list(self.leaves)}")
         self.adopt(reqs)
+        for n, rows in fields.items():
+            docs = self.leaves[n]._lp_docs
+            self.leaves[n]._lp_memo.update({(f, id(docs[k])): v for f, k, v in rows})
         return True
+
+
+def _plain(v) -> bool:
+    """Whether JSON gives ``v`` back as it is: a str, int or bool, or a list of them."""
+    return type(v) in (str, int, bool) or (type(v) is list and all(type(x) in (str, int, bool) for x in v))
 
 
 def _documents(docs) -> list:

@@ -74,6 +74,8 @@ def test_cached_evaluation_equals_lm_evals_own(tiny, tmp_path, lm_eval_as_instal
     assert len(harness.suite(tm, TASKS, 6, 0, 0, tmp_path).doc_json) == 36  # each document's text kept, once
     harness._SUITES.clear()
     harness._ENCODINGS.clear()
+    from_disk = harness.suite(tm, TASKS, 6, 0, 0, tmp_path)  # the suite the next run uses: fields read, not rendered
+    assert all(len(task._lp_memo) >= 6 for task in from_disk.leaves.values())
     disk = lp_run()
     for got in (cold, warm, disk):
         assert got.keys() == want.keys()
