@@ -407,9 +407,9 @@ def encode_pairs(lm, pairs: list[tuple[str, str]], cache_dir: str | Path | None 
                         (ctx_len < 1).any() or (cont_len < 0).any():
                     raise DamagedFile(f"{path} is damaged: not the encodings of {len(missing)} requests")
                 at = 0
-                ids = ids.numpy()
+                ids = ids.tolist()  # one conversion for all (per-request numpy slices cost ~0.8 s a suite)
                 for p, n, k in zip(missing, ctx_len.tolist(), cont_len.tolist(), strict=True):
-                    memo[p] = (ids[at : at + n], ids[at + n : at + n + k])
+                    memo[p] = (tuple(ids[at : at + n]), tuple(ids[at + n : at + n + k]))
                     at += n + k
                 missing, path = [], None
             except (DamagedFile, KeyError, TypeError, AttributeError) as e:
@@ -422,13 +422,13 @@ def encode_pairs(lm, pairs: list[tuple[str, str]], cache_dir: str | Path | None 
         enc = _encode_many(lm, [c + x for c, x in moved] + [c for c, _ in moved])
         whole, ctx = enc[: len(moved)], enc[len(moved):]
         for p, w, c in zip(missing, whole, ctx, strict=True):
-            memo[p] = (np.asarray(c, dtype=np.int64), np.asarray(w[len(c):], dtype=np.int64))
+            memo[p] = (tuple(c), tuple(w[len(c):]))
         if path is not None:
-            ids = torch.from_numpy(np.concatenate([a for p in missing for a in memo[p]]))
+            ids = torch.tensor([t for p in missing for part in memo[p] for t in part], dtype=torch.long)
             saved = {"ids": ids, "context": torch.tensor([len(memo[p][0]) for p in missing]),
                      "continuation": torch.tensor([len(memo[p][1]) for p in missing])}
             try:
                 atomic_write(path, lambda tmp: torch.save(saved, tmp))
             except OSError as e:
                 log.warning(f"the zero-shot token ids were not kept: {e}")
-    return [(memo[p][0].tolist(), memo[p][1].tolist()) for p in pairs]
+    return [(list(memo[p][0]), list(memo[p][1])) for p in pairs]
