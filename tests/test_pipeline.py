@@ -642,7 +642,7 @@ def test_a_local_model_changed_in_place_is_a_new_run_with_fresh_caches(tiny_dir,
     assert len(load_records(tmp_path / "res" / "records")) == 2
 
 
-def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, tmp_path, monkeypatch):
+def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, tmp_path, monkeypatch, capsys):
     from experiments import batch
 
     loads = []
@@ -660,6 +660,12 @@ def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, 
     with pytest.raises(ValueError, match="prune.n=99"):
         batch.main([str(runs), *common])
     assert len(load_records(tmp_path / "records")) == 2  # a bad line stops the batch before any run
+    # --pending: the lines that resume=true would run, nothing run
+    runs.write_text("prune=cosine patch=none\nprune=cosine patch=linearpatch\nprune=block_influence patch=linearpatch\n")
+    assert batch.main(["--pending", str(runs), *common]) == 0
+    out = capsys.readouterr().out
+    assert "run 2: prune=cosine patch=linearpatch   (no record)" in out and "run 1:" not in out and "run 3:" not in out
+    assert "1 of 3 runs have no complete record" in out and len(load_records(tmp_path / "records")) == 2 and loads == [1]
 
 
 def test_a_run_validates_its_config_once_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
