@@ -28,13 +28,17 @@ def llama_config(shape: str, layers: int | None = None):
     raise ValueError(f"--shape {shape!r} is not one of {list(SHAPES)}")
 
 
-def random_model(shape: str, dtype: torch.dtype, device: str, layers: int | None = None, seed: int = 0):
-    """A random-initialised LlamaForCausalLM of ``shape`` on ``device``, frozen, in eval mode."""
+def random_model(shape: str, dtype: torch.dtype, device: str, layers: int | None = None, seed: int = 0,
+                 min_vocab: int = 0):
+    """A random-initialised LlamaForCausalLM of ``shape`` on ``device``, frozen, in eval mode (its vocabulary at
+    least ``min_vocab``: room for another tokenizer's ids)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
+    cfg = llama_config(shape, layers)
+    cfg.vocab_size = max(cfg.vocab_size, min_vocab)
     with torch.device(device):
-        model = LlamaForCausalLM(llama_config(shape, layers)).to(dtype).eval()
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
     model.requires_grad_(False)
     return model
 

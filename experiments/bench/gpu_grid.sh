@@ -2,7 +2,7 @@
 # One GPU block: the zero-shot evaluation benchmark (HFLM and lp's engine with both attention kernels, the float32
 # comparison), the EvoPress search's cost on the 1.5B shape, and the Qwen2.5-Coder-1.5B depth grid with
 # resume=true (docs/results.md section 3), one after another on one GPU, in the order given:
-#   experiments/bench/gpu_grid.sh OUT_DIR [engine] [evopress] [grid]     (default: engine evopress grid)
+#   experiments/bench/gpu_grid.sh OUT_DIR [engine] [attention] [evopress] [grid]   (default: engine evopress grid)
 # The model is found as model=qwen2.5_coder_1.5b finds it (~/.cache/lp/models/, SHA-256 checked); records go to
 # $RESULTS_DIR (default results/; the grid's run ids are those of the same command anywhere); logs and the
 # benchmarks to OUT_DIR. FP32_LIMIT: documents a task for the float32 comparison (default 250).
@@ -17,10 +17,16 @@ for step in ${*:-engine evopress grid}; do
   case $step in
     engine) python3 -m experiments.bench.engine --removed 12-18 --attention sdpa,flex --fp32-limit ${FP32_LIMIT:-250} \
               --out "$out/bench_engine_gpu.json" $C > "$out/engine.log" 2>&1 ;;
+    attention) # lp's engine, sdpa vs FlexAttention, on a random Qwen2.5-1.5B-shape model with the default model's
+               # tokenizer (SMOL_DIR: a folder holding the default model's GGUF as smol.gguf): no 1.1 GB model to carry
+      python3 -m experiments.bench.engine --shape qwen2.5_1.5b --skip-hflm --removed 12-18 --attention sdpa,flex \
+        --out "$out/bench_engine_attention_gpu.json" model.name_or_path=${SMOL_DIR:?} model.gguf_file=smol.gguf \
+        model.device=cuda model.dtype=bfloat16 eval=local eval.limit=null eval.max_windows=null \
+        ++eval.zeroshot_batch_size=16 logger=none progress=false > "$out/attention.log" 2>&1 ;;
     evopress) python3 -m experiments.bench.evopress --out "$out/bench_evopress_gpu.json" > "$out/evopress.log" 2>&1 ;;
     grid) python3 -m experiments.batch experiments/sweeps/depth_qwen1.5b.txt $C results_dir=${RESULTS_DIR:-results} \
             resume=true > "$out/grid.log" 2>&1 ;;
-    *) echo "unknown step $step (engine, evopress, grid)"; continue ;;
+    *) echo "unknown step $step (engine, attention, evopress, grid)"; continue ;;
   esac
   echo "== $step rc=$? end $(date -u +%T)"
 done
