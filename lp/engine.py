@@ -112,26 +112,29 @@ class _Batch:
 
 def layout_batch(rows: list[list[_Group]], pad_id: int) -> _Batch:
     width = max(sum(g.size for g in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos, seg, part = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros_like(ids)
-    where = []
-    for r, row in enumerate(rows):
-        t = 0
+    ids, pos, seg, part, where = [], [], [], [], []
+    for r, row in enumerate(rows):  # one row as flat lists, then four tensors a batch
+        i_, p_, s_, q_ = [], [], [], []
         for gi, g in enumerate(row):
             n = len(g.shared)
-            ids[r, t : t + n] = torch.tensor(g.shared)
-            pos[r, t : t + n] = torch.arange(n)
-            seg[r, t : t + n] = gi
-            last_shared, t = t + n - 1, t + n
+            i_ += g.shared
+            p_ += range(n)
+            s_ += [gi] * n
+            q_ += [0] * n
+            last_shared = len(i_) - 1
             for j, (req, suffix, cont) in enumerate(g.members, start=1):
-                k = len(suffix)
-                if k:
-                    ids[r, t : t + k] = torch.tensor(suffix)
-                    pos[r, t : t + k] = torch.arange(n, n + k)
-                    seg[r, t : t + k], part[r, t : t + k] = gi, j
+                t, k = len(i_), len(suffix)
+                i_ += suffix
+                p_ += range(n, n + k)
+                s_ += [gi] * k
+                q_ += [j] * k
                 where.append((req, r, [last_shared, *range(t, t + k)], cont))
-                t += k
-    return _Batch(ids, pos, seg, part, where)
+        pad = width - len(i_)  # padding: its own segment (-1), position 0
+        ids.append(i_ + [pad_id] * pad)
+        pos.append(p_ + [0] * pad)
+        seg.append(s_ + [-1] * pad)
+        part.append(q_ + [0] * pad)
+    return _Batch(*(torch.tensor(x, dtype=torch.long) for x in (ids, pos, seg, part)), where)
 
 
 def visible(b: _Batch, window: int | None = None, device=None) -> torch.Tensor:
@@ -225,9 +228,17 @@ class PrefixStates:
 
     def offer(self, key: str, hidden: torch.Tensor) -> None:
         if key not in self.states and self.nbytes + hidden.numel() * hidden.element_size() <= self.budget:
-            self.states[key] = hidden.detach().to("cpu", copy=True)
+            if hidden.is_cuda:  # into page-locked memory, queued on the stream: a pageable copy waits (~10 s a
+                # whole-suite dense evaluation of the 1.5B model on an H100, docs/performance.md)
+                kept = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+                kept.copy_(hidden.detach(), non_blocking=True)
+            else:
+                kept = hidden.detach().to("cpu", copy=True)
+            self.states[key] = kept
 
     def save(self, path) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # every queued copy into the states done
         save_states(path, self.layer, self.tuple_output, self.states)
 
     def load(self, path, hidden_size: int) -> None:
@@ -272,7 +283,7 @@ def final_hidden(model, b: _Batch, prefix: PrefixStates | None = None, attention
     if prefix is not None and key in prefix.states:
         prefix.hits += 1
         with lay.skipping(prefix.layer, prefix.tuple_output):
-            return lay.base(inputs_embeds=prefix.states[key].to(device), attention_mask=mask, position_ids=pos,
+            return lay.base(inputs_embeds=prefix.states[key].to(device, non_blocking=True), attention_mask=mask, position_ids=pos,
                             use_cache=False).last_hidden_state
     hook = None
     if prefix is not None:
