@@ -12,7 +12,8 @@ exactly as HFLM truncates it; its *shared* part is that input up to and includin
 *suffix* the rest (x without its last token). Requests with the same shared part (the choices of one
 question) form a group: the shared part once, then every suffix, each suffix seeing the shared part and
 itself, never another suffix (a prefix-sharing attention mask; positions restart after the shared part for
-every suffix). Groups are packed into rows (several questions per row, block-diagonal), rows into batches of
+every suffix; given to the model as an additive mask for its own attention, or with ``eval.attention=flex`` as a
+FlexAttention block mask). Groups are packed into rows (several questions per row, block-diagonal), rows into batches of
 at most ``token_budget`` tokens, longest first, so an out-of-memory error shows on the first batch. The final
 norm's output is gathered at the positions that predict a continuation token only, and the head and
 log-softmax (float32) run on those rows alone: never a (batch, length, vocabulary) tensor.
