@@ -20,7 +20,8 @@ each of these once:
 - :func:`_doc_json_once`: lm-eval's ``evaluate`` writes every logged sample's ``doc_hash`` from
   ``json.dumps(doc, indent=2, ...)``, the pure-Python encoder (~1.2 s for the whole local suite); a suite's
   documents are the same objects in every evaluation, so each one's text is kept (the same text, hence the
-  same hash). In place only while lp's ``evaluate`` runs, and only over the lm-eval code it knows.
+  same hash), and saved with the suite's requests. In place only while lp's ``evaluate`` runs, and only over
+  the lm-eval code it knows.
 - :func:`encode_pairs`: the (context, continuation) token ids by HFLM's own rule (``TemplateLM._encode_pair``:
   trailing spaces moved to the continuation, context + continuation encoded whole, the context's length
   split off), the strings encoded in batches, kept in the process and on disk keyed on the tokenizer's whole
@@ -47,7 +48,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # of the requests and encodings files below; part of their keys (2: strings once; 3: prompt fields)
+FORMAT = 4  # of the requests and encodings files below; part of their keys (2: strings once; 3: prompt fields;
+#             4: the documents' doc_hash texts)
 PROMPT_FIELDS = ("doc_to_text", "doc_to_target", "doc_to_choice")  # rendered once a document (_prepared_class)
 _SUITES_KEPT = 2  # suites kept in the process (their documents and requests; ~100 MB for the whole local suite)
 _ENCODINGS_KEPT = 4  # tokenizers whose encodings are kept in the process
@@ -196,7 +198,12 @@ class Suite:
             kept = [(field, at[i], v) for (field, i), v in task._lp_memo.items()]
             if all(_plain(v) for *_, v in kept):
                 fields[name] = kept
-        blob = json.dumps({"format": FORMAT, "strings": list(index), "requests": rows, "fields": fields}).encode()
+        texts = {}  # each document's JSON text for its doc_hash (_doc_json_once), as the evaluation wrote it
+        for name, task in self.leaves.items():
+            at = {id(d): k for k, d in enumerate(task._lp_docs)}
+            texts[name] = [(at[i], kw, t) for (i, kw), t in self.doc_json.items() if i in at]
+        blob = json.dumps({"format": FORMAT, "strings": list(index), "requests": rows, "fields": fields,
+                           "doc_json": texts}).encode()
         atomic_write(path, lambda tmp: tmp.write_bytes(gzip.compress(blob, 3)))
 
     def load(self, path: Path) -> bool:
@@ -212,7 +219,10 @@ class Suite:
             reqs = {name: [(rt, int(d), int(i), tuple(strings[j] for j in a), int(r))
                            for rt, d, i, a, r in data["requests"][name]] for name in self.leaves}
             fields = {n: [(f, int(k), v) for f, k, v in rows] for n, rows in data["fields"].items() if n in self.leaves}
+            texts = {n: [(int(k), kw, t) for k, kw, t in rows] for n, rows in data["doc_json"].items() if n in self.leaves}
             ok = data["format"] == FORMAT and all(
+                0 <= k < len(self.leaves[n]._lp_docs) and type(kw) is str and type(t) is str
+                for n, rows in texts.items() for k, kw, t in rows) and all(
                 0 <= d < len(self.leaves[n]._lp_docs) for n, rows in reqs.items() for _, d, _, _, _ in rows) and all(
                 f in PROMPT_FIELDS and 0 <= k < len(self.leaves[n]._lp_docs) and _plain(v)
                 for n, rows in fields.items() for f, k, v in rows)
@@ -224,6 +234,9 @@ class Suite:
         for n, rows in fields.items():
             docs = self.leaves[n]._lp_docs
             self.leaves[n]._lp_memo.update({(f, id(docs[k])): v for f, k, v in rows})
+        for n, rows in texts.items():
+            docs = self.leaves[n]._lp_docs
+            self.doc_json.update({(id(docs[k]), kw): t for k, kw, t in rows})
         return True
 
 
@@ -302,6 +315,22 @@ def evaluate(lm, s: Suite) -> dict:
     return out
 
 
+def _arguments_key(kw: dict) -> str:
+    """``json.dumps``' keyword arguments as text that is the same in every process (a function by its name)."""
+    return repr(sorted((k, f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in kw.items()))
+
+
+@functools.lru_cache(maxsize=4)
+def _hashes_doc_json(evaluate) -> bool:
+    """Whether lm-eval's ``evaluate`` hashes each logged document as :func:`_doc_json_once` expects (read once
+    a function)."""
+    try:
+        source = inspect.getsource(evaluate)
+    except (OSError, TypeError):
+        return False
+    return "json.dumps(" in source and "requests[0].doc," in source
+
+
 @contextmanager
 def _doc_json_once(s: Suite):
     """While lm-eval's ``evaluate`` runs: its module's ``json`` with ``dumps`` of a document of the suite kept per
@@ -310,11 +339,7 @@ def _doc_json_once(s: Suite):
     import lm_eval.evaluator as ev
 
     real = ev.json
-    try:
-        source = inspect.getsource(ev.evaluate)
-    except (OSError, TypeError):
-        source = ""
-    if real is not json or "json.dumps(" not in source or "requests[0].doc," not in source:
+    if real is not json or not _hashes_doc_json(ev.evaluate):
         yield
         return
     ids = set().union(*(task._lp_ids for task in s.leaves.values()))
@@ -327,7 +352,7 @@ def _doc_json_once(s: Suite):
         def dumps(obj, **kw):
             if id(obj) not in ids:
                 return real.dumps(obj, **kw)
-            key = (id(obj), repr(sorted(kw.items())))
+            key = (id(obj), _arguments_key(kw))
             if key not in s.doc_json:
                 s.doc_json[key] = real.dumps(obj, **kw)
             return s.doc_json[key]

@@ -76,7 +76,9 @@ def test_cached_evaluation_equals_lm_evals_own(tiny, tmp_path, lm_eval_as_instal
     harness._ENCODINGS.clear()
     from_disk = harness.suite(tm, TASKS, 6, 0, 0, tmp_path)  # the suite the next run uses: fields read, not rendered
     assert all(len(task._lp_memo) >= 6 for task in from_disk.leaves.values())
+    assert len(from_disk.doc_json) == 36  # the doc_hash texts read too, under keys the new process's dumps meets:
     disk = lp_run()
+    assert len(from_disk.doc_json) == 36  # none written again
     for got in (cold, warm, disk):
         assert got.keys() == want.keys()
         for k in want:
