@@ -17,11 +17,11 @@ each of these once:
   once. Kept in the process (a sweep's runs share it) and, for the requests and the rendered prompt fields, on
   disk, keyed on everything that changes them (the tasks' configs with their functions' source, their datasets'
   fingerprints, limit, n-shot, seed, lm-eval's version).
-- :func:`_doc_json_once`: lm-eval's ``evaluate`` writes every logged sample's ``doc_hash`` from
-  ``json.dumps(doc, indent=2, ...)``, the pure-Python encoder (~1.2 s for the whole local suite); a suite's
-  documents are the same objects in every evaluation, so each one's text is kept (the same text, hence the
-  same hash), and saved with the suite's requests. In place only while lp's ``evaluate`` runs, and only over
-  the lm-eval code it knows.
+- :func:`_doc_hash_once`: lm-eval's ``evaluate`` writes every logged sample's ``doc_hash`` as
+  ``hash_string(json.dumps(doc, indent=2, ...))``, the pure-Python encoder (~1.2 s for the whole local suite); a
+  suite's documents are the same objects in every evaluation, so each one's hash is computed once, kept and
+  saved with the suite's requests. In place only while lp's ``evaluate`` runs, and only over the lm-eval code
+  it knows.
 - :func:`encode_pairs`: the (context, continuation) token ids by HFLM's own rule (``TemplateLM._encode_pair``:
   trailing spaces moved to the continuation, context + continuation encoded whole, the context's length
   split off), the strings encoded in batches, kept in the process and on disk keyed on the tokenizer's whole
@@ -39,6 +39,7 @@ import inspect
 import json
 import logging
 import random
+import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FORMAT = 4  # of the requests and encodings files below; part of their keys (2: strings once; 3: prompt fields;
-#             4: the documents' doc_hash texts)
+#             4: the documents' doc_hash)
 PROMPT_FIELDS = ("doc_to_text", "doc_to_target", "doc_to_choice")  # rendered once a document (_prepared_class)
 _SUITES_KEPT = 2  # suites kept in the process (their documents and requests; ~100 MB for the whole local suite)
 _ENCODINGS_KEPT = 4  # tokenizers whose encodings are kept in the process
@@ -140,7 +141,7 @@ class Suite:
     def __init__(self, tm, tasks: tuple[str, ...], limit, num_fewshot: int | None, seed: int):
         self.tasks, self.limit, self.num_fewshot, self.seed = tasks, limit, num_fewshot, seed
         self.path: Path | None = None  # where its requests are kept between processes (set by suite())
-        self.doc_json: dict = {}  # (id of a document, json.dumps' arguments) -> its text (_doc_json_once)
+        self.doc_hash: dict = {}  # (id of a document, json.dumps' arguments) -> its doc_hash (_doc_hash_once)
         self.loaded = tm.load(list(tasks))
         for task in self.loaded["tasks"].values():
             # simple_evaluate's overrides (lm_eval/evaluator.py, simple_evaluate: "override tasks' fewshot values")
@@ -198,12 +199,12 @@ class Suite:
             kept = [(field, at[i], v) for (field, i), v in task._lp_memo.items()]
             if all(_plain(v) for *_, v in kept):
                 fields[name] = kept
-        texts = {}  # each document's JSON text for its doc_hash (_doc_json_once), as the evaluation wrote it
+        hashes = {}  # each document's doc_hash (_doc_hash_once), as the evaluation computed it
         for name, task in self.leaves.items():
             at = {id(d): k for k, d in enumerate(task._lp_docs)}
-            texts[name] = [(at[i], kw, t) for (i, kw), t in self.doc_json.items() if i in at]
+            hashes[name] = [(at[i], kw, h) for (i, kw), h in self.doc_hash.items() if i in at]
         blob = json.dumps({"format": FORMAT, "strings": list(index), "requests": rows, "fields": fields,
-                           "doc_json": texts}).encode()
+                           "doc_hash": hashes}).encode()
         atomic_write(path, lambda tmp: tmp.write_bytes(gzip.compress(blob, 3)))
 
     def load(self, path: Path) -> bool:
@@ -219,10 +220,10 @@ class Suite:
             reqs = {name: [(rt, int(d), int(i), tuple(strings[j] for j in a), int(r))
                            for rt, d, i, a, r in data["requests"][name]] for name in self.leaves}
             fields = {n: [(f, int(k), v) for f, k, v in rows] for n, rows in data["fields"].items() if n in self.leaves}
-            texts = {n: [(int(k), kw, t) for k, kw, t in rows] for n, rows in data["doc_json"].items() if n in self.leaves}
+            hashes = {n: [(int(k), kw, h) for k, kw, h in rows] for n, rows in data["doc_hash"].items() if n in self.leaves}
             ok = data["format"] == FORMAT and all(
-                0 <= k < len(self.leaves[n]._lp_docs) and type(kw) is str and type(t) is str
-                for n, rows in texts.items() for k, kw, t in rows) and all(
+                0 <= k < len(self.leaves[n]._lp_docs) and type(kw) is str and type(h) is str
+                for n, rows in hashes.items() for k, kw, h in rows) and all(
                 0 <= d < len(self.leaves[n]._lp_docs) for n, rows in reqs.items() for _, d, _, _, _ in rows) and all(
                 f in PROMPT_FIELDS and 0 <= k < len(self.leaves[n]._lp_docs) and _plain(v)
                 for n, rows in fields.items() for f, k, v in rows)
@@ -234,9 +235,9 @@ class Suite:
         for n, rows in fields.items():
             docs = self.leaves[n]._lp_docs
             self.leaves[n]._lp_memo.update({(f, id(docs[k])): v for f, k, v in rows})
-        for n, rows in texts.items():
+        for n, rows in hashes.items():
             docs = self.leaves[n]._lp_docs
-            self.doc_json.update({(id(docs[k]), kw): t for k, kw, t in rows})
+            self.doc_hash.update({(id(docs[k]), kw): h for k, kw, h in rows})
         return True
 
 
@@ -305,7 +306,7 @@ def evaluate(lm, s: Suite) -> dict:
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
     built = s.requests() is not None
-    with _doc_json_once(s):
+    with _doc_hash_once(s):
         out = lm_eval_evaluate(lm=lm, task_dict=s.loaded, limit=s.limit, bootstrap_iters=100000, log_samples=True)
     if not built and s.path is not None:
         try:
@@ -322,23 +323,29 @@ def _arguments_key(kw: dict) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _hashes_doc_json(evaluate) -> bool:
-    """Whether lm-eval's ``evaluate`` hashes each logged document as :func:`_doc_json_once` expects (read once
-    a function)."""
+    """Whether lm-eval's ``evaluate`` uses ``json.dumps`` once, and only as ``hash_string(json.dumps(requests[0].doc,
+    ...))``: each logged document's ``doc_hash``, the one use :func:`_doc_hash_once` replaces (read once a function)."""
     try:
         source = inspect.getsource(evaluate)
     except (OSError, TypeError):
         return False
-    return "json.dumps(" in source and "requests[0].doc," in source
+    return source.count("json.dumps(") == 1 and re.search(r"hash_string\(\s*json\.dumps\(\s*requests\[0\]\.doc,",
+                                                           source) is not None
+
+
+class _Digest(str):
+    """A document's ``doc_hash`` already computed: ``json.dumps`` gives it in place of the text, ``hash_string``
+    passes it through (:func:`_doc_hash_once`)."""
 
 
 @contextmanager
-def _doc_json_once(s: Suite):
-    """While lm-eval's ``evaluate`` runs: its module's ``json`` with ``dumps`` of a document of the suite kept per
-    (document, arguments) in ``s.doc_json`` (module docstring); lm-eval untouched if its evaluate does not
-    hash documents the way this replaces."""
+def _doc_hash_once(s: Suite):
+    """While lm-eval's ``evaluate`` runs: its module's ``json.dumps`` of a document of the suite returns the
+    document's hash kept per (document, arguments) in ``s.doc_hash`` and its ``hash_string`` passes that through
+    (module docstring); lm-eval untouched unless its evaluate hashes documents exactly that way."""
     import lm_eval.evaluator as ev
 
-    real = ev.json
+    real, real_hash = ev.json, ev.hash_string
     if real is not json or not _hashes_doc_json(ev.evaluate):
         yield
         return
@@ -353,15 +360,18 @@ def _doc_json_once(s: Suite):
             if id(obj) not in ids:
                 return real.dumps(obj, **kw)
             key = (id(obj), _arguments_key(kw))
-            if key not in s.doc_json:
-                s.doc_json[key] = real.dumps(obj, **kw)
-            return s.doc_json[key]
+            if key not in s.doc_hash:
+                s.doc_hash[key] = real_hash(real.dumps(obj, **kw))
+            return _Digest(s.doc_hash[key])
 
-    ev.json = Json()
+    def hash_string(text):
+        return str(text) if type(text) is _Digest else real_hash(text)
+
+    ev.json, ev.hash_string = Json(), hash_string
     try:
         yield
     finally:
-        ev.json = real
+        ev.json, ev.hash_string = real, real_hash
 
 
 # ------------------------------------------------------------------------------------------ token ids
@@ -405,7 +415,7 @@ def _encode_many(lm, strings: list[str]) -> list[list[int]]:
     return out
 
 
-def encode_pairs(lm, pairs: list[tuple[str, str]], cache_dir: str | Path | None = None) -> list[tuple[list, list]]:
+def encode_pairs(lm, pairs: list[tuple[str, str]], cache_dir: str | Path | None = None) -> list[tuple[tuple, tuple]]:
     """HFLM's ``(context_enc, continuation_enc)`` of each non-empty-context pair (``TemplateLM._encode_pair``,
     causal models), computed once per tokenizer and pair (module docstring); with ``cache_dir``, the encodings
     of exactly these pairs are also kept on disk for the next process."""
@@ -456,4 +466,4 @@ def encode_pairs(lm, pairs: list[tuple[str, str]], cache_dir: str | Path | None 
                 atomic_write(path, lambda tmp: torch.save(saved, tmp))
             except OSError as e:
                 log.warning(f"the zero-shot token ids were not kept: {e}")
-    return [(list(memo[p][0]), list(memo[p][1])) for p in pairs]
+    return [memo[p] for p in pairs]  # the kept tuples themselves (copies as lists cost ~0.6 s a suite)

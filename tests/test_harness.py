@@ -71,14 +71,14 @@ def test_cached_evaluation_equals_lm_evals_own(tiny, tmp_path, lm_eval_as_instal
     cold = lp_run()
     assert sorted((tmp_path / "lm_eval").glob("requests-*.json.gz")) and sorted((tmp_path / "lm_eval").glob("encodings-*.pt"))
     warm = lp_run()
-    assert len(harness.suite(tm, TASKS, 6, 0, 0, tmp_path).doc_json) == 36  # each document's text kept, once
+    assert len(harness.suite(tm, TASKS, 6, 0, 0, tmp_path).doc_hash) == 36  # each document's hash kept, once
     harness._SUITES.clear()
     harness._ENCODINGS.clear()
     from_disk = harness.suite(tm, TASKS, 6, 0, 0, tmp_path)  # the suite the next run uses: fields read, not rendered
     assert all(len(task._lp_memo) >= 6 for task in from_disk.leaves.values())
-    assert len(from_disk.doc_json) == 36  # the doc_hash texts read too, under keys the new process's dumps meets:
+    assert len(from_disk.doc_hash) == 36  # the doc_hash values read too, under keys the new process's dumps meets:
     disk = lp_run()
-    assert len(from_disk.doc_json) == 36  # none written again
+    assert len(from_disk.doc_hash) == 36  # none computed again
     for got in (cold, warm, disk):
         assert got.keys() == want.keys()
         for k in want:
@@ -100,7 +100,7 @@ def test_token_ids_follow_hflms_rule(tiny, lm_eval_as_installed):
     for add_bos in (False, True):
         lm.add_bos_token = add_bos
         harness._ENCODINGS.clear()
-        assert harness.encode_pairs(lm, pairs) == [tuple(map(list, lm._encode_pair(c, x))) for c, x in pairs]
+        assert harness.encode_pairs(lm, pairs) == [tuple(map(tuple, lm._encode_pair(c, x))) for c, x in pairs]
 
 
 def test_requests_key_follows_what_builds_them(tiny, tmp_path, lm_eval_as_installed):
@@ -150,3 +150,25 @@ def test_template_wrapper_compiles_once_and_only_over_the_function_it_knows(lm_e
     with caplog.at_level(logging.WARNING, logger="lp.harness"):
         assert not harness.reuse_compiled_templates()
     assert utils.apply_template is other and "not the function lp knows" in caplog.text
+
+
+def test_doc_hash_reuse_applies_only_where_json_dumps_feeds_hash_string_alone(lm_eval_as_installed, tmp_path):
+    """The kept doc_hash stands in for json.dumps' text only where lm-eval's evaluate uses json.dumps once, as
+    hash_string's argument (else the text would be wrong elsewhere)."""
+    import importlib.util
+
+    from lm_eval.evaluator import evaluate
+
+    assert harness._hashes_doc_json(evaluate)
+    (tmp_path / "variants.py").write_text(
+        "def alone(requests, hash_string, json):\n"
+        "    return hash_string(json.dumps(requests[0].doc, indent=2))\n"
+        "def also_elsewhere(requests, hash_string, json):\n"
+        "    return hash_string(json.dumps(requests[0].doc, indent=2)), json.dumps(requests[0].doc)\n"
+        "def text_kept(requests, hash_string, json):\n"
+        "    return json.dumps(requests[0].doc, indent=2)\n")
+    spec = importlib.util.spec_from_file_location("variants", tmp_path / "variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert harness._hashes_doc_json(mod.alone)
+    assert not harness._hashes_doc_json(mod.also_elsewhere) and not harness._hashes_doc_json(mod.text_kept)
