@@ -193,15 +193,12 @@ class Suite:
         index: dict = {}
         rows = {name: [(rt, d, i, [index.setdefault(s, len(index)) for s in a], r) for rt, d, i, a, r in task_rows]
                 for name, task_rows in reqs.items()}
-        fields = {}  # each document's prompt fields as rendered so far, where JSON keeps them as they are
-        for name, task in self.leaves.items():
+        fields, hashes = {}, {}  # each document's prompt fields as rendered so far, where JSON keeps them as
+        for name, task in self.leaves.items():  # they are; its doc_hash (_doc_hash_once) as the evaluation made it
             at = {id(d): k for k, d in enumerate(task._lp_docs)}
             kept = [(field, at[i], v) for (field, i), v in task._lp_memo.items()]
             if all(_plain(v) for *_, v in kept):
                 fields[name] = kept
-        hashes = {}  # each document's doc_hash (_doc_hash_once), as the evaluation computed it
-        for name, task in self.leaves.items():
-            at = {id(d): k for k, d in enumerate(task._lp_docs)}
             hashes[name] = [(at[i], kw, h) for (i, kw), h in self.doc_hash.items() if i in at]
         blob = json.dumps({"format": FORMAT, "strings": list(index), "requests": rows, "fields": fields,
                            "doc_hash": hashes}).encode()
