@@ -14,7 +14,9 @@ tokenisation, lp.harness), and the documents whose acc or acc_norm differs betwe
 reuse on and off, and the seconds the model's forward took (synchronised). ``--attention sdpa,flex`` times lp's
 engine with each kernel for its prefix-sharing mask (eval.attention; the first keeps the keys ``dense_lp``,
 ``pruned_lp_prefix_reuse``, ``pruned_lp``, the others get a ``_<kernel>`` suffix, after an untimed warm-up
-that compiles the kernel) and counts the documents whose outcome differs from the first. With ``--fp32-limit N``: on N documents a task, HFLM (its default log-softmax and
+that compiles the kernel) and counts the documents whose outcome differs from the first; ``--token-budgets
+16384,65536`` does the same for eval.token_budget (keys with a ``_<kernel>_tb<budget>`` suffix), each budget with
+each kernel. With ``--fp32-limit N``: on N documents a task, HFLM (its default log-softmax and
 ``softmax_dtype=float32``) and lp's engine on the model as loaded, against both engines on the model loaded in
 float32 (the reference): which engine's outcomes are closer to float32.
 """
@@ -61,6 +63,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--removed", default="14-18", help="layers to take out, lo-hi (default: the main job's block)")
     ap.add_argument("--fp32-limit", type=int, default=0, help="documents a task for the float32 comparison (0: none)")
     ap.add_argument("--attention", default="sdpa", help="eval.attention kernels for lp's engine, comma-separated")
+    ap.add_argument("--token-budgets", default="", help="eval.token_budget values for lp's engine, comma-separated "
+                    "(default: the config's); each with each kernel, the first pair the reference")
     ap.add_argument("--shape", choices=SHAPES, help="time a random-initialised model of this shape (with the config's "
                     "tokenizer) instead of the config's model: for the engine's speed, not its outcomes")
     ap.add_argument("--skip-hflm", action="store_true", help="lp's engine only (no HFLM run, no dense speed-up)")
@@ -142,10 +146,12 @@ def main(argv=None) -> dict:
 
     rows: dict = {}
     kernels = a.attention.split(",")
+    budgets = [int(b) for b in a.token_budgets.split(",")] if a.token_budgets else [e["token_budget"]]
     hf = None if a.skip_hflm else timed("dense_hflm", engine="hflm", batch_size=e.get("zeroshot_batch_size") or e["batch_size"])
     differ = {}
-    for i, kernel in enumerate(kernels):
-        sfx, lp_kw = ("" if i == 0 else f"_{kernel}"), dict(engine="lp", token_budget=e["token_budget"], attention=kernel)
+    for i, (kernel, budget) in enumerate((k, b) for k in kernels for b in budgets):
+        name = kernel if budget == budgets[0] else f"{kernel}_tb{budget}"
+        sfx, lp_kw = ("" if i == 0 else f"_{name}"), dict(engine="lp", token_budget=budget, attention=kernel)
         try:
             if i:  # compiles the kernel (and its dynamic-shape variant) outside the timed runs
                 evaluate_tasks(model, tok, **{**zs, "limit": 20}, **lp_kw)
@@ -157,14 +163,14 @@ def main(argv=None) -> dict:
         except Exception as err:  # a later kernel that fails here is reported, the first is not optional
             if i == 0:
                 raise
-            differ[f"{kernel}_failed"] = f"{type(err).__name__}: {err}"[:2000]
-            print(kernel, "failed:", differ[f"{kernel}_failed"], flush=True)
+            differ[f"{name}_failed"] = f"{type(err).__name__}: {err}"[:2000]
+            print(name, "failed:", differ[f"{name}_failed"], flush=True)
             continue
         if i == 0:
             kept = {"prefix_states_gib": round(states.nbytes / 2**30, 3), "prefix_hits": states.hits}
             first = dense, reuse, plain
         else:
-            differ[f"outcomes_differ_{kernel}_vs_{kernels[0]}"] = {
+            differ[f"outcomes_differ_{name}_vs_{kernels[0]}"] = {
                 "dense": _differ(first[0], dense), "pruned": _differ(first[2], plain)}
         del states
     dense, reuse, plain = first
@@ -174,13 +180,13 @@ def main(argv=None) -> dict:
         sub = {"hflm": timed("subset_hflm", engine="hflm", batch_size=bs, limit=n),
                "hflm_softmax_fp32": timed("subset_hflm_softmax_fp32", engine="hflm", batch_size=bs, limit=n,
                                           softmax_dtype="float32"),
-               "lp": timed("subset_lp", engine="lp", token_budget=e["token_budget"], limit=n)}
+               "lp": timed("subset_lp", engine="lp", token_budget=budgets[0], limit=n)}
         model = None
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         ref_model, _ = load_model(m["name_or_path"], m.get("gguf_file"), "float32", m["device"], m.get("device_map"),
                                   parts=m.get("parts"), sha256=m.get("sha256"), install=m.get("install") or "")
         ref = {"hflm": timed("subset_fp32_hflm", ref_model, engine="hflm", batch_size=bs, limit=n),
-               "lp": timed("subset_fp32_lp", ref_model, engine="lp", token_budget=e["token_budget"], limit=n)}
+               "lp": timed("subset_fp32_lp", ref_model, engine="lp", token_budget=budgets[0], limit=n)}
         fp32 = {"limit": n, "reference": "both engines on the model loaded in float32",
                 "fp32_hflm_vs_fp32_lp": _differ(ref["hflm"], ref["lp"]),
                 **{f"{k}_vs_fp32_{r}": _differ(v, ref[r]) for k, v in sub.items() for r in ("hflm", "lp")}}
@@ -190,10 +196,11 @@ def main(argv=None) -> dict:
         "command": "python -m experiments.bench.engine " + " ".join(
             [f"--removed {a.removed}", *([f"--fp32-limit {a.fp32_limit}"] if a.fp32_limit else []),
              *([f"--shape {a.shape}"] if a.shape else []), *(["--skip-hflm"] if a.skip_hflm else []),
-             *([f"--attention {a.attention}"] if a.attention != "sdpa" else []), *a.overrides]),
+             *([f"--attention {a.attention}"] if a.attention != "sdpa" else []),
+             *([f"--token-budgets {a.token_budgets}"] if a.token_budgets else []), *a.overrides]),
         "device": device_name(m["device"]), "torch": torch.__version__,
         "model": f"{a.shape} shape, random weights, {m['name']}'s tokenizer" if a.shape else m["name"], "dtype": m["dtype"],
-        "tasks": zs["tasks"], "limit": zs["limit"], "removed": removed, "token_budget": e["token_budget"],
+        "tasks": zs["tasks"], "limit": zs["limit"], "removed": removed, "token_budget": budgets[0],
         "hflm_batch_size": e.get("zeroshot_batch_size") or e["batch_size"], "date": time.strftime("%Y-%m-%d"),
         "runs": rows, **({} if hf is None else {
             "speedup_dense": round(rows["dense_hflm"]["seconds"] / rows["dense_lp"]["seconds"], 2),

@@ -6,7 +6,7 @@
 # The model is found as model=qwen2.5_coder_1.5b finds it (~/.cache/lp/models/, SHA-256 checked); records go to
 # $RESULTS_DIR (default results/; the grid's run ids are those of the same command anywhere); logs and the
 # benchmarks to OUT_DIR. FP32_LIMIT: documents a task for the float32 comparison (default 250); ATTENTION: the
-# engine step's kernels (default sdpa,flex).
+# engine step's kernels (default sdpa,flex); TOKEN_BUDGETS: its lp token budgets (default: the config's, 16384).
 set -uo pipefail
 out=${1:?an output folder}; shift
 mkdir -p "$out"
@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$out/gpu.tx
 for step in ${*:-engine evopress grid}; do
   echo "== $step start $(date -u +%T)"
   case $step in
-    engine) python3 -m experiments.bench.engine --removed 12-18 --attention ${ATTENTION:-sdpa,flex} --fp32-limit ${FP32_LIMIT:-250} \
+    engine) python3 -m experiments.bench.engine --removed 12-18 --attention ${ATTENTION:-sdpa,flex} ${TOKEN_BUDGETS:+--token-budgets $TOKEN_BUDGETS} --fp32-limit ${FP32_LIMIT:-250} \
               --out "$out/bench_engine_gpu.json" $C > "$out/engine.log" 2>&1 ;;
     attention) # lp's engine, sdpa vs FlexAttention, on a random Qwen2.5-1.5B-shape model with the default model's
                # tokenizer (SMOL_DIR: a folder holding the default model's GGUF as smol.gguf): no 1.1 GB model to carry
