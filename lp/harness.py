@@ -315,7 +315,10 @@ def evaluate(lm, s: Suite) -> dict:
 
 def _arguments_key(kw: dict) -> str:
     """``json.dumps``' keyword arguments as text that is the same in every process (a function by its name)."""
-    return repr(sorted((k, f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in kw.items()))
+    def name(v):
+        return f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__qualname__)}"
+
+    return repr(sorted((k, name(v) if callable(v) else v) for k, v in kw.items()))
 
 
 @functools.lru_cache(maxsize=4)
