@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from lp.records import load_records
-from lp.report.figures import (cosine, depth, depth_models, load, magnitude, methods, outliers, patches, ppl_vs_n,
-                               save, selection_scores)
+from lp.report.figures import (cosine, depth, depth_figures, load, magnitude, methods, outliers, patch_gain, patches,
+                               ppl_vs_n, save, selection_scores)
 from lp.report.tables import frame, paper_rows
 
 
@@ -33,8 +33,10 @@ def main(argv=None) -> list[Path]:
     written = save(ppl_vs_n(df), out, "ppl_vs_n") + save(patches(df), out, "patches")
     written += save(methods(df), out, "methods")
     table = frame(every)
-    for model in depth_models(table):
-        written += save(depth(table, model, paper_rows()), out, f"depth_{model}")
+    for name, model, eval_ in depth_figures(table):
+        written += save(depth(table, model, paper_rows(), eval_), out, name)
+    if (fig := patch_gain(table)) is not None:
+        written += save(fig, out, "patch_gain")
     if (fig := selection_scores(records, stats_dir)) is not None:
         written += save(fig, out, "selection_scores")
     if stats is None:

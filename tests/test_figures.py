@@ -116,7 +116,7 @@ def test_depth_figure_draws_each_matching_record_once_with_its_bands(tmp_path):
     other = record(1, "none", 20.0, "2026-01-08", acc={"t": 0.2}, dense_acc={"t": 0.6})
     other.update(model="other", num_layers=6)  # another model: never on m's figure
     df = frame(recs + [other])
-    assert figures.depth_models(df) == ["m"]
+    assert figures.depth_figures(df) == [("depth_m", "m", "ppl")]
     fig = figures.depth(df, "m", paper_rows())
     axes = fig.axes  # row by row: RP main, RP other methods, paper; dRP main, dRP other methods, (empty)
     rp_ax, drp_ax, paper_ax = axes[0], axes[3], axes[2]
@@ -138,3 +138,61 @@ def test_depth_figure_draws_each_matching_record_once_with_its_bands(tmp_path):
     want = paper[(paper["model"] == "llama3.1-8b") & paper["rp"].notna() & (paper["n"] > 0)]
     assert sum(len(ln.get_xdata()) for ln in paper_ax.get_lines() if not ln.get_label().startswith("_")) == len(want)
     assert figures.depth(df, "nobody") is None
+
+
+def _zeroshot(model, eval_, limit, n, patch, acc, metric="cosine", L=6):
+    r = record(n, patch, 20.0, f"2026-01-{n:02d}", metric=metric, acc={"t": acc}, dense_acc={"t": 0.6})
+    r.update(model=model, eval=eval_, num_layers=L, config={"eval": {"limit": limit}},
+             _outcomes=_outcomes(0.6, round(acc * 40) / 40 - 1e-9))  # exactly acc * 40 documents right
+    r["run_id"] += f"-{model}-{eval_}"
+    return r
+
+
+def test_each_evaluation_gets_its_depth_figure_and_whole_splits_the_plain_name():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lp.report import figures
+    from lp.report.tables import frame
+
+    recs = [_zeroshot("m", "local_cpu", 200, n, p, 0.5) for n in (1, 2, 3) for p in ("none", "linearpatch")]
+    recs += [_zeroshot("m", "local", None, n, "none", 0.5) for n in (1, 2)]  # fewer records, but whole splits
+    recs += [_zeroshot("x", "local_cpu", 200, n, "none", 0.5) for n in (1, 2)]
+    recs += [_zeroshot("x", "quick", 200, 1, "none", 0.5)]  # one depth: no figure
+    df = frame(recs)
+    assert figures.depth_figures(df) == [("depth_m", "m", "local"), ("depth_m_local_cpu", "m", "local_cpu"),
+                                         ("depth_x", "x", "local_cpu")]
+    for eval_, shown in (("local", 2), ("local_cpu", 6)):  # each figure draws its evaluation's records only
+        ax = figures.depth(df, "m", None, eval_).axes[0]
+        assert sum(len(ln.get_xdata()) for ln in ax.get_lines() if not ln.get_label().startswith("_")) == shown
+
+
+def test_patch_gain_is_linearpatch_minus_no_patch_per_model_and_selection():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lp.report import figures
+    from lp.report.tables import frame
+
+    acc = {("a", "cosine", "none"): 0.40, ("a", "cosine", "linearpatch"): 0.45, ("a", "block_influence", "none"): 0.30,
+           ("a", "block_influence", "linearpatch"): 0.25, ("b", "cosine", "none"): 0.50, ("b", "cosine", "linearpatch"): 0.53}
+    recs = [_zeroshot(m, "local", None, n, p, v - 0.05 * (n - 1), metric=sel, L=6 if m == "a" else 4)
+            for (m, sel, p), v in acc.items() for n in (1, 2)]
+    recs.append(_zeroshot("a", "local_cpu", 200, 1, "linearpatch", 0.1))  # another evaluation of a: not drawn
+    recs.append(_zeroshot("a", "local_cpu", 200, 1, "none", 0.5))
+    fig = figures.patch_gain(frame(recs))
+    cos_ax, bi_ax = fig.axes
+    lines = lambda ax: {ln.get_label().split(" ")[0]: ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}  # noqa: E731
+    cos, bi = lines(cos_ax), lines(bi_ax)
+    assert set(cos) == {"a", "b"} and set(bi) == {"a"}
+    assert list(cos["a"].get_ydata()) == pytest.approx([(0.45 - 0.40) / 0.6 * 100] * 2)
+    assert list(cos["b"].get_xdata()) == [1 / 4, 2 / 4]
+    assert list(bi["a"].get_ydata()) == pytest.approx([(0.25 - 0.30) / 0.6 * 100] * 2)
+    assert len(cos_ax.collections) == 2  # a band per model
+    assert figures.patch_gain(frame([r for r in recs if r["patch"] == "none"])) is None
+    from lp.report.tables import patch_gain  # the same numbers as a table, every evaluation a row
+
+    cells = patch_gain(frame(recs)).mean
+    assert cells.loc[("a", "local", 6, "cosine"), "n=2"].startswith(f"{(0.45 - 0.40) / 0.6 * 100:+.2f} [")
+    assert cells.loc[("a", "local_cpu", 6, "cosine"), "n=1"].startswith(f"{(0.1 - 0.5) / 0.6 * 100:+.2f} [")
+    assert isinstance(cells.loc[("b", "local", 4, "cosine"), "n=2"], str) and len(cells) == 4

@@ -11,7 +11,10 @@ One model, calibration data set and evaluation per call (the most common among t
 * cosine.{png,pdf}      mean token-wise cosine similarity between every pair of layer boundaries
 * ppl_vs_n.{png,pdf}    pruned perplexity against the number of removed layers, one line per method
 * depth_<model>.{png,pdf}  RP (95% paired bands) and dRP against LP[L] by depth, per model with zero-shot
-                        records at two depths or more; the paper's LLaMA-3-8B points in their own panel
+                        records at two depths or more (its main evaluation; others depth_<model>_<eval>);
+                        the paper's LLaMA-3-8B points in their own panel
+* patch_gain.{png,pdf}  across models: dRP of LinearPatch over no patch on the cosine block and on Block
+                        Influence's layers, by n / L, with 95% paired bands
 * patches.{png,pdf}     patch variants as bars, per depth (the most common selection metric)
 * methods.{png,pdf}     selection metrics as bars, without and with LinearPatch (the most common depth)
 
@@ -20,6 +23,7 @@ figures inline.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,7 +31,7 @@ import pandas as pd
 
 from ..calibration import BoundaryStats
 from ..records import load_records
-from .tables import frame, paired
+from .tables import GAIN_SELECTIONS, frame, gains, paired
 
 
 def save(fig, out: Path, name: str) -> list[Path]:
@@ -147,14 +151,15 @@ def _line_style(patch: str, distill: str) -> str:
     return {"none": ":", "linearpatch": "-"}.get(patch, "--")
 
 
-def depth(df: pd.DataFrame, model: str, paper: pd.DataFrame | None = None):
-    """Retention against depth for one ``model`` (its most common calibration data and zero-shot evaluation):
+def depth(df: pd.DataFrame, model: str, paper: pd.DataFrame | None = None, eval: str | None = None):
+    """Retention against depth for one ``model`` (its most common calibration data and, unless ``eval`` names
+    one, zero-shot evaluation):
     top row RP against the fraction of layers removed, bottom row dRP against LP[L] (cosine + LinearPatch at the
     same n), each with its 95% paired bootstrap band where the records have outcomes; left column cosine, Block
     Influence and prune=last without and with LinearPatch, right column every other method; given ``paper``
     (tables.paper_rows()), the paper's LLaMA-3-8B points in a panel of their own. One colour per selection
     method, one line style per patch (:func:`_line_style`). None if ``model`` has no zero-shot record."""
-    d = df[(df["model"] == model) & df["rp"].notna()]
+    d = df[(df["model"] == model) & df["rp"].notna() & ((df["eval"] == eval) if eval is not None else True)]
     if d.empty:
         return None
     d = _top(d).copy()
@@ -191,10 +196,45 @@ def depth(df: pd.DataFrame, model: str, paper: pd.DataFrame | None = None):
     return fig
 
 
-def depth_models(df: pd.DataFrame) -> list[str]:
-    """The models whose zero-shot records span two depths or more (a depth figure each)."""
+def depth_figures(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(name, model, eval) of each depth figure: one per model and zero-shot evaluation whose records span two
+    depths or more. The model's main evaluation, whole splits before a document limit, then the most records,
+    is named depth_<model>; any other depth_<model>_<eval> (e.g. a CPU grid at 200 documents a task)."""
     z = df[df["rp"].notna()]
-    return sorted(m for m, g in z.groupby("model") if g["n"].nunique() > 1)
+    found = []
+    for model, g in z.groupby("model"):
+        evals = [(e, h) for e, h in g.groupby("eval") if h["n"].nunique() > 1]
+        evals.sort(key=lambda eh: (eh[1]["limit"].notna().all(), -len(eh[1]), eh[0]))  # whole splits, most records
+        for i, (e, _) in enumerate(evals):
+            found.append((f"depth_{model}" if i == 0 else f"depth_{model}_{re.sub(r'[^A-Za-z0-9.-]+', '_', e).strip('_')}",
+                          model, e))
+    return found
+
+
+def patch_gain(df: pd.DataFrame):
+    """dRP of LinearPatch over no patch on the same layers (tables.gains) against the fraction of layers
+    removed, one panel per selection (the cosine block, Block Influence's layers), one line per model (its main evaluation, as :func:`depth_figures` names it),
+    with 95% paired bootstrap bands: where the patch helps, on which family, at which depth. None without a
+    pair (LinearPatch and none at one n) in any model."""
+    main = {model: e for name, model, e in depth_figures(df) if name == f"depth_{model}"}
+    d = gains(df[(df["model"].map(main) == df["eval"])])
+    if d.empty:
+        return None
+    d = d.assign(x=d["n"] / d["num_layers"])
+    colours = dict(zip(sorted(main), plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, len(GAIN_SELECTIONS), figsize=(5.4 * len(GAIN_SELECTIONS), 3.9), sharey=True,
+                             squeeze=False)
+    for ax, sel in zip(axes[0], GAIN_SELECTIONS):
+        for model, g in d[d["metric"] == sel].sort_values("x").groupby("model"):
+            L = int(g["num_layers"].iloc[0])
+            _band(ax, g["x"], g["drp"], g["drp_lo"], g["drp_hi"], color=colours[model], label=f"{model} (L={L}, {main[model]})")
+        ax.axhline(0, color="k", lw=0.8, ls=":")
+        ax.set(xlabel="fraction of layers removed (n / L)", title=f"{sel}'s layers: LinearPatch minus no patch")
+        if ax.lines[1:]:
+            ax.legend(fontsize=6, loc="upper left")
+    axes[0, 0].set_ylabel("dRP (RP points; bands: 95% paired CI)")
+    fig.tight_layout()
+    return fig
 
 
 def selection_scores(records: list[dict], stats_dir: str | Path | None = None):

@@ -11,6 +11,8 @@ Tables:
                 with RP's paired interval and dRP against a reference run (written when some record has
                 zero-shot results)
 * paper         the paper's reported numbers (results/paper/linearpatch.csv) beside lp's runs of those models
+* patch_gain    dRP of LinearPatch over no patch on the cosine block and Block Influence's layers, per model,
+                evaluation and n, with paired intervals (written when such pairs have outcomes)
 """
 from __future__ import annotations
 
@@ -302,6 +304,38 @@ def removed_layers(df: pd.DataFrame) -> Table | None:
     return t
 
 
+GAIN_SELECTIONS = ("cosine", "block_influence")
+
+
+def gains(df: pd.DataFrame, resamples: int = 1000) -> pd.DataFrame:
+    """The training-free LinearPatch runs on the cosine block and Block Influence's layers whose run without a
+    patch on the same layers (same model, data, eval, n, selection) has outcomes too, with drp, drp_lo, drp_hi:
+    LinearPatch minus no patch, whatever dRP's reference of the other tables."""
+    d = df[df["rp"].notna() & df["metric"].isin(GAIN_SELECTIONS) & df["patch"].isin(["none", "linearpatch"])
+           & (df["distill"] == "none")]
+    d = paired(d, vs={"patch": "none", "distill": "none"}, resamples=resamples)
+    return d[(d["patch"] == "linearpatch") & d["drp"].notna()]
+
+
+def patch_gain(df: pd.DataFrame) -> Table | None:
+    """:func:`gains` per model, evaluation and n, each cell 'dRP [lo, hi]' (95% paired bootstrap): where the
+    patch helps, on which family, at which depth. None without such a pair."""
+    d = gains(df)
+    if d.empty:
+        return None
+    cell = lambda r: f"{r.drp:+.2f} [{r.drp_lo:+.2f}, {r.drp_hi:+.2f}]" if pd.notna(r.drp_lo) else f"{r.drp:+.2f}"  # noqa: E731
+    d = d.assign(L=d["num_layers"].astype(int), cell=[cell(r) for r in d.itertuples()],
+                 column=[f"n={n}" for n in d["n"]])
+    first = d.sort_values("created").groupby(["model", "eval", "L", "metric", "column"])["cell"].last().unstack("column")
+    first = first[sorted(first.columns, key=lambda c: int(c[2:]))]
+    t = Table(first, first.map(lambda _: float("nan")), ["model", "eval"], lower_is_better=False)
+    t.no_best = list(first.columns)
+    t.note = ("dRP: RP of LinearPatch minus RP without a patch, the same layers removed (same model, data, eval, n "
+              "and selection), with its 95% paired bootstrap interval [lo, hi] (documents resampled within each "
+              "task, the same draw for both runs); L: the model's layers.")
+    return t
+
+
 # ------------------------------------------------------------------ output
 def text(t: Table, pm: str = " ± ") -> pd.DataFrame:
     """Cells as text: 'mean' or 'mean ± std' (std over seeds), empty where there is no value; text cells as
@@ -420,7 +454,7 @@ def paper(df: pd.DataFrame, path: str | Path = PAPER) -> Table:
 
 def tables(df: pd.DataFrame) -> dict[str, Table]:
     found = {"ppl": ppl_by_depth(df), "methods": methods(df), "ppl_datasets": ppl_by_dataset(df)}
-    for name, make in (("accuracy", accuracy), ("cost", cost), ("removed", removed_layers)):
+    for name, make in (("accuracy", accuracy), ("cost", cost), ("removed", removed_layers), ("patch_gain", patch_gain)):
         t = make(df)
         if t is not None:
             found[name] = t
@@ -433,6 +467,7 @@ TITLES = {"ppl": "pruned perplexity by layers removed", "methods": "pruned perpl
           "accuracy": "zero-shot accuracy % per task, Avg and RP % (n=0: dense)",
           "cost": "parameters left and trained, minutes of training, beside RP %",
           "removed": "the layers each selection removes, per model and n",
+          "patch_gain": "dRP of LinearPatch over no patch on the cosine block and Block Influence's layers",
           "paper": "the LinearPatch paper's reported numbers beside lp's runs of the same models"}
 
 
