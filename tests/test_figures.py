@@ -182,8 +182,8 @@ def test_patch_gain_is_linearpatch_minus_no_patch_per_model_and_selection():
     recs.append(_zeroshot("a", "local_cpu", 200, 1, "none", 0.5))
     fig = figures.patch_gain(frame(recs))
     cos_ax, bi_ax = fig.axes
-    lines = lambda ax: {ln.get_label().split(" ")[0]: ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}  # noqa: E731
-    cos, bi = lines(cos_ax), lines(bi_ax)
+    cos, bi = ({ln.get_label().split(" ")[0]: ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+               for ax in (cos_ax, bi_ax))
     assert set(cos) == {"a", "b"} and set(bi) == {"a"}
     assert list(cos["a"].get_ydata()) == pytest.approx([(0.45 - 0.40) / 0.6 * 100] * 2)
     assert list(cos["b"].get_xdata()) == [1 / 4, 2 / 4]

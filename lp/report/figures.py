@@ -206,16 +206,16 @@ def depth_figures(df: pd.DataFrame) -> list[tuple[str, str, str]]:
         evals = [(e, h) for e, h in g.groupby("eval") if h["n"].nunique() > 1]
         evals.sort(key=lambda eh: (eh[1]["limit"].notna().all(), -len(eh[1]), eh[0]))  # whole splits, most records
         for i, (e, _) in enumerate(evals):
-            found.append((f"depth_{model}" if i == 0 else f"depth_{model}_{re.sub(r'[^A-Za-z0-9.-]+', '_', e).strip('_')}",
-                          model, e))
+            suffix = "" if i == 0 else "_" + re.sub(r"[^A-Za-z0-9.-]+", "_", e).strip("_")
+            found.append((f"depth_{model}{suffix}", model, e))
     return found
 
 
 def patch_gain(df: pd.DataFrame):
     """dRP of LinearPatch over no patch on the same layers (tables.gains) against the fraction of layers
-    removed, one panel per selection (the cosine block, Block Influence's layers), one line per model (its main evaluation, as :func:`depth_figures` names it),
-    with 95% paired bootstrap bands: where the patch helps, on which family, at which depth. None without a
-    pair (LinearPatch and none at one n) in any model."""
+    removed, one panel per selection (the cosine block, Block Influence's layers), one line per model (its main
+    evaluation, as :func:`depth_figures` names it), with 95% paired bootstrap bands: where the patch helps, on
+    which family, at which depth. None without a pair (LinearPatch and none at one n) in any model."""
     main = {model: e for name, model, e in depth_figures(df) if name == f"depth_{model}"}
     d = gains(df[(df["model"].map(main) == df["eval"])])
     if d.empty:
@@ -227,7 +227,8 @@ def patch_gain(df: pd.DataFrame):
     for ax, sel in zip(axes[0], GAIN_SELECTIONS):
         for model, g in d[d["metric"] == sel].sort_values("x").groupby("model"):
             L = int(g["num_layers"].iloc[0])
-            _band(ax, g["x"], g["drp"], g["drp_lo"], g["drp_hi"], color=colours[model], label=f"{model} (L={L}, {main[model]})")
+            _band(ax, g["x"], g["drp"], g["drp_lo"], g["drp_hi"], color=colours[model],
+                  label=f"{model} (L={L}, {main[model]})")
         ax.axhline(0, color="k", lw=0.8, ls=":")
         ax.set(xlabel="fraction of layers removed (n / L)", title=f"{sel}'s layers: LinearPatch minus no patch")
         if ax.lines[1:]:

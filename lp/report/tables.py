@@ -323,10 +323,11 @@ def patch_gain(df: pd.DataFrame) -> Table | None:
     d = gains(df)
     if d.empty:
         return None
-    cell = lambda r: f"{r.drp:+.2f} [{r.drp_lo:+.2f}, {r.drp_hi:+.2f}]" if pd.notna(r.drp_lo) else f"{r.drp:+.2f}"  # noqa: E731
-    d = d.assign(L=d["num_layers"].astype(int), cell=[cell(r) for r in d.itertuples()],
-                 column=[f"n={n}" for n in d["n"]])
-    first = d.sort_values("created").groupby(["model", "eval", "L", "metric", "column"])["cell"].last().unstack("column")
+    cells = [f"{r.drp:+.2f}" + (f" [{r.drp_lo:+.2f}, {r.drp_hi:+.2f}]" if pd.notna(r.drp_lo) else "")
+             for r in d.itertuples()]
+    d = d.assign(L=d["num_layers"].astype(int), cell=cells, column=[f"n={n}" for n in d["n"]])
+    first = d.sort_values("created").groupby(["model", "eval", "L", "metric", "column"])["cell"].last()
+    first = first.unstack("column")
     first = first[sorted(first.columns, key=lambda c: int(c[2:]))]
     t = Table(first, first.map(lambda _: float("nan")), ["model", "eval"], lower_is_better=False)
     t.no_best = list(first.columns)
