@@ -34,11 +34,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 
 def prefix_reuse_applies(model) -> bool:
     """Prefix reuse feeds a layer's dense input back as ``inputs_embeds``: only for families whose embeddings
-    enter layer 0 untransformed (the layout's ``prefix_reuse``) and whose layers are all of one type."""
+    enter layer 0 untransformed (the layout's ``prefix_reuse``)."""
     from .models import Layout
 
-    types = getattr(model.config, "layer_types", None) or []
-    return Layout(model).family.prefix_reuse and len(set(types)) <= 1
+    return Layout(model).family.prefix_reuse
 
 
 @contextmanager

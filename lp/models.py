@@ -9,7 +9,7 @@ import importlib.util
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +41,11 @@ SANDWICH = Family(post_branch_norms=("post_attention_layernorm", "post_feedforwa
 LAYOUTS: dict[str, Family] = {
     "llama": PRE_NORM, "mistral": PRE_NORM, "qwen2": PRE_NORM, "qwen3": PRE_NORM,
     "gemma": Family(),  # pre-norm, its embeddings scaled by sqrt(d) inside the model: no prefix reuse
-    "gemma2": SANDWICH, "gemma3_text": SANDWICH,
+    "gemma2": SANDWICH,  # its forward scales the embeddings by sqrt(d) after inputs_embeds: no prefix reuse
+    # Gemma 3 scales them inside embed_tokens (transformers' Gemma3TextScaledWordEmbedding), so a layer's dense
+    # input fed back as inputs_embeds enters as it is: prefix reuse holds (its sliding and full layers get their
+    # masks by type from the model's forward, a Skip layer needing none)
+    "gemma3_text": replace(SANDWICH, prefix_reuse=True),
     "phi3": Family(),  # pre-norm; not checked for prefix reuse
     "olmo2": Family(post_branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"), mlp_norm=None),
     "granite": Family(),  # pre-norm, its embeddings scaled by a multiplier inside the model: no prefix reuse

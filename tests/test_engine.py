@@ -10,13 +10,15 @@ from lp.engine import (PackedLM, PrefixStates, attention_kernel, attention_mask,
 from lp.models import LAYOUTS
 
 
-def _family_model(model_type: str):
+def _family_model(model_type: str, **config):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     cfg = tiny_config(model_type, layers=4)
     if hasattr(cfg, "sliding_window"):
         cfg.sliding_window = 6  # shorter than the requests: the sliding layers' mask is exercised
+    for k, v in config.items():
+        setattr(cfg, k, v)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -108,12 +110,17 @@ def test_groups_share_contexts_and_batches_keep_the_budget():
                     assert k < q and b.seg[r, q] == b.seg[r, k] and b.part[r, k] in (0, b.part[r, q])
 
 
-def test_prefix_states_give_the_same_scores_and_are_used():
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_prefix_states_give_the_same_scores_and_are_used(model_type):
     """States entering layer 2, captured while scoring the dense model, then reused for a pruned one (layers
-    from 2 removed): the same numbers as the pruned model run whole."""
+    from 2 removed): the same numbers as the pruned model run whole. Gemma 3: sliding and full layers mixed,
+    embeddings scaled inside embed_tokens."""
+    from lp.evaluation import prefix_reuse_applies
     from lp.pruning import pruned
 
-    model = _family_model("llama")
+    mixed = {"layer_types": ["sliding_attention", "full_attention"] * 2} if model_type == "gemma3_text" else {}
+    model = _family_model(model_type, **mixed)
+    assert prefix_reuse_applies(model)
     requests = _requests(seed=5)
     states = PrefixStates(2, 2**30)
     dense = _engine(model, requests, 64, 50, states)
