@@ -15,6 +15,11 @@ out=${1:?an output folder}; shift
 mkdir -p "$out"
 C="data.seqlen=2048 data.calib_samples=128 data.calib_batch_size=8 eval=local \
 eval.limit=null eval.max_windows=null eval.batch_size=4 ++eval.zeroshot_batch_size=16 logger=none progress=false"
+grid() {  # STEP SWEEP MODEL_OVERRIDES...: one depth file, resume=true
+  local step=$1 sweep=$2; shift 2
+  python3 -m experiments.batch experiments/sweeps/$sweep.txt "$@" $C results_dir=${RESULTS_DIR:-results} resume=true \
+    > "$out/$step.log" 2>&1
+}
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$out/gpu.txt" 2>&1
 for step in ${*:-engine evopress grid}; do
   echo "== $step start $(date -u +%T)"
@@ -28,14 +33,9 @@ for step in ${*:-engine evopress grid}; do
         model.device=cuda model.dtype=bfloat16 eval=local eval.limit=null eval.max_windows=null \
         ++eval.zeroshot_batch_size=16 logger=none progress=false > "$out/attention.log" 2>&1 ;;
     evopress) python3 -m experiments.bench.evopress --out "$out/bench_evopress_gpu.json" > "$out/evopress.log" 2>&1 ;;
-    grid|grid-0.5b|grid-gemma)
-      case $step in
-        grid) sweep=depth_qwen1.5b model=qwen2.5_coder_1.5b ;;
-        grid-0.5b) sweep=depth_qwen0.5b model="qwen2.5_coder_0.5b model.device=cuda model.dtype=bfloat16" ;;
-        grid-gemma) sweep=depth_gemma3_270m model="gemma3_270m model.device=cuda model.dtype=bfloat16" ;;
-      esac
-      python3 -m experiments.batch experiments/sweeps/$sweep.txt model=$model $C results_dir=${RESULTS_DIR:-results} \
-        resume=true > "$out/$step.log" 2>&1 ;;
+    grid) grid $step depth_qwen1.5b model=qwen2.5_coder_1.5b ;;
+    grid-0.5b) grid $step depth_qwen0.5b model=qwen2.5_coder_0.5b model.device=cuda model.dtype=bfloat16 ;;
+    grid-gemma) grid $step depth_gemma3_270m model=gemma3_270m model.device=cuda model.dtype=bfloat16 ;;
     *) echo "unknown step $step (engine, attention, evopress, grid, grid-0.5b, grid-gemma)"; continue ;;
   esac
   echo "== $step rc=$? end $(date -u +%T)"
