@@ -189,7 +189,8 @@ def test_a_distilled_run_is_labelled_with_how_much_it_trained():
 def test_labels_split_runs_whose_numbers_differ_by_basis_bos_or_metric_variant():
     """Settings that change the numbers but not the run's choices get their own row and label: LinearPatch in
     lp's own Hadamard basis ([H=paley]; records from before patch.hadamard existed were in it too), BOS forced on
-    or off ([bos=...]), and a metric's non-default variant; the defaults get no label."""
+    or off ([bos=...]), a metric's non-default variant, and a search with the patch in its loop ([in-loop]); the
+    defaults get no label."""
     configs = {
         "quarot": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}},
         "paley": {"patch": {"variant": "linearpatch", "hadamard": "paley"}},
@@ -197,6 +198,8 @@ def test_labels_split_runs_whose_numbers_differ_by_basis_bos_or_metric_variant()
         "bos": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "data": {"bos": True}},
         "auto": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "data": {"bos": "auto"}},
         "last": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "prune": {"token": "mean"}},
+        "loop": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "prune": {"in_loop": True}},
+        "posthoc": {"patch": {"variant": "linearpatch", "hadamard": "quarot"}, "prune": {"in_loop": False}},
     }
     runs = []
     for name, config in configs.items():
@@ -207,8 +210,9 @@ def test_labels_split_runs_whose_numbers_differ_by_basis_bos_or_metric_variant()
     got = {name: (row["data"], row["metric"], row["patch"]) for name, row in rows.items()}
     assert got == {"quarot": ("d", "cosine", "linearpatch"), "paley": ("d", "cosine", "linearpatch [H=paley]"),
                    "old": ("d", "cosine", "linearpatch [H=paley]"), "bos": ("d [bos=true]", "cosine", "linearpatch"),
-                   "auto": ("d", "cosine", "linearpatch"), "last": ("d", "cosine [mean]", "linearpatch")}
-    assert len(aggregate.frame(runs)) == 4  # quarot and auto share a row, as do paley and old
+                   "auto": ("d", "cosine", "linearpatch"), "last": ("d", "cosine [mean]", "linearpatch"),
+                   "loop": ("d", "cosine [in-loop]", "linearpatch"), "posthoc": ("d", "cosine", "linearpatch")}
+    assert len(aggregate.frame(runs)) == 5  # quarot, auto and posthoc share a row, as do paley and old
 
 
 def test_cost_table_puts_trained_parameters_and_minutes_beside_rp(tmp_path):

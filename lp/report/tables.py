@@ -65,6 +65,8 @@ def frame(records: list[dict], by: list[str] = ()) -> pd.DataFrame:
             value = _field(config, f"prune.{name}")
             if value not in (None, default):
                 row["metric"] += f" [{value}]"
+        if _field(config, "prune.in_loop"):  # EvoPress with the patch in its loop: another search, other layers
+            row["metric"] += " [in-loop]"
         basis = _field(config, "patch.hadamard") or ("paley" if _field(config, "patch.variant") else None)
         if r["patch"] == "linearpatch" and basis == "paley":  # lp's own basis (records before patch.hadamard too)
             row["patch"] += " [H=paley]"
