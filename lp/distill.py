@@ -116,8 +116,9 @@ class TeacherCache:
 
 # ------------------------------------------------------------------ loss
 def topk_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(p_teacher || q_student), q renormalised over the teacher's top-k tokens."""
-    log_q = F.log_softmax(student_logits.float().gather(-1, indices.long()), dim=-1)
+    """Mean over tokens of KL(p_teacher || q_student), q renormalised over the teacher's top-k tokens (the k
+    logits are gathered before the cast to float32: no float copy of the whole vocabulary is made)."""
+    log_q = F.log_softmax(student_logits.gather(-1, indices.long()).float(), dim=-1)
     p = teacher_probs.float()
     return (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
 

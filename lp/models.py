@@ -327,8 +327,8 @@ _CONFIGS: dict = {}  # model_config's parsed configs, by (file, size, mtime)
 
 
 def model_config(m: dict, field: str | None = None):
-    """(number of decoder layers, context length, hidden size, vocabulary size) from the model's config alone,
-    before its weights load (for a GGUF file: its header); with ``field``, that field of the config instead."""
+    """(number of decoder layers, context length, hidden size, vocabulary size, model type) from the model's
+    config alone, before its weights load (for a GGUF file: its header); with ``field``, that field instead."""
     from transformers import AutoConfig
 
     path, gguf = resolve_source(m["name_or_path"], m.get("gguf_file"), m.get("parts"), m.get("sha256"),
@@ -354,7 +354,7 @@ def model_config(m: dict, field: str | None = None):
     if field is not None:
         return getattr(cfg, field, None)
     return (cfg.num_hidden_layers, getattr(cfg, "max_position_embeddings", None), cfg.hidden_size,
-            getattr(cfg, "vocab_size", None))
+            getattr(cfg, "vocab_size", None), getattr(cfg, "model_type", None))
 
 
 @contextmanager

@@ -358,16 +358,16 @@ def patched_scores(ctx: SelectionContext) -> dict[int, float]:
         batch = samples[i : i + ctx.batch_size].to(device)
         logits = _logits_from(model, batch)
         target = batch[:, 1:]
-        if score == "kl":
-            top = logits(L)[:, :-1].float().topk(k, dim=-1)
-            teacher = (top.values.softmax(-1), top.indices)
+        if score == "kl":  # the top-k of the model's own logits (bfloat16 -> float32 is exact: same k tokens)
+            top = logits(L)[:, :-1].topk(k, dim=-1)
+            teacher = (top.values.float().softmax(-1), top.indices)
         for s in starts:
             with pruned(model, list(range(s, s + n)), make):
-                out = logits(s)[:, :-1].float()
+                out = logits(s)[:, :-1]
             if score == "kl":
                 value = topk_kl(out, *teacher).item() * target.numel()
-            else:
-                value = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="sum").item()
+            else:  # one window at a time in float32: a 262k vocabulary x 2048 tokens x 8 windows is 16 GiB
+                value = sum(F.cross_entropy(o.float(), t, reduction="sum").item() for o, t in zip(out, target))
             total[s] += value
         tokens += target.numel()
     mean = {s: v / tokens for s, v in total.items()}

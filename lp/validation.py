@@ -16,6 +16,7 @@ from .engine import ATTENTION, ENGINES
 from .export import gguf_problem
 from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
 from .keys import DISTILL_USES
+from .models import LAYOUTS
 from .modules import PRECISIONS
 from .patches import PATCHES
 from .selection import METRICS
@@ -161,9 +162,9 @@ MAX_RESAMPLES = 100_000
 
 
 def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None = None,
-             hidden_size: int | None = None, vocab_size: int | None = None) -> None:
+             hidden_size: int | None = None, vocab_size: int | None = None, model_type: str | None = None) -> None:
     """Checks that need no weights: the config alone, then (given them) the model's layer count, context,
-    hidden size and vocabulary. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the
+    hidden size, vocabulary and family. Each setting by its rule (:func:`_rules`, the metric's, the patch's, the
     distillation's), then how the choices go together (:func:`validate_choices`)."""
     p, d, e, dist = cfg["prune"], cfg["data"], cfg["eval"], cfg["distill"]
     L = num_layers if num_layers is not None else math.inf
@@ -190,6 +191,12 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     check(PATCHES[cfg["patch"]["variant"]].reads, cfg["patch"], "patch", f"patch={cfg['patch']['variant']}", bounds)
     check(DISTILL[dist["method"]], dist, "distill", f"distill.method={dist['method']}", bounds)
     validate_choices(cfg, hidden_size)
+    family = LAYOUTS.get(model_type)
+    if cfg["patch"]["variant"] == "replaceme" and family and any(
+            n.endswith("post_feedforward_layernorm") for n in family.post_branch_norms):
+        raise ValueError(f"patch=replaceme folds its map into mlp.down_proj, whose output a {model_type} layer "
+                         f"normalises (post_feedforward_layernorm) before adding it to the stream, so the map "
+                         f"cannot be folded there: use patch=lstsq (a least-squares map over the block, kept as a module)")
     if cfg.get("save_gguf") is not None:
         if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
             raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")

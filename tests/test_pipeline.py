@@ -1,6 +1,7 @@
 """The Hydra-composed pipeline on a tiny local model (fast), and once on the embedded default (slow)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lp import pipeline, workspace
+from lp.models import model_config
 from lp.records import load_outcomes
 from lp.records import load_records
-from tests.conftest import CONF, ROOT, cfg_for
+from tests.conftest import CONF, ROOT, cfg_for, tiny_model
 
 def _count(monkeypatch, name, calls):
     where = workspace if name == "load_model" else pipeline  # the workspace loads the model
@@ -201,6 +203,21 @@ def test_bad_config_values_give_clear_errors(tiny_dir, tmp_path, override, match
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         pipeline.run(cfg_for(tiny_dir, tmp_path, *override.split()), workspace=pipeline.Workspace())
     assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
+
+
+def test_replaceme_on_a_family_that_norms_the_mlp_output_fails_before_the_weights_load(tiny_dir, tmp_path,
+                                                                                          monkeypatch):
+    """Gemma 2/3 normalise the MLP's output before the add: ReplaceMe's fold into mlp.down_proj cannot hold, and
+    the model's config says so before any weight loads (the LLaMA folder passes the same check)."""
+    gemma = tmp_path / "gemma"
+    shutil.copytree(tiny_dir, gemma)
+    tiny_model("gemma3_text").config.save_pretrained(gemma)  # config.json only: nothing may read weights
+    monkeypatch.setattr(workspace, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    overrides = ("+experiment=replaceme", "prune.n=2")
+    with pytest.raises(ValueError, match=r"patch=replaceme folds its map into mlp.down_proj, whose output a "
+                                         r"gemma3_text layer normalises .* use patch=lstsq"):
+        pipeline.run(cfg_for(gemma, tmp_path, *overrides), workspace=pipeline.Workspace())
+    pipeline.validate(cfg_for(tiny_dir, tmp_path, *overrides), *model_config({"name_or_path": str(tiny_dir)}))
 
 
 def test_unknown_group_option_lists_the_valid_ones():
