@@ -93,6 +93,25 @@ def test_statistics_of_records_made_under_another_results_dir_are_found_beside_t
     assert figures.load(recs)[2] is None
 
 
+def test_the_figures_model_is_one_whose_statistics_are_at_hand(tmp_path):
+    """More records of another model, made elsewhere without their statistics, do not take the interface
+    figures away from the model whose statistics are saved; with none saved, the most common model is taken."""
+    import json
+
+    from lp.report import figures
+
+    recs = synthetic(tmp_path)  # five records of model "m", their statistics saved
+    for i in range(6):
+        r = record(2 + i % 3, "linearpatch", 20.0 + i, f"2026-02-0{i + 1}")
+        write_json(recs / f"other{i}.json", {**r, "run_id": f"other-{i}", "model": "other", "interfaces": [[1, 3]],
+                                             "calib_stats": "/gpu/results/stats/calib_gone.pt"})
+    records, df, stats, same = figures.load(recs)
+    assert {r["model"] for r in records} == set(df["model"]) == {"m"} and stats is not None and len(same) == 5
+    (tmp_path / "stats.pt").unlink()
+    records, df, stats, _ = figures.load(recs)
+    assert {r["model"] for r in records} == {"other"} and len(records) == 6 and stats is None
+
+
 def _outcomes(p_dense, p_pruned, n=40):
     """Per-document 0/1 outcomes of one task, dense and pruned, right on the first p * n documents."""
     doc = lambda p: {"ids": list(range(n)), "acc": [1 if i < p * n else 0 for i in range(n)], "acc_norm": None}  # noqa: E731

@@ -7,7 +7,8 @@
 # same settings, in bfloat16 on the GPU as the 1.5B's config has it (two such scripts may share one GPU: the small
 # models leave most of it idle).
 # A model is found as its model= config finds it (~/.cache/lp/models/, SHA-256 checked); records go to
-# $RESULTS_DIR (default results/; the grid's run ids are those of the same command anywhere); logs and the
+# $RESULTS_DIR (default results/; the grid's run ids are those of the same command anywhere; resume=true skips
+# only runs whose records are there, so copy results/records into another RESULTS_DIR first); logs and the
 # benchmarks to OUT_DIR. FP32_LIMIT: documents a task for the float32 comparison (default 250); ATTENTION: the
 # engine step's kernels (default sdpa,flex); TOKEN_BUDGETS: its lp token budgets (default: the config's, 16384).
 set -uo pipefail

@@ -24,6 +24,7 @@ figures inline.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -293,22 +294,24 @@ def methods(df: pd.DataFrame):
 
 def load(records_dir: str | Path | list[dict], stats_dir: str | Path | None = None
          ) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
-    """Records (of a folder, or given), their table (one model and data set: the most common), the calibration
-    statistics of the first LinearPatch run (or of the first record; None if not saved; found as
-    :func:`stats_path` finds them, ``stats_dir`` by default the stats/ beside a records folder) and the records
-    that share them."""
+    """Records (of a folder, or given), their table (one model and data set: the most common among the records
+    whose calibration statistics are at hand, else the most common), the calibration statistics of the first
+    LinearPatch run (or of the first record; None if not saved; found as :func:`stats_path` finds them,
+    ``stats_dir`` by default the stats/ beside a records folder) and the records that share them."""
     records = records_dir if isinstance(records_dir, list) else load_records(records_dir)
     if not records:
         raise SystemExit(f"--records {'(the records given)' if isinstance(records_dir, list) else records_dir}: "
                          f"no complete records found")
-    df = frame(records)
-    # one model and calibration data (the most common); each figure takes its own evaluation (_top)
-    top = df.groupby(["model", "data"]).size().idxmax()
-    df = df[(df["model"] == top[0]) & (df["data"] == top[1])]
-    records = [r for r in records if (r["model"], r["data"]) == top]
     if stats_dir is None and not isinstance(records_dir, list):
         stats_dir = Path(records_dir).parent / "stats"
     stats_of = lambda r: stats_path(r, stats_dir)  # noqa: E731
+    # one model and calibration data; each figure takes its own evaluation (_top). Records brought back from a
+    # GPU without their statistics must not take the interface figures away from a model that has them.
+    pool = [r for r in records if stats_of(r) is not None] or records
+    top = Counter((r["model"], r["data"]) for r in pool).most_common(1)[0][0]
+    df = frame(records)
+    df = df[(df["model"] == top[0]) & (df["data"] == top[1])]
+    records = [r for r in records if (r["model"], r["data"]) == top]
     path = stats_of((_linearpatch_runs(records) or records)[0])
     stats = BoundaryStats.load(path) if path is not None else None
     return records, df, stats, [r for r in records if path is not None and stats_of(r) == path]
