@@ -186,10 +186,10 @@ def replaceme_patch(ctx: PatchContext, s: int, e: int) -> Fold:
     if s == 0:
         raise ValueError("patch=replaceme folds its map into layer s-1, but the block starts at layer 0: use a "
                          "selection whose block starts at 1 or later (ReplaceMe's own starts at 1 or later)")
-    layer = unwrap(Layout(ctx.model).layers[s - 1])
+    layout = Layout(ctx.model)
+    layer = unwrap(layout.layers[s - 1])
     names = dict(layer.named_modules())
-    if not isinstance(names.get("mlp.down_proj"), nn.Linear) or any(n.endswith("post_feedforward_layernorm")
-                                                                      for n in names):
+    if not isinstance(names.get("mlp.down_proj"), nn.Linear) or layout.family.post_branch_norms:
         raise ValueError(f"patch=replaceme needs layers whose MLP ends in mlp.down_proj added to the stream "
                          f"(LLaMA, Qwen, Mistral layouts); {type(layer).__name__} does not")
     got = {}

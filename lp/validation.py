@@ -191,9 +191,8 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     check(PATCHES[cfg["patch"]["variant"]].reads, cfg["patch"], "patch", f"patch={cfg['patch']['variant']}", bounds)
     check(DISTILL[dist["method"]], dist, "distill", f"distill.method={dist['method']}", bounds)
     validate_choices(cfg, hidden_size)
-    family = LAYOUTS.get(model_type)
-    if cfg["patch"]["variant"] == "replaceme" and family and any(
-            n.endswith("post_feedforward_layernorm") for n in family.post_branch_norms):
+    family = LAYOUTS.get(model_type)  # the family trait patch=replaceme refuses once the model is loaded
+    if cfg["patch"]["variant"] == "replaceme" and family and family.post_branch_norms:
         raise ValueError(f"patch=replaceme folds its map into mlp.down_proj, whose output a {model_type} layer "
                          f"normalises (post_feedforward_layernorm) before adding it to the stream, so the map "
                          f"cannot be folded there: use patch=lstsq (a least-squares map over the block, kept as a module)")
