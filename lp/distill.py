@@ -99,9 +99,9 @@ class TeacherCache:
         device = next(teacher.parameters()).device
         for i in tqdm(missing, desc="teacher top-k", disable=not progress):
             batch = samples[i * self.shard_size : (i + 1) * self.shard_size].to(device)
-            logits = teacher(input_ids=batch, use_cache=False).logits.float()
-            top = logits.topk(self.k, dim=-1)
-            shard = {"probs": top.values.softmax(-1).half().cpu(), "indices": top.indices.int().cpu()}
+            # the top-k of the model's own logits, then float32 (bfloat16 -> float32 is exact: the same k values)
+            top = teacher(input_ids=batch, use_cache=False).logits.topk(self.k, dim=-1)
+            shard = {"probs": top.values.float().softmax(-1).half().cpu(), "indices": top.indices.int().cpu()}
             atomic_write(self.shard_path(i), lambda tmp: torch.save(shard, tmp))
         write_json(self.root / "meta.json", self.meta)
         return self

@@ -87,8 +87,9 @@ class KLFitness:
         with torch.no_grad(), layer_output_kind(model) as returns:
             for i in range(0, n, batch_size):
                 batch = samples[i : i + batch_size]
-                logits = model(input_ids=batch.to(module_device(model)), use_cache=False).logits.float()
-                self.teacher.extend(self._target(logits[j]) for j in range(len(batch)))
+                logits = model(input_ids=batch.to(module_device(model)), use_cache=False).logits
+                # one sample at a time in float32: no float copy of the whole batch's vocabulary (Gemma-3: 16 GiB)
+                self.teacher.extend(self._target(logits[j].float()) for j in range(len(batch)))
                 if states:
                     hs = next(iter(stream_boundaries(model, batch, len(batch), progress=False)))
                     for b in states:

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .calibration import BoundaryStats, stream_boundaries
-from .evaluation import Prefix, layer_output_kind, perplexity, prefix_budget, prefix_reuse_applies
+from .evaluation import Prefix, layer_output_kind, perplexity, prefix_budget, prefix_reuse_applies, summed_nll
 from .keys import USES
 from .pruning import pruned
 from .settings import Flag, Fraction, Int, Ints, OneOf, read
@@ -366,8 +365,8 @@ def patched_scores(ctx: SelectionContext) -> dict[int, float]:
                 out = logits(s)[:, :-1]
             if score == "kl":
                 value = topk_kl(out, *teacher).item() * target.numel()
-            else:  # one window at a time in float32: a 262k vocabulary x 2048 tokens x 8 windows is 16 GiB
-                value = sum(F.cross_entropy(o.float(), t, reduction="sum").item() for o, t in zip(out, target))
+            else:
+                value = summed_nll(out, target)
             total[s] += value
         tokens += target.numel()
     mean = {s: v / tokens for s, v in total.items()}
