@@ -2,6 +2,7 @@
 
     python -m experiments.figures                      # reads runs/records, writes runs/figures/
     python -m experiments.figures --results results    # the committed records, into results/figures/
+    python -m experiments.figures --results results --model qwen2.5-coder-0.5b --out /tmp/figs   # another model's
 """
 import argparse
 from pathlib import Path
@@ -10,6 +11,16 @@ from lp.records import load_records
 from lp.report.figures import (cosine, depth, depth_figures, load, magnitude, methods, outliers, patch_gain, patches,
                                ppl_vs_n, save, selection_scores)
 from lp.report.tables import frame, paper_rows
+
+
+def main_model() -> str:
+    """The record name of the model the main job runs: conf/config.yaml's default model."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.batch import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config").model.name
 
 
 def main(argv=None) -> list[Path]:
@@ -21,6 +32,9 @@ def main(argv=None) -> list[Path]:
                     "results: the committed records)")
     ap.add_argument("--records", help="default: RESULTS/records")
     ap.add_argument("--out", help="default: RESULTS/figures")
+    ap.add_argument("--model", help="the model (a record's model name) of the figures of one model: the interface, "
+                    "methods, patches and PPL figures (default: the main job's when it has records, else the most "
+                    "common among the records whose calibration statistics are at hand)")
     a = ap.parse_args(argv)
     a.records = a.records or str(Path(a.results) / "records")
     a.out = a.out or str(Path(a.results) / "figures")
@@ -28,7 +42,8 @@ def main(argv=None) -> list[Path]:
     if not every:
         raise SystemExit(f"--records {a.records}: no complete records found")
     stats_dir = Path(a.records).parent / "stats"  # the statistics beside the records (records name them)
-    records, df, stats, same = load(every, stats_dir)
+    model = a.model or next((m for m in [main_model()] if any(r["model"] == m for r in every)), None)
+    records, df, stats, same = load(every, stats_dir, model)
     out = Path(a.out)
     written = save(ppl_vs_n(df), out, "ppl_vs_n") + save(patches(df), out, "patches")
     written += save(methods(df), out, "methods")

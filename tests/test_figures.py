@@ -215,3 +215,23 @@ def test_patch_gain_is_linearpatch_minus_no_patch_per_model_and_selection():
     assert cells.loc[("a", "local", 6, "cosine"), "n=2"].startswith(f"{(0.45 - 0.40) / 0.6 * 100:+.2f} [")
     assert cells.loc[("a", "local_cpu", 6, "cosine"), "n=1"].startswith(f"{(0.1 - 0.5) / 0.6 * 100:+.2f} [")
     assert isinstance(cells.loc[("b", "local", 4, "cosine"), "n=2"], str) and len(cells) == 4
+
+
+def test_the_figures_of_one_model_take_the_model_asked_for(tmp_path):
+    """--model picks the one-model figures' model whatever the counts (the main job's by default, so that records
+    brought back from a GPU with their statistics do not move the documented figures to another model); a model
+    with no records is refused by name."""
+    from experiments.figures import main_model
+    from lp.report import figures
+
+    recs = synthetic(tmp_path)  # five records of model "m", their statistics saved
+    for i in range(6):
+        r = record(2 + i % 3, "linearpatch", 20.0 + i, f"2026-02-0{i + 1}")
+        write_json(recs / f"other{i}.json", {**r, "run_id": f"other-{i}", "model": "other", "interfaces": [[1, 3]],
+                                             "calib_stats": str(tmp_path / "stats.pt")})
+    assert {r["model"] for r in figures.load(recs)[0]} == {"other"}  # the most common
+    records, df, stats, same = figures.load(recs, model="m")
+    assert {r["model"] for r in records} == set(df["model"]) == {"m"} and stats is not None and len(same) == 5
+    with pytest.raises(SystemExit, match="--model nothing: no complete records of that model.*'m', 'other'"):
+        figures.load(recs, model="nothing")
+    assert main_model() == "smollm2-135m"  # conf/config.yaml's default model, as its record names it

@@ -292,16 +292,22 @@ def methods(df: pd.DataFrame):
     return fig
 
 
-def load(records_dir: str | Path | list[dict], stats_dir: str | Path | None = None
+def load(records_dir: str | Path | list[dict], stats_dir: str | Path | None = None, model: str | None = None
          ) -> tuple[list[dict], pd.DataFrame, BoundaryStats | None, list[dict]]:
-    """Records (of a folder, or given), their table (one model and data set: the most common among the records
-    whose calibration statistics are at hand, else the most common), the calibration statistics of the first
-    LinearPatch run (or of the first record; None if not saved; found as :func:`stats_path` finds them,
-    ``stats_dir`` by default the stats/ beside a records folder) and the records that share them."""
+    """Records (of a folder, or given), their table (one model and data set: ``model``'s, else the most common
+    model among the records whose calibration statistics are at hand, else the most common; then its most common
+    data set likewise), the calibration statistics of the first LinearPatch run (or of the first record; None if
+    not saved; found as :func:`stats_path` finds them, ``stats_dir`` by default the stats/ beside a records
+    folder) and the records that share them."""
     records = records_dir if isinstance(records_dir, list) else load_records(records_dir)
     if not records:
         raise SystemExit(f"--records {'(the records given)' if isinstance(records_dir, list) else records_dir}: "
                          f"no complete records found")
+    if model is not None:
+        if not (mine := [r for r in records if r["model"] == model]):
+            raise SystemExit(f"--model {model}: no complete records of that model; models with records: "
+                             f"{sorted({r['model'] for r in records})}")
+        records = mine
     if stats_dir is None and not isinstance(records_dir, list):
         stats_dir = Path(records_dir).parent / "stats"
     stats_of = lambda r: stats_path(r, stats_dir)  # noqa: E731
