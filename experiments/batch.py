@@ -7,6 +7,7 @@ status is 1 if any failed.
 
     python -m experiments.batch experiments/sweeps/qwen1.5b_n7.txt model=qwen2.5_coder_1.5b   # extra overrides: every run
     python -m experiments.batch --pending FILE OVERRIDES...   # the lines without a complete record; nothing runs
+    python -m experiments.batch --part 2/3 FILE OVERRIDES...  # lines 2, 5, 8, ...: one of three processes
 """
 import argparse
 import logging
@@ -50,6 +51,17 @@ def missing(cfg: dict) -> str | None:
         return str(e)
 
 
+def part_of(text: str) -> tuple[int, int]:
+    """``K/N`` (1 <= K <= N) as (K, N): the K-th of N shares of a file's runs."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--part {text!r}: give K/N with whole numbers, e.g. --part 1/2") from None
+    if not 1 <= k <= n:
+        raise SystemExit(f"--part {text}: K must be 1..N (N={n})")
+    return k, n
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,20 +69,28 @@ def main(argv=None) -> int:
     ap.add_argument("common", nargs="*", help="overrides for every run (before each line's own)")
     ap.add_argument("--pending", action="store_true",
                     help="list the runs that have no complete record in results_dir (what resume=true would run)")
+    ap.add_argument("--part", default="1/1", metavar="K/N",
+                    help="only runs K, K+N, K+2N, ... of the file (default 1/1: all): N processes share a file, on "
+                    "one GPU or as a SLURM array (--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT, --array=1-N); "
+                    "each run's record is the one the whole file would write")
     a = ap.parse_args(argv)
+    k, n = part_of(a.part)
     failed = []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        lines = runs_of(a.file)
         runs = [OmegaConf.to_container(compose("config", overrides=[*a.common, *line]), resolve=True)
-                for line in runs_of(a.file)]
+                for line in lines]
         for cfg in runs:  # every run composed and checked first: a bad line stops the batch before any weights load
             validate(cfg, *model_config(cfg["model"]))
+        mine = range(k - 1, len(runs), n)
         if a.pending:
-            todo = [(i, why) for i, cfg in enumerate(runs) if (why := missing(cfg))]
+            todo = [(i, why) for i in mine if (why := missing(runs[i]))]
             for i, why in todo:
-                print(f"run {i + 1}: {' '.join(runs_of(a.file)[i])}   ({why})")
-            print(f"[batch] {len(todo)} of {len(runs)} runs have no complete record", flush=True)
+                print(f"run {i + 1}: {' '.join(lines[i])}   ({why})")
+            print(f"[batch] {len(todo)} of {len(mine)} runs have no complete record", flush=True)
             return 0
-        for i, cfg in enumerate(runs):
+        for i in mine:
+            cfg = runs[i]
             t = time.perf_counter()
             try:
                 run(cfg, group=Path(a.file).stem)

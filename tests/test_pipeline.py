@@ -685,6 +685,33 @@ def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, 
     assert "1 of 3 runs have no complete record" in out and len(load_records(tmp_path / "records")) == 2 and loads == [1]
 
 
+def test_batch_parts_share_a_file_and_write_the_whole_files_records(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--part K/N runs lines K, K+N, ...: N processes (one GPU, a SLURM array) share a file, and together they
+    write the records the whole file would; a malformed part is refused before anything is composed."""
+    from experiments import batch
+
+    monkeypatch.setattr(pipeline, "WORKSPACE", pipeline.Workspace())
+    common = [f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
+              "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval=ppl", "eval.max_windows=3",
+              "eval.batch_size=2", "progress=false"]
+    runs = tmp_path / "runs.txt"
+    runs.write_text("prune=cosine patch=none prune.n=2\nprune=cosine patch=linearpatch prune.n=2\n"
+                    "prune=block_influence patch=none prune.n=1\n")
+    assert batch.main(["--part", "1/2", str(runs), *common, f"results_dir={tmp_path}"]) == 0
+    assert [r["metric"] for r in sorted(load_records(tmp_path / "records"), key=lambda r: r["n"])] \
+        == ["block_influence", "cosine"]  # lines 1 and 3
+    capsys.readouterr()
+    assert batch.main(["--pending", "--part", "2/2", str(runs), *common, f"results_dir={tmp_path}"]) == 0
+    assert "run 2: prune=cosine patch=linearpatch prune.n=2   (no record)" in capsys.readouterr().out
+    assert batch.main(["--part", "2/2", str(runs), *common, f"results_dir={tmp_path}"]) == 0
+    capsys.readouterr()
+    assert batch.main(["--pending", str(runs), *common, f"results_dir={tmp_path}"]) == 0  # the whole file: done
+    assert "0 of 3 runs have no complete record" in capsys.readouterr().out
+    for bad in ("3/2", "0/2", "half"):
+        with pytest.raises(SystemExit, match=f"--part {bad}|--part '{bad}'"):
+            batch.main(["--part", bad, str(runs), *common])
+
+
 def test_a_run_validates_its_config_once_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
     calls = []
     _count(monkeypatch, "validate", calls)

@@ -11,15 +11,23 @@
 # only runs whose records are there, so copy results/records into another RESULTS_DIR first); logs and the
 # benchmarks to OUT_DIR. FP32_LIMIT: documents a task for the float32 comparison (default 250); ATTENTION: the
 # engine step's kernels (default sdpa,flex); TOKEN_BUDGETS: its lp token budgets (default: the config's, 16384).
+# PARTS: processes a grid step runs side by side on the GPU (default 1), each a share of the file
+# (experiments.batch --part K/PARTS; logs STEP.K.log): the small models leave one process's GPU mostly idle.
+# Two grid-gemma processes beside two grid-0.5b ones filled an H100 (80,706 MiB used, 2026-12-07, before perplexity
+# and the EvoPress teacher stopped casting a whole batch of logits to float32).
 set -uo pipefail
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # processes sharing a GPU
 out=${1:?an output folder}; shift
 mkdir -p "$out"
 C="data.seqlen=2048 data.calib_samples=128 data.calib_batch_size=8 eval=local \
 eval.limit=null eval.max_windows=null eval.batch_size=4 ++eval.zeroshot_batch_size=16 logger=none progress=false"
-grid() {  # STEP SWEEP MODEL_OVERRIDES...: one depth file, resume=true
-  local step=$1 sweep=$2; shift 2
-  python3 -m experiments.batch experiments/sweeps/$sweep.txt "$@" $C results_dir=${RESULTS_DIR:-results} resume=true \
-    > "$out/$step.log" 2>&1
+grid() {  # STEP SWEEP MODEL_OVERRIDES...: one depth file, resume=true, in PARTS processes
+  local step=$1 sweep=$2 parts=${PARTS:-1} k; shift 2
+  for k in $(seq 1 "$parts"); do
+    python3 -m experiments.batch --part "$k/$parts" experiments/sweeps/$sweep.txt "$@" $C \
+      results_dir=${RESULTS_DIR:-results} resume=true > "$out/$step.$k.log" 2>&1 &
+  done
+  wait
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$out/gpu.txt" 2>&1
 for step in ${*:-engine evopress grid}; do
