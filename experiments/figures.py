@@ -42,7 +42,8 @@ def main(argv=None) -> list[Path]:
     if not every:
         raise SystemExit(f"--records {a.records}: no complete records found")
     stats_dir = Path(a.records).parent / "stats"  # the statistics beside the records (records name them)
-    model = a.model or next((m for m in [main_model()] if any(r["model"] == m for r in every)), None)
+    main_job = main_model()
+    model = a.model or (main_job if any(r["model"] == main_job for r in every) else None)
     records, df, stats, same = load(every, stats_dir, model)
     out = Path(a.out)
     written = save(ppl_vs_n(df), out, "ppl_vs_n") + save(patches(df), out, "patches")
