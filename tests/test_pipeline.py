@@ -659,6 +659,13 @@ def test_a_local_model_changed_in_place_is_a_new_run_with_fresh_caches(tiny_dir,
     assert len(load_records(tmp_path / "res" / "records")) == 2
 
 
+def batch_overrides(tiny_dir, results) -> list[str]:
+    """A batch's common overrides: the tiny model, small calibration, perplexity only, records in ``results``."""
+    return [f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
+            "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval=ppl", "eval.max_windows=3",
+            "eval.batch_size=2", f"results_dir={results}", "progress=false"]
+
+
 def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, tmp_path, monkeypatch, capsys):
     from experiments import batch
 
@@ -666,9 +673,7 @@ def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, 
     real = workspace.load_model
     monkeypatch.setattr(workspace, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
     monkeypatch.setattr(pipeline, "WORKSPACE", pipeline.Workspace())
-    common = [f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
-              "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval=ppl", "eval.max_windows=3",
-              "eval.batch_size=2", f"results_dir={tmp_path}", "progress=false", "prune.n=2"]
+    common = [*batch_overrides(tiny_dir, tmp_path), "prune.n=2"]
     runs = tmp_path / "runs.txt"
     runs.write_text("# two methods\nprune=cosine patch=none\nprune=block_influence patch=linearpatch  # LP[S]\n")
     assert batch.main([str(runs), *common]) == 0
@@ -691,21 +696,19 @@ def test_batch_parts_share_a_file_and_write_the_whole_files_records(tiny_dir, tm
     from experiments import batch
 
     monkeypatch.setattr(pipeline, "WORKSPACE", pipeline.Workspace())
-    common = [f"model.name_or_path={tiny_dir}", "model.gguf_file=null", "model.name=tiny", "logger=none",
-              "data.calib_samples=4", "data.seqlen=32", "data.calib_batch_size=2", "eval=ppl", "eval.max_windows=3",
-              "eval.batch_size=2", "progress=false"]
+    common = batch_overrides(tiny_dir, tmp_path)
     runs = tmp_path / "runs.txt"
     runs.write_text("prune=cosine patch=none prune.n=2\nprune=cosine patch=linearpatch prune.n=2\n"
                     "prune=block_influence patch=none prune.n=1\n")
-    assert batch.main(["--part", "1/2", str(runs), *common, f"results_dir={tmp_path}"]) == 0
+    assert batch.main(["--part", "1/2", str(runs), *common]) == 0
     assert [r["metric"] for r in sorted(load_records(tmp_path / "records"), key=lambda r: r["n"])] \
         == ["block_influence", "cosine"]  # lines 1 and 3
     capsys.readouterr()
-    assert batch.main(["--pending", "--part", "2/2", str(runs), *common, f"results_dir={tmp_path}"]) == 0
+    assert batch.main(["--pending", "--part", "2/2", str(runs), *common]) == 0
     assert "run 2: prune=cosine patch=linearpatch prune.n=2   (no record)" in capsys.readouterr().out
-    assert batch.main(["--part", "2/2", str(runs), *common, f"results_dir={tmp_path}"]) == 0
+    assert batch.main(["--part", "2/2", str(runs), *common]) == 0
     capsys.readouterr()
-    assert batch.main(["--pending", str(runs), *common, f"results_dir={tmp_path}"]) == 0  # the whole file: done
+    assert batch.main(["--pending", str(runs), *common]) == 0  # the whole file: done
     assert "0 of 3 runs have no complete record" in capsys.readouterr().out
     for bad in ("3/2", "0/2", "half"):
         with pytest.raises(SystemExit, match=f"--part {bad}|--part '{bad}'"):

@@ -21,13 +21,15 @@ out=${1:?an output folder}; shift
 mkdir -p "$out"
 C="data.seqlen=2048 data.calib_samples=128 data.calib_batch_size=8 eval=local \
 eval.limit=null eval.max_windows=null eval.batch_size=4 ++eval.zeroshot_batch_size=16 logger=none progress=false"
-grid() {  # STEP SWEEP MODEL_OVERRIDES...: one depth file, resume=true, in PARTS processes
-  local step=$1 sweep=$2 parts=${PARTS:-1} k; shift 2
+grid() {  # STEP SWEEP MODEL_OVERRIDES...: one depth file, resume=true, in PARTS processes; 1 if any failed
+  local step=$1 sweep=$2 parts=${PARTS:-1} k pids=() rc=0; shift 2
   for k in $(seq 1 "$parts"); do
     python3 -m experiments.batch --part "$k/$parts" experiments/sweeps/$sweep.txt "$@" $C \
       results_dir=${RESULTS_DIR:-results} resume=true > "$out/$step.$k.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  for k in "${pids[@]}"; do wait "$k" || rc=1; done
+  return $rc
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$out/gpu.txt" 2>&1
 for step in ${*:-engine evopress grid}; do
