@@ -5,6 +5,7 @@
     python -m experiments.run -m patch=none,diag,linearpatch prune.n=3,5,7
 """
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,11 @@ def folder(value) -> str:
     Hydra makes any folder (it would make /hydra/<time> at the file system's root)."""
     if value is None or not str(value).strip():
         raise ValueError(f"results_dir={value!r} is not valid: it must be a folder path (default: runs)")
+    path = Path(str(value)).expanduser()
+    there = next(p for p in (path, *path.parents) if p.exists())  # the part of the path that exists already
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"results_dir={value!r} is not valid: {there} is {'a file' if not there.is_dir() else 'not writable'}"
+                         f"; it must be a folder lp can write into (or make)")
     return str(value)
 
 

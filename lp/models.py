@@ -391,6 +391,16 @@ _GGUF_READERS: dict = {}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model", "vocab.txt")
 
 
+def device_problem(device) -> str | None:
+    """Why ``device`` (model.device) names no torch device, or None. Whether one is present is asked where the
+    run starts (lp.pipeline.run), not here: a batch is checked on a login node without a GPU too."""
+    try:
+        torch.device(device)
+        return None
+    except (RuntimeError, TypeError) as e:
+        return f"is not valid: it must be a torch device (cpu, cuda, cuda:1, mps, ...), and torch says: {e}"
+
+
 def load_model(
     name_or_path: str,
     gguf_file: str | None = None,

@@ -16,7 +16,7 @@ from .engine import ATTENTION, ENGINES
 from .export import gguf_problem
 from .hadamard import CONSTRUCTIONS, OFFICIAL, is_supported
 from .keys import DISTILL_USES
-from .models import LAYOUTS
+from .models import DTYPES, LAYOUTS, device_problem
 from .modules import PRECISIONS
 from .patches import PATCHES
 from .selection import METRICS
@@ -196,6 +196,11 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
         raise ValueError(f"patch=replaceme folds its map into mlp.down_proj, whose output a {model_type} layer "
                          f"normalises (post_feedforward_layernorm) before adding it to the stream, so the map "
                          f"cannot be folded there: use patch=lstsq (a least-squares map over the block, kept as a module)")
+    model = cfg["model"]
+    if model.get("dtype") not in DTYPES:
+        raise ValueError(f"model.dtype={model.get('dtype')!r} is not valid: it must be one of {sorted(DTYPES)}")
+    if model.get("device_map") is None and (why := device_problem(model.get("device"))):
+        raise ValueError(f"model.device={model.get('device')!r} {why}")
     if cfg.get("save_gguf") is not None:
         if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
             raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")

@@ -227,6 +227,8 @@ def test_resume_redoes_a_run_whose_record_is_damaged(tiny_dir, tmp_path, caplog)
     ("data.calib_samples=100000", r"data.calib_samples=100000 is not valid"),
     ("resume=yes", r"resume='yes' is not valid: it must be true or false"),
     ("prune.indices=5", r"prune.indices=5 must be a list"),
+    ("model.device=tpu", r"model.device='tpu' is not valid: it must be a torch device"),
+    ("model.dtype=float7", r"model.dtype='float7' is not valid: it must be one of"),
 ])
 def test_what_the_config_can_tell_is_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch, override,
                                                                       message):
@@ -354,6 +356,16 @@ def test_an_empty_results_dir_makes_no_folder_anywhere(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "results_dir='' is not valid: it must be a folder path" in out.stderr
     assert list(tmp_path.iterdir()) == [] and root_hydra.exists() == before
+
+
+def test_a_results_dir_that_is_a_file_is_named_before_hydra_writes(tmp_path):
+    from experiments.run import folder
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"results_dir='.*afile/runs' is not valid: .*afile is a file"):
+        folder(str(tmp_path / "afile" / "runs"))
+    assert folder(str(tmp_path / "new" / "runs")) == str(tmp_path / "new" / "runs")  # a folder to make is fine
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_model_folder_without_its_tokenizer_is_named(tiny_dir, tmp_path):
