@@ -5,7 +5,6 @@
     python -m experiments.run -m patch=none,diag,linearpatch prune.n=3,5,7
 """
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -14,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lp.pipeline import run
+from lp.settings import Path_, check_value
 
 log = logging.getLogger("experiments.run")
 
@@ -23,11 +23,7 @@ def folder(value) -> str:
     Hydra makes any folder (it would make /hydra/<time> at the file system's root)."""
     if value is None or not str(value).strip():
         raise ValueError(f"results_dir={value!r} is not valid: it must be a folder path (default: runs)")
-    path = Path(str(value)).expanduser()
-    there = next(p for p in (path, *path.parents) if p.exists())  # the part of the path that exists already
-    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
-        raise ValueError(f"results_dir={value!r} is not valid: {there} is {'a file' if not there.is_dir() else 'not writable'}"
-                         f"; it must be a folder lp can write into (or make)")
+    check_value(Path_(), str(value), "results_dir")  # a file or an unwritable folder, named before Hydra writes
     return str(value)
 
 

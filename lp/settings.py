@@ -10,7 +10,9 @@ length), given to :func:`check` as ``bounds``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,17 @@ class Fraction:
 
 @dataclass(frozen=True)
 class Path_:
-    """A folder lp writes into: a non-empty path."""
+    """A folder lp writes into: a non-empty path whose part that exists already is a writable folder."""
 
     def problem(self, value, bounds: dict):
-        ok = isinstance(value, str) and value.strip() != ""
-        return None if ok else "is not valid: it must be a folder's path (runs, results, /scratch/lp, ...), not empty"
+        if not isinstance(value, str) or value.strip() == "":
+            return "is not valid: it must be a folder's path (runs, results, /scratch/lp, ...), not empty"
+        path = Path(value).expanduser()
+        there = next(p for p in (path, *path.parents) if p.exists())
+        if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+            return (f"is not valid: {there} is {'a file' if not there.is_dir() else 'not writable'}; it must be a "
+                    f"folder lp can write into (or make)")
+        return None
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def _rules() -> dict:
                      "bos": OneOf(data_lib.BOS_CHOICES)},
             "eval": {"max_windows": Int(1, none_ok=True), "batch_size": Int(1), "prefix_reuse": Flag(),
                      "rp_metric": OneOf(RP_METRICS), "engine": OneOf(ENGINES), "token_budget": Int(1)},
-            "logger": {"backend": OneOf(BACKENDS)}}
+            "logger": {"backend": OneOf(BACKENDS)}, "model": {"dtype": OneOf(tuple(DTYPES))}}
 
 
 OPTIONAL = {  # settings that mean something when left out, said where they are read
@@ -197,8 +197,6 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
                          f"normalises (post_feedforward_layernorm) before adding it to the stream, so the map "
                          f"cannot be folded there: use patch=lstsq (a least-squares map over the block, kept as a module)")
     model = cfg["model"]
-    if model.get("dtype") not in DTYPES:
-        raise ValueError(f"model.dtype={model.get('dtype')!r} is not valid: it must be one of {sorted(DTYPES)}")
     if model.get("device_map") is None and (why := device_problem(model.get("device"))):
         raise ValueError(f"model.device={model.get('device')!r} {why}")
     if cfg.get("save_gguf") is not None:
