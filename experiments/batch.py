@@ -8,6 +8,7 @@ status is 1 if any failed.
     python -m experiments.batch experiments/sweeps/qwen1.5b_n7.txt model=qwen2.5_coder_1.5b   # extra overrides: every run
     python -m experiments.batch --pending FILE OVERRIDES...   # the lines without a complete record; nothing runs
     python -m experiments.batch --part 2/3 FILE OVERRIDES...  # lines 2, 5, 8, ...: one of three processes
+    python -m experiments.batch --runs 86,96 FILE OVERRIDES...  # only these runs (numbered as --pending lists them)
 """
 import argparse
 import logging
@@ -62,6 +63,19 @@ def part_of(text: str) -> tuple[int, int]:
     return k, n
 
 
+def runs_numbered(text: str | None, count: int) -> set[int] | None:
+    """The 1-based run numbers of ``--runs 3,7,12`` (None: every run), each checked against the file's ``count``."""
+    if text is None:
+        return None
+    try:
+        numbers = {int(w) for w in text.split(",")}
+    except ValueError:
+        raise SystemExit(f"--runs {text!r}: give run numbers separated by commas, e.g. --runs 3,7") from None
+    if bad := sorted(i for i in numbers if not 1 <= i <= count):
+        raise SystemExit(f"--runs {text}: the file has runs 1..{count}, not {bad}")
+    return numbers
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +87,8 @@ def main(argv=None) -> int:
                     help="only runs K, K+N, K+2N, ... of the file (default 1/1: all): N processes share a file, on "
                     "one GPU or as a SLURM array (--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT, --array=1-N); "
                     "each run's record is the one the whole file would write")
+    ap.add_argument("--runs", metavar="N,M,...",
+                    help="only these runs of the file, numbered as --pending lists them (with --part: those in the part)")
     a = ap.parse_args(argv)
     k, n = part_of(a.part)
     failed = []
@@ -82,7 +98,8 @@ def main(argv=None) -> int:
                 for line in lines]
         for cfg in runs:  # every run composed and checked first: a bad line stops the batch before any weights load
             validate(cfg, *model_config(cfg["model"]))
-        mine = range(k - 1, len(runs), n)
+        only = runs_numbered(a.runs, len(runs))
+        mine = [i for i in range(k - 1, len(runs), n) if only is None or i + 1 in only]
         if a.pending:
             todo = [(i, why) for i in mine if (why := missing(runs[i]))]
             for i, why in todo:

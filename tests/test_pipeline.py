@@ -715,6 +715,27 @@ def test_batch_parts_share_a_file_and_write_the_whole_files_records(tiny_dir, tm
             batch.main(["--part", bad, str(runs), *common])
 
 
+def test_batch_runs_only_the_numbered_runs(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--runs 1,3 runs those lines of the file (numbered as --pending lists them) and writes their records as the
+    whole file would; a number outside the file is refused before anything runs."""
+    from experiments import batch
+
+    monkeypatch.setattr(pipeline, "WORKSPACE", pipeline.Workspace())
+    common = batch_overrides(tiny_dir, tmp_path)
+    runs = tmp_path / "runs.txt"
+    runs.write_text("prune=cosine patch=none prune.n=2\n# a comment\nprune=cosine patch=linearpatch prune.n=2\n"
+                    "prune=block_influence patch=none prune.n=1\n")
+    for bad, why in (("4", r"runs 1..3, not \[4\]"), ("1,x", "separated by commas")):
+        with pytest.raises(SystemExit, match=why):
+            batch.main(["--runs", bad, str(runs), *common])
+    assert not (tmp_path / "records").exists()
+    assert batch.main(["--runs", "1,3", str(runs), *common]) == 0
+    assert sorted(r["metric"] for r in load_records(tmp_path / "records")) == ["block_influence", "cosine"]
+    capsys.readouterr()
+    assert batch.main(["--pending", str(runs), *common]) == 0
+    assert "run 2: prune=cosine patch=linearpatch prune.n=2   (no record)" in capsys.readouterr().out
+
+
 def test_a_run_validates_its_config_once_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
     calls = []
     _count(monkeypatch, "validate", calls)

@@ -13,6 +13,8 @@
 # engine step's kernels (default sdpa,flex); TOKEN_BUDGETS: its lp token budgets (default: the config's, 16384).
 # PARTS: processes a grid step runs side by side on the GPU (default 1), each a share of the file
 # (experiments.batch --part K/PARTS; logs STEP.K.log): the small models leave one process's GPU mostly idle.
+# RUNS: instead of PARTS, one process per space-separated group of run numbers (experiments.batch --runs), e.g.
+# RUNS="86,96 89,97" runs 86 then 96 beside 89 then 97 (logs STEP.86,96.log): the last rows of a file, spread.
 # Two grid-gemma processes beside two grid-0.5b ones filled an H100 (80,706 MiB used, 2026-12-07, before perplexity
 # and the EvoPress teacher stopped casting a whole batch of logits to float32).
 set -uo pipefail
@@ -21,10 +23,11 @@ out=${1:?an output folder}; shift
 mkdir -p "$out"
 C="data.seqlen=2048 data.calib_samples=128 data.calib_batch_size=8 eval=local \
 eval.limit=null eval.max_windows=null eval.batch_size=4 ++eval.zeroshot_batch_size=16 logger=none progress=false"
-grid() {  # STEP SWEEP MODEL_OVERRIDES...: one depth file, resume=true, in PARTS processes; 1 if any failed
-  local step=$1 sweep=$2 parts=${PARTS:-1} k pids=() rc=0; shift 2
-  for k in $(seq 1 "$parts"); do
-    python3 -m experiments.batch --part "$k/$parts" experiments/sweeps/$sweep.txt "$@" $C \
+grid() {  # STEP SWEEP MODEL_OVERRIDES...: one depth file, resume=true, in PARTS (or RUNS) processes; 1 if any failed
+  local step=$1 sweep=$2 parts=${PARTS:-1} k share pids=() rc=0; shift 2
+  for k in ${RUNS:-$(seq 1 "$parts")}; do
+    if [ -n "${RUNS:-}" ]; then share="--runs $k"; else share="--part $k/$parts"; fi
+    python3 -m experiments.batch $share experiments/sweeps/$sweep.txt "$@" $C \
       results_dir=${RESULTS_DIR:-results} resume=true > "$out/$step.$k.log" 2>&1 &
     pids+=($!)
   done
