@@ -17,6 +17,8 @@
 # RUNS="86,96 89,97" runs 86 then 96 beside 89 then 97 (logs STEP.86,96.log): the last rows of a file, spread.
 # Two grid-gemma processes beside two grid-0.5b ones filled an H100 (80,706 MiB used, 2026-12-07, before perplexity
 # and the EvoPress teacher stopped casting a whole batch of logits to float32).
+# Since, three grid-gemma processes beside two grid-0.5b ones (RUNS, EvoPress searches among them) ran with
+# nothing out of memory (74,112 MiB used at one look, 2026-12-07).
 set -uo pipefail
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # processes sharing a GPU
 out=${1:?an output folder}; shift
