@@ -20,10 +20,9 @@ log = logging.getLogger("experiments.run")
 
 def folder(value) -> str:
     """``${lp_folder:${results_dir}}`` in conf/config.yaml's hydra dirs: an empty results_dir is refused before
-    Hydra makes any folder (it would make /hydra/<time> at the file system's root)."""
-    if value is None or not str(value).strip():
-        raise ValueError(f"results_dir={value!r} is not valid: it must be a folder path (default: runs)")
-    check_value(Path_(), str(value), "results_dir")  # a file or an unwritable folder, named before Hydra writes
+    Hydra makes any folder (it would make /hydra/<time> at the file system's root), as are a file and an
+    unwritable folder (lp.settings.Path_, the rule of every folder setting)."""
+    check_value(Path_(), None if value is None else str(value), "results_dir")
     return str(value)
 
 

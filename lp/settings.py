@@ -92,7 +92,7 @@ class Path_:
 
     def problem(self, value, bounds: dict):
         if not isinstance(value, str) or value.strip() == "":
-            return "is not valid: it must be a folder's path (runs, results, /scratch/lp, ...), not empty"
+            return "is not valid: it must be a folder path (runs, results, /scratch/lp, ...), not empty"
         path = Path(value).expanduser()
         there = next(p for p in (path, *path.parents) if p.exists())
         if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
