@@ -31,8 +31,13 @@ class WandbTracker(NullTracker):
             raise ValueError(f"logger.mode={mode!r} is not one of ['offline', 'online', 'disabled']")
         os.makedirs(dir, exist_ok=True)
         self.wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, mode=mode, dir=dir, config=config, name=name,
-                              group=group, reinit="finish_previous", settings=wandb.Settings(silent=True))
+        try:
+            self.run = wandb.init(project=project, entity=entity, mode=mode, dir=dir, config=config, name=name,
+                                  group=group, reinit="finish_previous", settings=wandb.Settings(silent=True))
+        except (wandb.errors.UsageError, wandb.errors.CommError) as e:  # no account, or no server to reach
+            raise RuntimeError(f"logger.mode={mode}: W&B could not start ({type(e).__name__}: {e}); log in (wandb "
+                               f"login, or WANDB_API_KEY), or use logger=wandb_offline (the default: no account, "
+                               f"no server) or logger=none") from e
 
     def log(self, data: dict, step: int | None = None) -> None:
         self.run.log(data, step=step)

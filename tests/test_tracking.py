@@ -30,3 +30,16 @@ def test_finished_run_logs_the_accuracy_table_and_the_record_artifact(tmp_path, 
     (art,) = [a for a in artifacts if a.type == "record"]
     assert sorted(art.manifest.entries) == ["calib.pt", "record.json"]
     assert summary(record)["rp/avg"] == 91.0 and summary(record)["acc/pruned/piqa"] == 0.60
+
+
+def test_online_logging_without_an_account_names_the_setting_and_the_ways_out(tmp_path, monkeypatch):
+    """logger=wandb_online with no API key (none here, as on a fresh machine): the error says what to do."""
+    import pytest
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    with pytest.raises(RuntimeError, match=r"logger.mode=online: W&B could not start .*logger=wandb_offline"):
+        make_tracker({"backend": "wandb", "mode": "online", "dir": str(tmp_path / "wandb"), "project": "lp",
+                      "entity": None}, {"seed": 0}, "t")
