@@ -26,18 +26,20 @@ def main(argv=None):
                     help="a config field (e.g. patch.lr) that tells runs apart; repeatable")
     ap.add_argument("--readme", action="append", default=[],
                     help="a markdown file whose <!-- table NAME col=v1,v2 --> blocks to refill; repeatable")
-    ap.add_argument("--vs", default="patch=none,distill=none", metavar="FIELD=VALUE,...",
+    ap.add_argument("--vs", metavar="FIELD=VALUE,...",
                     help="dRP's reference run: these fields set, the others (model, data, eval, n, metric, seed) "
-                         "the run's own")
+                         "the run's own (default: patch=none,distill=none, the same selection unpatched; a value "
+                         "no record has is refused)")
     ap.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     args = ap.parse_args(argv)
     args.records = args.records or str(Path(args.results) / "records")
     args.out = args.out or str(Path(args.results) / "tables")
     try:
-        bad = [kv for kv in args.vs.split(",") if kv and "=" not in kv]
+        pairs = [kv for kv in (args.vs or "").split(",") if kv]
+        bad = [kv for kv in pairs if "=" not in kv]
         if bad:
             raise ValueError(f"--vs {args.vs!r}: {bad} is not FIELD=VALUE (e.g. --vs metric=cosine,patch=linearpatch)")
-        vs = dict(kv.split("=", 1) for kv in args.vs.split(",") if kv)
+        vs = dict(kv.split("=", 1) for kv in pairs) if args.vs is not None else None
         found, skipped = build(args.records, args.out, args.by, vs, args.resamples)
         for readme in args.readme:
             text = fill_blocks(Path(readme).read_text(), args.out)

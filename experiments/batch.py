@@ -92,11 +92,15 @@ def main(argv=None) -> int:
     k, n = part_of(a.part)
     failed = []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        lines = runs_of(a.file)
-        runs = [OmegaConf.to_container(compose("config", overrides=[*a.common, *line]), resolve=True)
-                for line in lines]
-        for cfg in runs:  # every run composed and checked first: a bad line stops the batch before any weights load
-            check_config(cfg)
+        if not Path(a.file).is_file():
+            raise SystemExit(f"{a.file}: no such batch file (one run's overrides a line)")
+        lines, runs = runs_of(a.file), []
+        for i, line in enumerate(lines, start=1):  # every run composed and checked first: a bad line stops the
+            try:                                   # batch before any weights load
+                runs.append(OmegaConf.to_container(compose("config", overrides=[*a.common, *line]), resolve=True))
+                check_config(runs[-1])
+            except Exception as e:
+                raise SystemExit(f"{a.file}, run {i} ({' '.join(line)}): {type(e).__name__}: {e}") from e
         only = runs_numbered(a.runs, len(runs))
         mine = [i for i in range(k - 1, len(runs), n) if only is None or i + 1 in only]
         if a.pending:

@@ -83,6 +83,17 @@ def test_no_records_is_a_clear_error(tmp_path):
         aggregate.build(tmp_path, tmp_path / "t")
 
 
+def test_a_reference_no_record_has_is_refused_by_name(tmp_path):
+    """--vs patch=linearptach would leave every dRP empty: refused, with the values the records have."""
+    import experiments.aggregate as cli
+
+    write_json(tmp_path / "records" / "a.json", record(3, "linearpatch", 20.0, "2026-01-01"))
+    with pytest.raises(SystemExit, match=r"--vs patch=linearptach: no record has it; the records' patch: \['linearpatch'\]"):
+        cli.main(["--results", str(tmp_path), "--vs", "patch=linearptach"])
+    assert cli.main(["--results", str(tmp_path), "--vs", "patch=linearpatch"])  # a value a record has
+    assert cli.main(["--results", str(tmp_path)])  # the default reference (no unpatched run here): empty dRP
+
+
 def test_runs_differing_in_other_settings_are_named_and_split_with_by(tmp_path, caplog):
     recs = tmp_path / "records"
     for i, lr in enumerate([1e-4, 1e-3]):

@@ -679,8 +679,13 @@ def test_batch_runs_a_list_in_one_process_and_checks_every_line_first(tiny_dir, 
     assert batch.main([str(runs), *common]) == 0
     assert len(load_records(tmp_path / "records")) == 2 and loads == [1]  # the model loaded once
     runs.write_text("patch=none\nprune.n=99\n")
-    with pytest.raises(ValueError, match="prune.n=99"):
+    with pytest.raises(SystemExit, match=r"runs.txt, run 2 \(prune.n=99\): ValueError: prune.n=99 is not valid"):
         batch.main([str(runs), *common])
+    runs.write_text("patch=none\nprune.nn=3\n")  # Hydra's own refusal, also named by its run
+    with pytest.raises(SystemExit, match=r"run 2 \(prune.nn=3\): ConfigCompositionException"):
+        batch.main([str(runs), *common])
+    with pytest.raises(SystemExit, match="no_such.txt: no such batch file"):
+        batch.main([str(tmp_path / "no_such.txt"), *common])
     assert len(load_records(tmp_path / "records")) == 2  # a bad line stops the batch before any run
     # --pending: the lines that resume=true would run, nothing run
     runs.write_text("prune=cosine patch=none\nprune=cosine patch=linearpatch\nprune=block_influence patch=linearpatch\n")

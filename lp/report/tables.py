@@ -482,10 +482,15 @@ def build(records: str | Path, out: str | Path, by: list[str] = (), vs: dict | N
     from ..records import load_records
 
     skipped: list = []
-    df = paired(frame(load_records(records, skipped), list(by)), vs, resamples)
+    df = frame(load_records(records, skipped), list(by))
     if df.empty:
         raise ValueError(f"--records {records}: no complete records found"
                          + (f" ({len(skipped)} skipped: {skipped[:3]})" if skipped else ""))
+    for k, v in (vs or {}).items():  # a value no record has is a typo that would leave every dRP empty
+        have = sorted(set(df[k].astype(str))) if k in df else []
+        if k in KEY and str(v) not in have:  # (a field outside KEY: paired's error)
+            raise ValueError(f"--vs {k}={v}: no record has it; the records' {k}: {have}")
+    df = paired(df, vs, resamples)
     found = tables(df)
     for name, t in found.items():
         write(t, Path(out), name)
