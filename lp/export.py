@@ -35,7 +35,7 @@ def gguf_problem(cfg: dict, narrows: bool) -> str | None:
         return f"distill={dist} trains weights, which would then need re-quantising: use distill=none, or save_model=DIR"
     if narrows:
         return f"prune.metric={cfg['prune']['metric']} gives each layer its own widths: use save_model=DIR"
-    return None
+    return foreign_file(cfg["save_gguf"])
 
 
 def layer_kind_problem(kinds: list | None, removed: list[int]) -> str | None:
@@ -51,6 +51,16 @@ def layer_kind_problem(kinds: list | None, removed: list[int]) -> str | None:
     return (f"its readers set each layer's kind ({', '.join(sorted(set(kinds)))}) by position, and without layers "
             f"{sorted(removed)} the kept layers at new positions {moved} would change kind: the file would compute "
             f"another model; save_model=DIR keeps each layer's kind")
+
+
+def foreign_file(out: str | Path) -> str | None:
+    """Why save_gguf=``out`` may not be written (a file lp did not write, or a folder where the file goes), or None."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        return "a folder is there: give the path of a .gguf file"
+    if out.exists() and not _written_by_lp(out):
+        return f"a file lp did not write is there (no {MARK} key); lp replaces only a GGUF file it wrote itself: give a new path"
+    return None
 
 
 def _written_by_lp(path: Path) -> bool:
@@ -72,9 +82,8 @@ def prune_gguf(source: str | Path, out: str | Path, removed: list[int], kinds: l
     why = layer_kind_problem(kinds, removed)
     if why:
         raise ValueError(f"save_gguf={out}: {why}")
-    if out.exists() and not _written_by_lp(out):
-        raise FileExistsError(f"save_gguf={out}: a file lp did not write is there (no {MARK} key); lp replaces only "
-                              f"a GGUF file it wrote itself: give a new path")
+    if why := foreign_file(out):
+        raise FileExistsError(f"save_gguf={out}: {why}")
     reader = gguf.GGUFReader(source)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     count_key = f"{arch}.block_count"

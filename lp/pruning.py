@@ -191,16 +191,23 @@ def _fold_scalars(model: nn.Module, state: dict, patches: dict[int, nn.Module]) 
     return folded
 
 
+def foreign_folder(path: str | Path) -> str | None:
+    """Why save_model=``path`` may not be written (a file, or a folder lp did not save), or None."""
+    path = Path(path).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir()) and not (path / SPEC_FILE).is_file()):
+        return (f"{'a file' if not path.is_dir() else 'a folder of other files'} is there; lp replaces only a folder "
+                f"it saved itself (with {SPEC_FILE}): give a new or empty folder")
+    return None
+
+
 def save_pruned(model: nn.Module, tokenizer, path: str | Path, spec: PruneSpec, fold: bool = True) -> None:
     """A Hugging Face folder of the pruned model, plus the patches and the spec beside it.
 
     With ``fold``, scalar patches (prunecomp) are folded into the saved weights where that is exact (see
     :func:`foldable`): the folder is then a plain model that ``from_pretrained`` loads without lp."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir()) and not (path / SPEC_FILE).is_file()):
-        raise FileExistsError(f"save_model={path}: {'a file' if not path.is_dir() else 'a folder of other files'} is "
-                              f"there; lp replaces only a folder it saved itself (with {SPEC_FILE}): give a new or "
-                              f"empty folder")
+    if why := foreign_folder(path):
+        raise FileExistsError(f"save_model={path}: {why}")
     _remove_stale(path)
     tmp = path.with_name(f".{path.name}.saving-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

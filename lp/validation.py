@@ -9,6 +9,7 @@ block, "context" its context length.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from . import data as data_lib
 from .distill import TAIL_CHOICES, TRAIN_CHOICES
@@ -19,6 +20,7 @@ from .keys import DISTILL_USES
 from .models import DTYPES, LAYOUTS, device_problem
 from .modules import PRECISIONS
 from .patches import PATCHES
+from .pruning import foreign_folder
 from .selection import METRICS
 from .settings import Flag, Fraction, Int, Limit, Number, OneOf, Path_, check, check_value
 from .tracking import BACKENDS
@@ -199,9 +201,14 @@ def validate(cfg: dict, num_layers: int | None = None, max_positions: int | None
     model = cfg["model"]
     if model.get("device_map") is None and (why := device_problem(model.get("device"))):
         raise ValueError(f"model.device={model.get('device')!r} {why}")
+    if cfg.get("save_model") is not None:  # the folder, before a run that ends in writing it
+        check_value(Path_(), cfg["save_model"], "save_model")
+        if why := foreign_folder(cfg["save_model"]):
+            raise ValueError(f"save_model={cfg['save_model']}: {why}")
     if cfg.get("save_gguf") is not None:
         if not isinstance(cfg["save_gguf"], str) or not cfg["save_gguf"].endswith(".gguf"):
             raise ValueError(f"save_gguf={cfg['save_gguf']!r} must be the path of a .gguf file to write, or null")
+        check_value(Path_(), str(Path(cfg["save_gguf"]).expanduser().parent), "save_gguf's folder")
         why = gguf_problem(cfg, narrows(cfg))
         if why:
             raise ValueError(f"save_gguf={cfg['save_gguf']}: {why}")

@@ -65,10 +65,14 @@ def test_pruned_gguf_keeps_the_other_layers_bytes_and_cuts_per_layer_metadata(tm
     ({"patch": {"variant": "linearpatch"}}, "patch=linearpatch adds to the kept layers"),
     ({"patch": {"variant": "prunecomp"}}, "which would need re-quantising"),
     ({"distill": {"method": "offline_kl"}}, "trains weights"),
+    ({"save_gguf": "notes.gguf"}, "a file lp did not write is there"),
+    ({"save_gguf": "."}, "a folder is there"),
 ])
-def test_what_cannot_be_written_as_gguf_is_said_from_the_config(change, match):
+def test_what_cannot_be_written_as_gguf_is_said_from_the_config(change, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.gguf").write_text("my notes")
     cfg = {"model": {"gguf_file": "m.gguf"}, "patch": {"variant": "none"}, "distill": {"method": "none"},
-           "prune": {"metric": "cosine"}}
+           "prune": {"metric": "cosine"}, "save_gguf": "pruned.gguf"}
     assert gguf_problem(cfg, narrows=False) is None
     assert "own widths" in gguf_problem({**cfg, "prune": {"metric": "llm_pruner"}}, narrows=True)
     assert match in gguf_problem({**cfg, **change}, narrows=False)

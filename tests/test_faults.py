@@ -231,6 +231,9 @@ def test_resume_redoes_a_run_whose_record_is_damaged(tiny_dir, tmp_path, caplog)
     ("prune.indices=5", r"prune.indices=5 must be a list"),
     ("model.device=tpu", r"model.device='tpu' is not valid: it must be a torch device"),
     ("model.dtype=float7", r"model.dtype='float7' is not one of \['float32', 'bfloat16', 'float16', 'auto'\]"),
+    ("save_model=TMP/afile", r"save_model='.*afile' is not valid: .*afile is a file"),
+    ("save_model=TMP/mine", r"save_model=.*mine: a folder of other files is there"),
+    ("save_gguf=TMP/afile/x.gguf", r"save_gguf's folder='.*afile' is not valid: .*afile is a file"),
 ])
 def test_what_the_config_can_tell_is_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch, override,
                                                                       message):
@@ -240,7 +243,10 @@ def test_what_the_config_can_tell_is_refused_before_the_weights_load(tiny_dir, t
     extra = ["patch=none"] if override.startswith("distill=") else []
     if override == "distill.topk=100000":  # the tiny model's vocabulary is 400
         extra, message = ["patch=linearpatch", "distill=offline_kl"], r"distill.topk=100000 is not valid: .* \[1, "
-    cfg = cfg_for(tiny_dir, tmp_path, *extra, override)
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    cfg = cfg_for(tiny_dir, tmp_path, *extra, override.replace("TMP", str(tmp_path)))
     with pytest.raises(ValueError, match=message):
         pipeline.run(cfg, workspace=pipeline.Workspace())
 
