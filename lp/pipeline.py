@@ -85,8 +85,11 @@ def evaluate(cfg: dict, model, tokenizer, windows: dict, prefixes: dict | None =
     """Perplexity on every evaluation data set, and zero-shot accuracy on eval.tasks."""
     e, progress = cfg["eval"], cfg["progress"]
     prefixes = prefixes or {}
+    d = cfg["distill"]
+    after = (f" after distill={d['method']} at distill.lr={d['lr']} (a lower distill.lr may keep it finite)"
+             if label == "pruned" and d["method"] != "none" else "")
     ppl = {name: finite(perplexity(model, w, e["batch_size"], progress, f"{label} perplexity ({name})",
-                                    prefixes.get(name)), f"{label} perplexity on {name}")
+                                    prefixes.get(name)), f"{label} perplexity on {name}{after}")
            for name, w in windows.items()}
     zs = _zeroshot_settings(cfg)
     results, outcomes = evaluate_tasks(model, tokenizer, zs.pop("tasks"), prefix=prefixes.get(ZEROSHOT), **zs)

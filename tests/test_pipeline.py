@@ -880,3 +880,21 @@ def test_a_prefix_cache_that_cannot_be_written_loses_no_record(tiny_dir, tmp_pat
                            workspace=pipeline.Workspace())
     assert (tmp_path / "records" / f"{rec['run_id']}.json").is_file() and rec["retention"]
     assert "the zero-shot prefix states were not kept" in caplog.text
+
+
+def test_a_distillation_that_blows_up_names_its_learning_rate_and_records_nothing(tiny_dir, tmp_path, monkeypatch):
+    """Training that leaves the patch finite but the model's outputs not (as distill.lr=1e9 does to SmolLM2):
+    the error points at the learning rate, and nothing is recorded."""
+    real = pipeline.distill
+
+    def overflowing(cfg, model, *a, **k):
+        result = real(cfg, model, *a, **k)
+        for patch in pipeline.patches_of(model).values():
+            patch.weight.data.fill_(3e38)  # finite, but the stream it scales overflows
+        return result
+
+    monkeypatch.setattr(pipeline, "distill", overflowing)
+    small = ["distill.samples=4", "distill.seqlen=16", "distill.batch_size=2", "distill.lr=1e9"]
+    with pytest.raises(ValueError, match=r"pruned perplexity on .* after distill=mse at distill.lr=1000000000.0 \(a lower"):
+        pipeline.run(cfg_for(tiny_dir, tmp_path, "prune.n=2", "distill=mse", *small))
+    assert not list((tmp_path / "records").glob("*.json"))
