@@ -325,6 +325,11 @@ def calibration_samples(stream: torch.Tensor, n: int, seqlen: int, seed: int, bo
     """``n`` windows of ``seqlen`` tokens at seeded random offsets of the stream: (n, seqlen); with ``bos``,
     each window is that token followed by ``seqlen - 1`` tokens of the stream."""
     body = seqlen - (bos is not None)
+    if n < 1:
+        raise ValueError(f"data.calib_samples={n} is not valid: it must be an integer >= 1")
+    if stream.numel() < 2:
+        raise ValueError(f"the calibration text has {stream.numel()} tokens: give a text of more than data.seqlen "
+                         f"tokens")
     if body < 1 or stream.numel() <= body:
         raise ValueError(f"data.seqlen={seqlen} must be in [{1 + (bos is not None)}, {stream.numel() + (bos is not None) - 1}] "
                          f"for this calibration text ({stream.numel()} tokens)")
@@ -361,9 +366,11 @@ def eval_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = No
     """The stream cut into non-overlapping windows of ``seqlen`` tokens (the tail is dropped): (w, seqlen);
     with ``bos``, each window is that token followed by the next ``seqlen - 1`` tokens of the stream."""
     body = seqlen - (bos is not None)
-    w = stream.numel() // body if body > 0 else 0
-    if max_windows is not None:
-        w = min(w, max_windows)
+    if seqlen < 2:
+        raise ValueError(f"data.seqlen={seqlen} is not valid: it must be an integer >= 2")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"eval.max_windows={max_windows} is not valid: it must be an integer >= 1 or null")
+    w = stream.numel() // body if max_windows is None else min(stream.numel() // body, max_windows)
     if w == 0:
         raise ValueError(f"data.seqlen={seqlen} is longer than the evaluation text ({stream.numel()} tokens)")
     return _with_bos(stream[: w * body].view(w, body), bos)

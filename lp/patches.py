@@ -126,6 +126,8 @@ def linear_patch(ctx: PatchContext, s: int, e: int) -> LinearPatch:
     a ``hadamard`` setting that names another is refused (the pipeline keys the calibration cache on it)."""
     r = _ratio(ctx.stats.abs_mean_rot[e], ctx.stats.abs_mean_rot[s])
     basis = ctx.stats.hadamard
+    if ctx.settings.get("hadamard", basis) not in CONSTRUCTIONS:
+        raise ValueError(f"patch.hadamard={ctx.settings['hadamard']!r} is not one of {list(CONSTRUCTIONS)}")
     if ctx.settings.get("hadamard", basis) != basis:  # no setting (a direct call): the statistics' basis
         raise ValueError(f"patch.hadamard={ctx.settings['hadamard']}, but the calibration statistics were measured "
                          f"in the {basis!r} basis: recalibrate with hadamard_construction={ctx.settings['hadamard']!r}")

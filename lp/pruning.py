@@ -65,16 +65,22 @@ def interface_position(removed: list[int], e: int, replaced=()) -> int:
     return sum(1 for i in range(e) if i not in gone)
 
 
+def check_removed(removed: list[int], num_layers: int, replace: dict | None = None) -> None:
+    """``removed`` distinct layer indices of a model of ``num_layers`` (holding the ``replace``d ones), or a ValueError."""
+    replace = replace or {}
+    bad = [i for i in removed if not isinstance(i, int) or not 0 <= i < num_layers]
+    if bad or len(set(removed)) != len(removed) or not set(replace) <= set(removed):
+        raise ValueError(f"layers to remove {removed} must be distinct indices in [0, {num_layers - 1}]"
+                         f"{f' and include the replaced ones {sorted(replace)}' if replace else ''}")
+
+
 def remove_layers(model: nn.Module, removed: list[int], replace: dict[int, nn.Module] | None = None) -> PruneSpec:
     """Drop ``removed`` decoder layers in place, ``replace[i]`` (if given) taking the place of removed layer
     ``i``; renumber the layers and update the config."""
     layout = Layout(model)
     L = layout.num_layers
     replace = replace or {}
-    bad = [i for i in removed if not 0 <= i < L]
-    if bad or len(set(removed)) != len(removed) or not set(replace) <= set(removed):
-        raise ValueError(f"layers to remove {removed} must be distinct indices in [0, {L - 1}]"
-                         f"{f' and include the replaced ones {sorted(replace)}' if replace else ''}")
+    check_removed(removed, L, replace)
     spec = PruneSpec(original_layers=L, removed=sorted(removed), replaced=sorted(replace))
     slots = [i for i in range(L) if i not in set(removed) or i in replace]  # dense index of each new layer
     layout.layers = nn.ModuleList([replace.get(i, layout.layers[i]) for i in slots])
@@ -112,6 +118,7 @@ def prune_and_patch(model: nn.Module, removed: list[int], make_patch) -> PruneSp
 
     Patches are built first, on the dense model, so builders that run it see the dense hidden states; a
     :class:`Fold` goes into the weights of a kept layer instead."""
+    check_removed(removed, Layout(model).num_layers)  # before any patch is built on them
     made = {(s, e): make_patch(s, e) for s, e in interfaces(removed)}
     replace = {s: p for (s, e), p in made.items() if isinstance(p, ReplacementLayer)}
     folds = [p for p in made.values() if isinstance(p, Fold)]

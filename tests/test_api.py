@@ -37,3 +37,25 @@ def test_public_names_are_listed_and_registries_name_the_valid_choices():
     assert {"cosine", "block_influence"} <= set(lp.METRICS) and "linearpatch" in lp.PATCHES
     with pytest.raises(AttributeError, match="public names"):
         lp.nothing_here
+
+
+def test_bad_arguments_are_named_before_the_model_changes(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    text = data_lib.brown_split("eval")[:20_000]
+    with pytest.raises(ValueError, match=r"data.calib_samples=0 is not valid: it must be an integer >= 1"):
+        lp.calibrate(model, tok, text, samples=0, seqlen=32)
+    with pytest.raises(ValueError, match=r"the calibration text has 0 tokens"):
+        lp.calibrate(model, tok, "", samples=2, seqlen=32)
+    with pytest.raises(ValueError, match=r"data.seqlen=0 is not valid: it must be an integer >= 2"):
+        lp.windows(tok, text, seqlen=0)
+    with pytest.raises(ValueError, match=r"eval.max_windows=0 is not valid"):
+        lp.windows(tok, text, seqlen=32, max_windows=0)
+    stats = lp.calibrate(model, tok, text, samples=2, seqlen=32)
+    layers = [id(m) for m in model.model.layers]
+    with pytest.raises(ValueError, match=r"layers to remove \[1, 9\] must be distinct indices in \[0, 5\]"):
+        lp.prune(model, [1, 9], stats, patch="linearpatch")  # refused before a patch is built on layer 9
+    with pytest.raises(ValueError, match=r"patch.hadamard='foo' is not one of \['paley', 'quarot'\]"):
+        lp.prune(model, [1, 2], stats, patch="linearpatch", hadamard="foo")
+    assert [id(m) for m in model.model.layers] == layers  # the model as it was
